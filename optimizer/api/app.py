@@ -1,0 +1,60 @@
+"""Builds the read API's application; the sampler runs as a background task of its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from optimizer.api.keys import ENGINE, REGISTRY, SAMPLER
+from optimizer.api.routes import routes
+from optimizer.api.schemas import MAX_REPORT_BYTES
+from optimizer.engine import Engine
+from optimizer.metrics import build_registry
+from optimizer.sampler import Sampler
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """HTTP errors answer JSON; an unexpected exception is logged and answers 500, the server goes on."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - never let one request take the server down
+        log.exception("request_failed", method=request.method, path=request.path)
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True) -> web.Application:
+    """The read API. With ``run_sampler`` the sampling loop starts and stops with the application."""
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
+    app[ENGINE] = engine
+    app[SAMPLER] = sampler
+    app[REGISTRY] = build_registry(engine, sampler)
+    app.add_routes(routes)
+
+    async def sampling(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sampler.run(), name="sampler")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sampler.close()
+        log.info("sampler_stopped", samples=sampler.stats.samples)
+
+    if run_sampler:
+        app.cleanup_ctx.append(sampling)
+    return app

@@ -1,0 +1,155 @@
+"""Handlers of the read API. Each validates its input, asks the engine, and answers JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from optimizer.api.keys import ENGINE, REGISTRY, SAMPLER
+from optimizer.api.schemas import (
+    MAX_REPORT_BYTES,
+    InvalidInput,
+    event_dict,
+    parse_gpu,
+    parse_limit,
+    parse_report,
+    parse_service,
+    sample_dict,
+)
+from optimizer.config import settings_to_dict
+from optimizer.engine import Decision, UnknownGpu
+from optimizer.metrics import render
+
+routes = web.RouteTableDef()
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
+    return _json({"error": f"gpu: {exc}", kind: "gpu", "available": exc.available}, status=400)
+
+
+def _decision_response(request: web.Request, d: Decision) -> web.Response:
+    interval = request.app[ENGINE].settings.monitoring_interval
+    headers = {"ETag": d.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and (inm.strip() == "*" or d.etag in [t.strip() for t in inm.split(",")]):
+        return web.Response(status=304, headers=headers)
+    return _json(d.to_dict(), headers=headers)
+
+
+@routes.get("/batch-size")
+async def batch_size(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        service = parse_service(request.query.get("service"))
+        gpu = parse_gpu(request.query.get("gpu"))
+        d = engine.poll(service, gpu, request.app[SAMPLER].clock())
+    except InvalidInput as exc:
+        return _json(exc.body(), status=400)
+    except UnknownGpu as exc:
+        return _unknown_gpu(exc)
+    return _decision_response(request, d)
+
+
+@routes.post("/reports")
+async def reports(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
+        return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
+    raw = await request.content.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _json({"error": f"body: not valid JSON ({exc})", "field": "body"}, status=400)
+    try:
+        r = parse_report(body)
+        d = request.app[ENGINE].report(r.service, r.gpu, request.app[SAMPLER].clock(), batch_size=r.batch_size,
+                                       peak_bytes=r.peak_bytes, allocated_bytes=r.allocated_bytes,
+                                       reserved_bytes=r.reserved_bytes, oom=r.oom)
+    except InvalidInput as exc:
+        return _json(exc.body(), status=400)
+    except UnknownGpu as exc:
+        return _unknown_gpu(exc, kind="field")
+    return _decision_response(request, d)
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    engine, sampler = request.app[ENGINE], request.app[SAMPLER]
+    gpus = []
+    for g in engine.snapshot.gpus if engine.snapshot else ():
+        item = sample_dict(g)
+        gs = engine.state.gpus.get(g.index)
+        if gs is not None:
+            item.update(pressure=gs.pressure.value, cleanup_epoch=gs.cleanup_epoch, hot=gs.hot,
+                        fragmentation_percent=None if gs.fragmentation is None else round(gs.fragmentation * 100, 2))
+        gpus.append(item)
+    return _json({
+        "backend": sampler.backend.name,
+        "ready": sampler.ready,
+        "healthy": sampler.healthy(sampler.clock()),
+        "monitoring": sampler.running,
+        "last_sample_at": sampler.stats.last_sample_at,
+        "samples": sampler.stats.samples,
+        "sample_errors": sampler.stats.errors,
+        "settings": settings_to_dict(engine.settings),
+        "gpus": gpus,
+        "services": [d.to_dict() for d in engine.decisions()],
+    })
+
+
+@routes.get("/history")
+async def history(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        limit = parse_limit(request.query.get("limit"), default=engine.settings.history_size, hi=100_000)
+        gpu = parse_gpu(request.query.get("gpu"))
+    except InvalidInput as exc:
+        return _json(exc.body(), status=400)
+    indexes = sorted(engine.history)
+    if gpu is not None:
+        try:
+            chosen = engine.resolve_gpu("", gpu)
+        except UnknownGpu as exc:
+            return _unknown_gpu(exc)
+        indexes = [i for i in indexes if i == chosen]
+    samples = {str(i): [sample_dict(g) for g in list(engine.history[i])[-limit:]] for i in indexes}
+    events = [event_dict(e) for e in list(engine.events)[-limit:] if gpu is None or e.gpu in indexes]
+    return _json({"gpus": samples, "events": events})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    sampler = request.app[SAMPLER]
+    now = sampler.clock()
+    last = sampler.stats.last_sample_at
+    body = {"status": "ok" if sampler.healthy(now) else "stale", "last_sample_age_s": None if last is None
+            else round(now - last, 3), "max_age_s": 3 * sampler.interval}
+    if not sampler.running:
+        body["status"] = "paused"
+        return _json(body)
+    return _json(body, status=200 if sampler.healthy(now) else 503)
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    sampler = request.app[SAMPLER]
+    if sampler.ready:
+        return _json({"status": "ready", "backend": sampler.backend.name})
+    return _json({"status": "not ready", "backend": sampler.backend.name,
+                  "reason": "no sample with a working GPU yet"}, status=503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    payload, content_type = render(request.app[REGISTRY])
+    resp = web.Response(body=payload)
+    resp.headers["Content-Type"] = content_type
+    return resp

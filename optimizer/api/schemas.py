@@ -1,0 +1,141 @@
+"""Request validation and response shapes of the read API."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from optimizer.gpu.types import GpuSample
+from optimizer.policy.types import Event
+
+MAX_REPORT_BYTES = 64 * 1024
+SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+SERVICE_RULE = "1-128 characters: letters, digits and . _ : / - (starting with a letter or digit)"
+MAX_BYTES_FIELD = 1 << 50  # 1 PiB: anything above is a client bug, not a GPU
+
+
+class InvalidInput(ValueError):
+    """A request parameter or body field is invalid; ``name`` says which."""
+
+    def __init__(self, name: str, message: str, *, kind: str = "parameter") -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.kind = kind
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"error": str(self), self.kind: self.name}
+
+
+def parse_service(value: Any, name: str = "service", kind: str = "parameter") -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(name, f"is required ({SERVICE_RULE})", kind=kind)
+    if not SERVICE_RE.match(value):
+        raise InvalidInput(name, f"must be {SERVICE_RULE}, got {value[:64]!r}", kind=kind)
+    return value
+
+
+def parse_gpu(value: Any, name: str = "gpu", kind: str = "parameter") -> int | str | None:
+    """A GPU index (non-negative integer) or UUID (``GPU-...``/``MIG-...``); ``None`` when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInput(name, "must be a GPU index (0, 1, ...) or UUID (GPU-...)", kind=kind)
+    if isinstance(value, int):
+        if value < 0 or value > 1023:
+            raise InvalidInput(name, f"must be a GPU index in [0, 1023], got {value}", kind=kind)
+        return value
+    if isinstance(value, str):
+        if value.isdigit() and len(value) <= 4:
+            return parse_gpu(int(value), name, kind)
+        if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}", value):
+            return value
+    raise InvalidInput(name, f"must be a GPU index (0, 1, ...) or UUID (GPU-...), got {str(value)[:64]!r}", kind=kind)
+
+
+def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidInput(key, f"must be an integer in [{lo}, {hi}], got {v!r}", kind="field")
+    if v < lo or v > hi:
+        raise InvalidInput(key, f"must be an integer in [{lo}, {hi}], got {v}", kind="field")
+    return v
+
+
+REPORT_FIELDS = ("service", "gpu", "batch_size", "peak_bytes", "allocated_bytes", "reserved_bytes",
+                 "inactive_split_bytes", "oom")
+
+
+@dataclass(frozen=True)
+class ReportIn:
+    service: str
+    gpu: int | str | None
+    batch_size: int | None
+    peak_bytes: int | None
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    oom: bool
+
+
+def parse_report(body: Any) -> ReportIn:
+    """Validate a ``POST /reports`` body; raises :class:`InvalidInput` naming the first bad field."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object", kind="field")
+    unknown = sorted(set(body) - set(REPORT_FIELDS))
+    if unknown:
+        raise InvalidInput(unknown[0], f"unknown field; allowed fields are {', '.join(REPORT_FIELDS)}", kind="field")
+    oom = body.get("oom", False)
+    if not isinstance(oom, bool):
+        raise InvalidInput("oom", f"must be true or false, got {oom!r}", kind="field")
+    report = ReportIn(
+        service=parse_service(body.get("service"), kind="field"),
+        gpu=parse_gpu(body.get("gpu"), kind="field"),
+        batch_size=_opt_int(body, "batch_size", 1, 1 << 20),
+        peak_bytes=_opt_int(body, "peak_bytes", 0, MAX_BYTES_FIELD),
+        allocated_bytes=_opt_int(body, "allocated_bytes", 0, MAX_BYTES_FIELD),
+        reserved_bytes=_opt_int(body, "reserved_bytes", 0, MAX_BYTES_FIELD),
+        oom=oom,
+    )
+    _opt_int(body, "inactive_split_bytes", 0, MAX_BYTES_FIELD)
+    if oom and report.batch_size is None:
+        raise InvalidInput("batch_size", "is required when oom is true (the batch size that ran out of memory)",
+                           kind="field")
+    return report
+
+
+def parse_limit(value: str | None, default: int, hi: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= hi:
+        raise InvalidInput("limit", f"must be an integer in [1, {hi}], got {value[:32]!r}")
+    return int(value)
+
+
+def sample_dict(g: GpuSample) -> dict[str, Any]:
+    return {
+        "index": g.index,
+        "uuid": g.uuid,
+        "name": g.name,
+        "timestamp": g.timestamp,
+        "failed": g.failed,
+        "error": g.error,
+        "memory_total_bytes": g.memory_total_bytes,
+        "memory_used_bytes": g.memory_used_bytes,
+        "memory_free_bytes": g.memory_free_bytes,
+        "memory_reserved_bytes": g.memory_reserved_bytes,
+        "memory_usage_percent": None if g.usage_fraction is None else round(g.usage_fraction * 100, 2),
+        "temperature_celsius": g.temperature_celsius,
+        "power_usage_watts": g.power_usage_watts,
+        "power_limit_watts": g.power_limit_watts,
+        "utilization_percent": g.utilization_percent,
+        "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in g.processes],
+    }
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {k: v for k, v in (("kind", e.kind), ("gpu", e.gpu), ("timestamp", e.timestamp), ("service", e.service),
+                              ("trigger", e.trigger), ("old", e.old), ("new", e.new),
+                              ("freed_bytes", e.freed_bytes), ("detail", e.detail)) if v is not None}

@@ -1,0 +1,388 @@
+"""Settings: the seed's ``MemoryConfig`` keys, service profiles and server options.
+
+Settings are layered: built-in defaults, then a YAML file (``--config``), then environment
+variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every layer goes through the
+same validation, so a bad value is rejected with a :class:`ConfigError` that names the key
+and the allowed values, and nothing is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "VLM_OPTIMIZER_"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. ``key`` names it; the message says what is allowed."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class Strategy(str, enum.Enum):
+    """How far a batch goes towards the computed optimum (seed 004)."""
+
+    CONSERVATIVE = "conservative"
+    BALANCED = "balanced"
+    AGGRESSIVE = "aggressive"
+    ADAPTIVE = "adaptive"
+
+
+class BackendName(str, enum.Enum):
+    AUTO = "auto"
+    NVML = "nvml"
+    SIMULATED = "simulated"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class ServiceProfile:
+    """What a VLM service declares about itself.
+
+    ``per_item_mb`` is the extra GPU memory one more item in a batch needs (MiB).
+    ``weight`` sets the service's share of a GPU's headroom when several services share it.
+    Limits left as ``None`` fall back to the global settings.
+    """
+
+    name: str
+    per_item_mb: float = 512.0
+    min_batch_size: int | None = None
+    max_batch_size: int | None = None
+    default_batch_size: int | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Policy settings. Intervals are seconds, thresholds are fractions of total memory."""
+
+    enabled: bool = True
+    strategy: Strategy = Strategy.BALANCED
+    monitoring_interval: float = 5.0
+    memory_threshold_warning: float = 0.8
+    memory_threshold_critical: float = 0.9
+    memory_threshold_oom: float = 0.95
+    temperature_threshold: float = 80.0  # degrees Celsius
+    optimization_interval: float = 60.0
+    cleanup_interval: float = 300.0
+    max_batch_size: int = 16
+    min_batch_size: int = 1
+    memory_reserve_mb: int = 1024
+    gc_threshold: float = 0.85
+    fragmentation_threshold: float = 0.3
+    # Additions to the seed's MemoryConfig.
+    target_memory_utilization: float = 0.75  # what balanced fills a GPU to (seed 003: 75 %)
+    default_batch_size: int = 4  # published when disabled, and to a service before its first optimization
+    history_size: int = 100  # snapshots kept per GPU (seed 003)
+    service_expiry: float = 300.0  # a service not heard from for this long is forgotten
+    default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
+    profiles: tuple[ServiceProfile, ...] = ()
+
+    def profile(self, service: str) -> ServiceProfile:
+        """The declared profile of ``service``, or the default profile under its name."""
+        for p in self.profiles:
+            if p.name == service:
+                return p
+        return dataclasses.replace(self.default_profile, name=service)
+
+    def batch_limits(self, profile: ServiceProfile) -> tuple[int, int]:
+        lo = profile.min_batch_size if profile.min_batch_size is not None else self.min_batch_size
+        hi = profile.max_batch_size if profile.max_batch_size is not None else self.max_batch_size
+        return lo, max(lo, hi)
+
+    def default_batch(self, profile: ServiceProfile) -> int:
+        lo, hi = self.batch_limits(profile)
+        d = profile.default_batch_size if profile.default_batch_size is not None else self.default_batch_size
+        return min(hi, max(lo, d))
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    backend: BackendName = BackendName.AUTO
+    scenario: str | None = None
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings = field(default_factory=Settings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+
+# --------------------------------------------------------------------------- validation
+
+_FRACTION_KEYS = (
+    "memory_threshold_warning",
+    "memory_threshold_critical",
+    "memory_threshold_oom",
+    "gc_threshold",
+    "target_memory_utilization",
+)
+_POSITIVE_FLOAT_KEYS = ("monitoring_interval", "optimization_interval", "cleanup_interval", "service_expiry")
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(key, f"must be true or false, got {value!r}")
+
+
+def _as_float(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number, got {value!r}") from None
+    bracket = "(" if lo_open else "["
+    rng = f"{bracket}{lo:g}, {hi:g}]"
+    if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
+        raise ConfigError(key, f"must be in {rng}, got {value!r}")
+    return f
+
+
+def _as_int(key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        i = int(value) if not isinstance(value, float) else None
+    except (TypeError, ValueError):
+        i = None
+    if i is None:
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if i < lo or i > hi:
+        raise ConfigError(key, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return i
+
+
+def _as_enum(key: str, value: Any, enum_type: type[enum.Enum]) -> Any:
+    allowed = [str(m.value) for m in enum_type]
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str) and value.strip().lower() in allowed:
+        return enum_type(value.strip().lower())
+    raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"must be a mapping, got {type(raw).__name__}")
+    allowed = {f.name for f in dataclasses.fields(ServiceProfile)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
+    name = raw.get("name", "default")
+    if named and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"{key}.name", "must be a non-empty string")
+    opt_int = {}
+    for k in ("min_batch_size", "max_batch_size", "default_batch_size"):
+        opt_int[k] = None if raw.get(k) is None else _as_int(f"{key}.{k}", raw[k], 1, 4096)
+    profile = ServiceProfile(
+        name=str(name),
+        per_item_mb=_as_float(f"{key}.per_item_mb", raw.get("per_item_mb", 512.0), 0.0, 1e7, lo_open=True),
+        weight=_as_float(f"{key}.weight", raw.get("weight", 1.0), 0.0, 1e6, lo_open=True),
+        **opt_int,
+    )
+    lo, hi = profile.min_batch_size, profile.max_batch_size
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"{key}.min_batch_size", f"must be <= max_batch_size ({hi}), got {lo}")
+    return profile
+
+
+def _coerce_setting(key: str, value: Any) -> Any:
+    if key == "enabled":
+        return _as_bool(key, value)
+    if key == "strategy":
+        return _as_enum(key, value, Strategy)
+    if key in _FRACTION_KEYS:
+        return _as_float(key, value, 0.0, 1.0, lo_open=True)
+    if key == "fragmentation_threshold":
+        return _as_float(key, value, 0.0, 1.0)
+    if key in _POSITIVE_FLOAT_KEYS:
+        return _as_float(key, value, 0.0, 86400.0, lo_open=True)
+    if key == "temperature_threshold":
+        return _as_float(key, value, 0.0, 150.0, lo_open=True)
+    if key in ("max_batch_size", "min_batch_size", "default_batch_size"):
+        return _as_int(key, value, 1, 4096)
+    if key == "memory_reserve_mb":
+        return _as_int(key, value, 0, 1 << 24)
+    if key == "history_size":
+        return _as_int(key, value, 1, 100_000)
+    if key == "default_profile":
+        return _parse_profile(key, value, named=False)
+    if key == "profiles":
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list of service profiles, got {type(value).__name__}")
+        profiles = tuple(_parse_profile(f"{key}[{i}]", p, named=True) for i, p in enumerate(value))
+        names = [p.name for p in profiles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(key, f"service names must be unique; {dupes[0]!r} appears twice")
+        return profiles
+    raise ConfigError(key, f"unknown key; allowed keys are {', '.join(SETTING_KEYS)}")
+
+
+def _coerce_server(key: str, value: Any) -> Any:
+    if key == "host":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"server.{key}", "must be a non-empty string")
+        return value
+    if key == "port":
+        return _as_int(f"server.{key}", value, 0, 65535)
+    if key == "backend":
+        return _as_enum(f"server.{key}", value, BackendName)
+    if key == "scenario":
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"server.{key}", "must be a file path")
+        return value
+    if key == "log_format":
+        return _as_choice(f"server.{key}", value, _LOG_FORMATS)
+    if key == "log_level":
+        return _as_choice(f"server.{key}", value, _LOG_LEVELS)
+    raise ConfigError(f"server.{key}", f"unknown key; allowed keys are {', '.join(SERVER_KEYS)}")
+
+
+SETTING_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ServerSettings))
+
+
+def validate_settings(settings: Settings) -> Settings:
+    """Check the relations between settings; raise :class:`ConfigError` naming the key."""
+    s = settings
+    if not s.memory_threshold_warning < s.memory_threshold_critical < s.memory_threshold_oom:
+        raise ConfigError(
+            "memory_threshold_critical",
+            "thresholds must satisfy memory_threshold_warning < memory_threshold_critical < memory_threshold_oom"
+            f" (got {s.memory_threshold_warning:g} < {s.memory_threshold_critical:g} < {s.memory_threshold_oom:g})",
+        )
+    if s.target_memory_utilization >= s.memory_threshold_critical:
+        raise ConfigError(
+            "target_memory_utilization",
+            f"must be below memory_threshold_critical ({s.memory_threshold_critical:g}),"
+            f" got {s.target_memory_utilization:g}",
+        )
+    if s.min_batch_size > s.max_batch_size:
+        raise ConfigError("min_batch_size", f"must be <= max_batch_size ({s.max_batch_size}), got {s.min_batch_size}")
+    if not s.min_batch_size <= s.default_batch_size <= s.max_batch_size:
+        raise ConfigError(
+            "default_batch_size",
+            f"must be in [min_batch_size, max_batch_size] = [{s.min_batch_size}, {s.max_batch_size}],"
+            f" got {s.default_batch_size}",
+        )
+    if s.optimization_interval < s.monitoring_interval:
+        raise ConfigError(
+            "optimization_interval",
+            f"must be >= monitoring_interval ({s.monitoring_interval:g} s), got {s.optimization_interval:g}",
+        )
+    return s
+
+
+def apply_settings(base: Settings, updates: Mapping[str, Any]) -> Settings:
+    """Return ``base`` with ``updates`` applied, all-or-nothing. Raises :class:`ConfigError`."""
+    coerced = {k: _coerce_setting(k, v) for k, v in updates.items()}
+    return validate_settings(dataclasses.replace(base, **coerced))
+
+
+def apply_server(base: ServerSettings, updates: Mapping[str, Any]) -> ServerSettings:
+    coerced = {k: _coerce_server(k, v) for k, v in updates.items()}
+    return dataclasses.replace(base, **coerced)
+
+
+def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a YAML config file; returns (policy settings, server settings) as raw mappings."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{p} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{p} must hold a mapping at its top level")
+    server = data.pop("server", {}) or {}
+    if not isinstance(server, dict):
+        raise ConfigError("server", "must be a mapping")
+    return data, server
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``VLM_OPTIMIZER_<KEY>`` for every scalar policy and server key."""
+    settings: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    for key in SETTING_KEYS:
+        if key in ("profiles", "default_profile"):
+            continue
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value is not None:
+            settings[key] = value
+    for key in SERVER_KEYS:
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value is not None:
+            server[key] = value
+    return settings, server
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    cli_settings: Mapping[str, Any] | None = None,
+    cli_server: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration: defaults < file < environment < CLI flags."""
+    file_settings, file_server = load_file(path) if path is not None else ({}, {})
+    env_settings, env_server = env_overrides(os.environ if environ is None else environ)
+    settings = Settings()
+    server = ServerSettings()
+    for layer in (file_settings, env_settings, dict(cli_settings or {})):
+        settings = apply_settings(settings, layer)
+    for slayer in (file_server, env_server, dict(cli_server or {})):
+        server = apply_server(server, slayer)
+    return Config(settings=settings, server=server)
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """A plain, YAML/JSON-ready view of the settings, under the seed's key names."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, ServiceProfile):
+            value = dataclasses.asdict(value)
+        elif f.name == "profiles":
+            value = [dataclasses.asdict(p) for p in value]
+        out[f.name] = value
+    return out

@@ -1,0 +1,238 @@
+"""The engine: owns the policy state and everything derived from it, and calls the policy core.
+
+One engine serves one process. The sampler loop feeds it snapshots (:meth:`Engine.observe`), the
+HTTP handlers feed it polls and reports, the virtual-time simulator does both with its own clock.
+Everything here is synchronous and runs on one thread (the event loop's), so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from optimizer.config import Settings
+from optimizer.gpu.types import GpuSample
+from optimizer.policy import core as policy
+from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
+
+log = structlog.get_logger(__name__)
+
+EVENT_HISTORY = 1000
+
+
+class UnknownGpu(LookupError):
+    """A request named a GPU this host does not have. ``available`` lists the valid indexes."""
+
+    def __init__(self, selector: str | int, available: list[int]) -> None:
+        super().__init__(f"no GPU {selector!r}; available GPU indexes: {available or 'none'}")
+        self.available = available
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a service is told (``GET /batch-size`` and the reply to ``POST /reports``)."""
+
+    service: str
+    batch_size: int
+    optimal_batch_size: int
+    strategy: str
+    pressure: str
+    cleanup_epoch: int
+    reason: str
+    updated_at: float
+    gpu_index: int | None
+    gpu_uuid: str | None
+    gpu_name: str | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        gpu = None
+        if self.gpu_index is not None:
+            gpu = {
+                "index": self.gpu_index,
+                "uuid": self.gpu_uuid,
+                "name": self.gpu_name,
+                "memory_used_bytes": self.memory_used_bytes,
+                "memory_total_bytes": self.memory_total_bytes,
+            }
+        return {
+            "service": self.service,
+            "batch_size": self.batch_size,
+            "optimal_batch_size": self.optimal_batch_size,
+            "strategy": self.strategy,
+            "pressure": self.pressure,
+            "cleanup_epoch": self.cleanup_epoch,
+            "reason": self.reason,
+            "updated_at": self.updated_at,
+            "gpu": gpu,
+        }
+
+    @property
+    def etag(self) -> str:
+        """A weak validator over what a service acts on (not the memory figures, which move every sample)."""
+        key = json.dumps([self.service, self.gpu_index, self.batch_size, self.optimal_batch_size, self.strategy,
+                          self.pressure, self.cleanup_epoch, self.reason])
+        return 'W/"' + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + '"'
+
+
+@dataclass
+class GpuCounters:
+    """Monotonic totals per GPU; labelled by trigger where the metric has one."""
+
+    optimizations: collections.Counter[str] = field(default_factory=collections.Counter)
+    successes: collections.Counter[str] = field(default_factory=collections.Counter)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    cleanups: collections.Counter[str] = field(default_factory=collections.Counter)
+    freed_bytes: int = 0
+    batch_changes: collections.Counter[str] = field(default_factory=collections.Counter)  # by service
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = PolicyState()
+        self.snapshot: Snapshot | None = None
+        self.history: dict[int, deque[GpuSample]] = {}
+        self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
+        self.counters: dict[int, GpuCounters] = defaultdict(GpuCounters)
+        self.has_gpus = True  # False on backend "none"
+
+    # ------------------------------------------------------------------ inputs
+
+    def observe(self, snapshot: Snapshot) -> tuple[Event, ...]:
+        """One sampler tick: keep the snapshot and its history, run the policy, account its events."""
+        self.snapshot = snapshot
+        present = {g.index for g in snapshot.gpus}
+        for gone in [i for i in self.history if i not in present]:
+            del self.history[gone]
+            self.counters.pop(gone, None)
+        for g in snapshot.gpus:
+            h = self.history.get(g.index)
+            if h is None or h.maxlen != self.settings.history_size:
+                h = self.history[g.index] = deque(h or (), maxlen=self.settings.history_size)
+            h.append(g)
+        outcome = policy.decide(snapshot, self.state, self.settings)
+        self.state = outcome.state
+        self._account(outcome.events)
+        return outcome.events
+
+    def poll(self, service: str, gpu: int | str | None, now: float) -> Decision:
+        """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`."""
+        index = self.resolve_gpu(service, gpu)
+        if index is None:
+            return self._cpu_decision(service, now)
+        self.state, svc = policy.touch(self.state, service, index, now, self.settings, self.gpu_sample(index))
+        return self.decision_of(svc)
+
+    def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
+               peak_bytes: int | None = None, allocated_bytes: int | None = None,
+               reserved_bytes: int | None = None, oom: bool = False) -> Decision:
+        """A service's telemetry; the returned decision already reflects it (an OOM lowers the batch)."""
+        index = self.resolve_gpu(service, gpu)
+        if index is None:
+            return self._cpu_decision(service, now)
+        report = ServiceReport(service=service, gpu=index, timestamp=now, batch_size=batch_size,
+                               peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
+                               reserved_bytes=reserved_bytes, oom=oom)
+        outcome = policy.apply_report(self.state, report, self.settings, self.gpu_sample(index))
+        self.state = outcome.state
+        if oom:
+            log.warning("oom_reported", service=service, gpu=index, batch_size=batch_size)
+        self._account(outcome.events)
+        return self.decision_of(self.state.services[(index, service)])
+
+    # ------------------------------------------------------------------ lookups
+
+    def gpu_sample(self, index: int) -> GpuSample | None:
+        if self.snapshot is None:
+            return None
+        for g in self.snapshot.gpus:
+            if g.index == index:
+                return g
+        return None
+
+    def gpu_indexes(self) -> list[int]:
+        return sorted(g.index for g in self.snapshot.gpus) if self.snapshot else []
+
+    def resolve_gpu(self, service: str, selector: int | str | None) -> int | None:
+        """A GPU index from an index, a UUID, or nothing (the service's known GPU, else the first working one).
+
+        ``None`` means this host has no GPU (backend ``none``).
+        """
+        indexes = self.gpu_indexes()
+        if selector is None:
+            known = sorted(gi for gi, name in self.state.services if name == service)
+            if known:
+                return known[0]
+            if not indexes:
+                if self.has_gpus and self.snapshot is None:
+                    return 0  # before the first sample: assume the usual first GPU
+                return None
+            working = [g.index for g in self.snapshot.gpus if not g.failed] if self.snapshot else []
+            return (working or indexes)[0]
+        if isinstance(selector, int):
+            if selector in indexes or (self.snapshot is None and self.has_gpus):
+                return selector
+            raise UnknownGpu(selector, indexes)
+        for g in self.snapshot.gpus if self.snapshot else ():
+            if g.uuid == selector:
+                return g.index
+        raise UnknownGpu(selector, indexes)
+
+    def decision_of(self, svc: ServiceState) -> Decision:
+        gs = self.state.gpus.get(svc.gpu)
+        sample = self.gpu_sample(svc.gpu)
+        return Decision(
+            service=svc.service,
+            batch_size=svc.batch_size,
+            optimal_batch_size=svc.optimal,
+            strategy=self.settings.strategy.value,
+            pressure=(gs.pressure if gs else Pressure.NORMAL).value,
+            cleanup_epoch=gs.cleanup_epoch if gs else 0,
+            reason=svc.reason,
+            updated_at=svc.updated_at,
+            gpu_index=svc.gpu,
+            gpu_uuid=sample.uuid if sample else (gs.uuid if gs else None),
+            gpu_name=sample.name if sample else (gs.name if gs else None),
+            memory_used_bytes=sample.memory_used_bytes if sample else None,
+            memory_total_bytes=sample.memory_total_bytes if sample else None,
+        )
+
+    def decisions(self) -> list[Decision]:
+        return [self.decision_of(v) for _, v in sorted(self.state.services.items())]
+
+    def _cpu_decision(self, service: str, now: float) -> Decision:
+        """No GPU on this host: no GPU memory constrains the batch (seed 003: CPU takes the maximum)."""
+        _, hi = self.settings.batch_limits(self.settings.profile(service))
+        return Decision(service=service, batch_size=hi, optimal_batch_size=hi,
+                        strategy=self.settings.strategy.value, pressure=Pressure.NORMAL.value, cleanup_epoch=0,
+                        reason="no GPU on this host: the maximum batch size", updated_at=now, gpu_index=None,
+                        gpu_uuid=None, gpu_name=None, memory_used_bytes=None, memory_total_bytes=None)
+
+    # ------------------------------------------------------------------ accounting
+
+    def _account(self, events: tuple[Event, ...]) -> None:
+        for e in events:
+            self.events.append(e)
+            c = self.counters[e.gpu]
+            if e.kind == "optimization_started":
+                c.optimizations[e.trigger or "unknown"] += 1
+            elif e.kind in ("optimization_succeeded", "optimization_failed"):
+                (c.successes if e.kind == "optimization_succeeded" else c.failures)[e.trigger or "unknown"] += 1
+                c.freed_bytes += e.freed_bytes or 0
+            elif e.kind == "cleanup_raised":
+                c.cleanups[e.trigger or "unknown"] += 1
+            elif e.kind == "batch_changed":
+                c.batch_changes[e.service or ""] += 1
+            fields = {k: v for k, v in (("service", e.service), ("trigger", e.trigger), ("old", e.old),
+                                        ("new", e.new), ("freed_bytes", e.freed_bytes), ("detail", e.detail))
+                      if v is not None}
+            # Pressure crossing a threshold back and forth is normal near the target: debug only.
+            (log.debug if e.kind == "pressure_changed" else log.info)(e.kind, gpu=e.gpu, **fields)

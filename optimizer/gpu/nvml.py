@@ -1,0 +1,188 @@
+"""The production backend, on nvidia-ml-py (``import pynvml``). The only module that imports it.
+
+Every NVML call goes through :meth:`NvmlBackend._query`, which turns "this board cannot tell"
+(``NotSupported``, ``NoPermission``, ``FunctionNotFound``) into ``None`` so that one missing
+field never fails a sample. A lost GPU (``GpuIsLost``) or a failing memory query marks that one
+device failed; the other GPUs are still read. Calls block, so the sampler runs
+:meth:`NvmlBackend.sample` in a worker thread.
+
+Memory: NVML v2 memory info where the driver has it. v2 reports ``reserved`` (driver/firmware)
+apart from ``used``; we publish ``memory_used_bytes = used + reserved`` so that it means the same
+as v1's ``used`` (``total - free``: what no process can allocate), and ``memory_reserved_bytes``
+alone. On a v1-only driver ``memory_reserved_bytes`` is unknown.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+import structlog
+
+from optimizer.gpu.types import BackendError, GpuProcess, GpuSample
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# NVML return codes (from nvml.h); compared by value so that fakes need only NVMLError.value.
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
+
+_UNKNOWN_FIELD_CODES = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NO_PERMISSION, NVML_ERROR_FUNCTION_NOT_FOUND})
+_NO_V2_CODES = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_ARGUMENT_VERSION_MISMATCH})
+
+
+class GpuLost(Exception):
+    """Internal: the device stopped answering; the sample of this GPU is marked failed."""
+
+
+@dataclass
+class _Device:
+    index: int
+    uuid: str
+    name: str
+    handle: Any
+    memory_v2: bool = True
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NvmlBackend:
+    """Reads every GPU NVML sees. Raises :class:`BackendError` if NVML cannot start."""
+
+    name = "nvml"
+    blocking = True
+
+    def __init__(self, nvml: ModuleType | None = None) -> None:
+        try:
+            self._nvml: Any = nvml if nvml is not None else importlib.import_module("pynvml")
+        except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a core dependency
+            raise BackendError("nvidia-ml-py (pynvml) is not installed") from exc
+        self._lock = threading.Lock()
+        try:
+            self._nvml.nvmlInit()
+        except self._nvml.NVMLError as exc:
+            raise BackendError(f"NVML could not be initialised: {exc} (is the NVIDIA driver loaded?)") from exc
+        self._devices: list[_Device] = []
+        try:
+            count = int(self._nvml.nvmlDeviceGetCount())
+            for index in range(count):
+                self._devices.append(self._open(index))
+        except self._nvml.NVMLError as exc:
+            self._nvml.nvmlShutdown()
+            raise BackendError(f"NVML could not list the GPUs: {exc}") from exc
+        log.info("nvml_started", gpus=len(self._devices), names=[d.name for d in self._devices])
+
+    def _open(self, index: int) -> _Device:
+        handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = _text(self._nvml.nvmlDeviceGetUUID(handle))
+        name = _text(self._nvml.nvmlDeviceGetName(handle))
+        return _Device(index=index, uuid=uuid, name=name, handle=handle)
+
+    @property
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def _query(self, fn: Callable[[], T]) -> T | None:
+        """Call NVML; ``None`` for an unsupported field; :class:`GpuLost` for a lost GPU."""
+        try:
+            return fn()
+        except self._nvml.NVMLError as exc:
+            code = getattr(exc, "value", None)
+            if code in _UNKNOWN_FIELD_CODES:
+                return None
+            if code == NVML_ERROR_GPU_IS_LOST:
+                raise GpuLost(str(exc)) from exc
+            raise
+
+    def _memory(self, dev: _Device) -> tuple[int, int, int, int | None]:
+        """(total, used incl. reserved, free, reserved or None), in bytes."""
+        nvml = self._nvml
+        if dev.memory_v2 and hasattr(nvml, "nvmlMemory_v2"):
+            try:
+                m = nvml.nvmlDeviceGetMemoryInfo(dev.handle, version=nvml.nvmlMemory_v2)
+                return int(m.total), int(m.used) + int(m.reserved), int(m.free), int(m.reserved)
+            except nvml.NVMLError as exc:
+                if getattr(exc, "value", None) not in _NO_V2_CODES:
+                    if getattr(exc, "value", None) == NVML_ERROR_GPU_IS_LOST:
+                        raise GpuLost(str(exc)) from exc
+                    raise
+                dev.memory_v2 = False
+                log.info("nvml_memory_v1_fallback", gpu=dev.index, reason=str(exc))
+        try:
+            m = nvml.nvmlDeviceGetMemoryInfo(dev.handle)
+        except nvml.NVMLError as exc:
+            if getattr(exc, "value", None) == NVML_ERROR_GPU_IS_LOST:
+                raise GpuLost(str(exc)) from exc
+            raise
+        return int(m.total), int(m.used), int(m.free), None
+
+    def _processes(self, dev: _Device) -> tuple[GpuProcess, ...]:
+        procs = self._query(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(dev.handle))
+        if not procs:
+            return ()
+        out = []
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)
+            out.append(GpuProcess(pid=int(p.pid), used_memory_bytes=None if used is None else int(used)))
+        return tuple(out)
+
+    def _read(self, dev: _Device, now: float) -> GpuSample:
+        nvml = self._nvml
+        h = dev.handle
+        total, used, free, reserved = self._memory(dev)
+        temp = self._query(lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
+        power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(h))
+        limit_mw = self._query(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        util = self._query(lambda: nvml.nvmlDeviceGetUtilizationRates(h))
+        return GpuSample(
+            index=dev.index,
+            uuid=dev.uuid,
+            name=dev.name,
+            timestamp=now,
+            memory_total_bytes=total,
+            memory_used_bytes=used,
+            memory_free_bytes=free,
+            memory_reserved_bytes=reserved,
+            temperature_celsius=None if temp is None else float(temp),
+            power_usage_watts=None if power_mw is None else power_mw / 1000.0,
+            power_limit_watts=None if limit_mw is None else limit_mw / 1000.0,
+            utilization_percent=None if util is None else float(util.gpu),
+            processes=self._processes(dev),
+        )
+
+    def sample(self, now: float) -> list[GpuSample]:
+        """Read every GPU once. A GPU that fails is returned as a failed sample; never raises."""
+        out: list[GpuSample] = []
+        with self._lock:
+            for dev in self._devices:
+                try:
+                    out.append(self._read(dev, now))
+                except GpuLost as exc:
+                    log.error("gpu_lost", gpu=dev.index, uuid=dev.uuid, error=str(exc))
+                    out.append(self._failed(dev, now, f"GPU is lost: {exc}"))
+                except self._nvml.NVMLError as exc:
+                    log.warning("gpu_sample_failed", gpu=dev.index, uuid=dev.uuid, error=str(exc))
+                    out.append(self._failed(dev, now, str(exc)))
+        return out
+
+    @staticmethod
+    def _failed(dev: _Device, now: float, error: str) -> GpuSample:
+        return GpuSample(index=dev.index, uuid=dev.uuid, name=dev.name, timestamp=now, failed=True, error=error)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError as exc:  # pragma: no cover - nothing left to do
+                log.warning("nvml_shutdown_failed", error=str(exc))

@@ -1,0 +1,179 @@
+"""Prometheus metrics. The only module that touches prometheus_client.
+
+A custom collector builds every family afresh from the engine's latest snapshot and counters at
+scrape time, so series of GPUs or services that went away disappear with them. The registry is
+passed in; nothing is registered on the global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from optimizer.engine import Engine
+from optimizer.sampler import DURATION_BUCKETS, Sampler
+
+GPU = ["gpu", "uuid"]
+GPU_SERVICE = ["gpu", "uuid", "service"]
+GPU_TRIGGER = ["gpu", "uuid", "trigger"]
+
+#: The 15 metrics of seed 004, by name (counters carry their ``_total`` suffix in the exposition).
+SEED_METRICS = (
+    "vlm_memory_usage_percent",
+    "vlm_memory_total_bytes",
+    "vlm_memory_used_bytes",
+    "vlm_memory_free_bytes",
+    "vlm_gpu_utilization_percent",
+    "vlm_gpu_temperature_celsius",
+    "vlm_gpu_power_usage_watts",
+    "vlm_memory_fragmentation_percent",
+    "vlm_current_batch_size",
+    "vlm_optimal_batch_size",
+    "vlm_memory_optimizations_total",
+    "vlm_memory_optimizations_success_total",
+    "vlm_memory_cleanups_total",
+    "vlm_batch_size_optimizations_total",
+    "vlm_memory_freed_bytes_total",
+)
+
+
+class OptimizerCollector(Collector):
+    def __init__(self, engine: Engine, sampler: Sampler | None = None) -> None:
+        self.engine = engine
+        self.sampler = sampler
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._gpu_gauges()
+        yield from self._decisions()
+        yield from self._counters()
+        if self.sampler is not None:
+            yield from self._self_health(self.sampler)
+
+    def _gpu_gauges(self) -> Iterator[Metric]:
+        e = self.engine
+        fam = {
+            "usage": GaugeMetricFamily("vlm_memory_usage_percent", "GPU memory in use, percent of total", labels=GPU),
+            "total": GaugeMetricFamily("vlm_memory_total_bytes", "Total GPU memory in bytes", labels=GPU),
+            "used": GaugeMetricFamily("vlm_memory_used_bytes",
+                                      "GPU memory no process can allocate (NVML used + reserved), bytes", labels=GPU),
+            "free": GaugeMetricFamily("vlm_memory_free_bytes", "Free GPU memory in bytes", labels=GPU),
+            "util": GaugeMetricFamily("vlm_gpu_utilization_percent", "GPU utilisation, percent", labels=GPU),
+            "temp": GaugeMetricFamily("vlm_gpu_temperature_celsius", "GPU temperature, Celsius", labels=GPU),
+            "power": GaugeMetricFamily("vlm_gpu_power_usage_watts", "GPU power draw, watts", labels=GPU),
+            "frag": GaugeMetricFamily("vlm_memory_fragmentation_percent",
+                                      "Allocator fragmentation reported by the services on the GPU, percent "
+                                      "(absent while unknown)", labels=GPU),
+            "pressure": GaugeMetricFamily("vlm_memory_pressure_level",
+                                          "Memory pressure: 0 normal, 1 warning, 2 critical, 3 oom", labels=GPU),
+            "epoch": GaugeMetricFamily("vlm_cleanup_epoch", "Cleanups raised for the GPU so far (services act on a rise)",
+                                       labels=GPU),
+            "up": GaugeMetricFamily("vlm_gpu_up", "1 if the GPU answered the last sample, 0 if it failed", labels=GPU),
+        }
+        for g in e.snapshot.gpus if e.snapshot else ():
+            labels = [str(g.index), g.uuid]
+            fam["up"].add_metric(labels, 0.0 if g.failed else 1.0)
+            if g.failed:
+                continue
+            usage = g.usage_fraction
+            for key, value in (("usage", None if usage is None else usage * 100), ("total", g.memory_total_bytes),
+                               ("used", g.memory_used_bytes), ("free", g.memory_free_bytes),
+                               ("util", g.utilization_percent), ("temp", g.temperature_celsius),
+                               ("power", g.power_usage_watts)):
+                if value is not None:
+                    fam[key].add_metric(labels, float(value))
+            gs = e.state.gpus.get(g.index)
+            if gs is not None:
+                if gs.fragmentation is not None:
+                    fam["frag"].add_metric(labels, gs.fragmentation * 100)
+                fam["pressure"].add_metric(labels, float(gs.pressure.level))
+                fam["epoch"].add_metric(labels, float(gs.cleanup_epoch))
+        yield from fam.values()
+
+    def _uuid(self, index: int) -> str:
+        g = self.engine.gpu_sample(index)
+        if g is not None:
+            return g.uuid
+        gs = self.engine.state.gpus.get(index)
+        return gs.uuid if gs is not None else ""
+
+    def _decisions(self) -> Iterator[Metric]:
+        cur = GaugeMetricFamily("vlm_current_batch_size", "Batch size published to the service", labels=GPU_SERVICE)
+        opt = GaugeMetricFamily("vlm_optimal_batch_size", "Computed optimal batch size before the strategy factor",
+                                labels=GPU_SERVICE)
+        for (index, service), svc in sorted(self.engine.state.services.items()):
+            labels = [str(index), self._uuid(index), service]
+            cur.add_metric(labels, float(svc.batch_size))
+            opt.add_metric(labels, float(svc.optimal))
+        yield cur
+        yield opt
+
+    def _counters(self) -> Iterator[Metric]:
+        fams = {
+            "optimizations": CounterMetricFamily("vlm_memory_optimizations", "Pressure-triggered optimizations started",
+                                                 labels=GPU_TRIGGER),
+            "successes": CounterMetricFamily("vlm_memory_optimizations_success",
+                                             "Optimizations whose trigger cleared within 3 samples", labels=GPU_TRIGGER),
+            "failures": CounterMetricFamily("vlm_memory_optimizations_failed",
+                                            "Optimizations whose trigger had not cleared after 3 samples",
+                                            labels=GPU_TRIGGER),
+            "cleanups": CounterMetricFamily("vlm_memory_cleanups", "Cleanups raised (cleanup_epoch increments)",
+                                            labels=GPU_TRIGGER),
+        }
+        changes = CounterMetricFamily("vlm_batch_size_optimizations", "Changes of a service's published batch size",
+                                      labels=GPU_SERVICE)
+        freed = CounterMetricFamily("vlm_memory_freed_bytes", "Memory freed after cleanups, measured from the samples "
+                                    "that followed, bytes", labels=GPU)
+        present = {g.index for g in self.engine.snapshot.gpus} if self.engine.snapshot else set()
+        for index, c in sorted(self.engine.counters.items()):
+            if index not in present:
+                continue
+            uuid = self._uuid(index)
+            for key in fams:
+                for trigger, n in sorted(getattr(c, key).items()):
+                    fams[key].add_metric([str(index), uuid, trigger], float(n))
+            for service, n in sorted(c.batch_changes.items()):
+                if (index, service) in self.engine.state.services:
+                    changes.add_metric([str(index), uuid, service], float(n))
+            freed.add_metric([str(index), uuid], float(c.freed_bytes))
+        yield from fams.values()
+        yield changes
+        yield freed
+
+    @staticmethod
+    def _self_health(sampler: Sampler) -> Iterator[Metric]:
+        st = sampler.stats
+        hist = HistogramMetricFamily("vlm_optimizer_sample_duration_seconds", "Time to read every GPU once")
+        cumulative = []
+        running = 0
+        for bound, n in zip(DURATION_BUCKETS, st.duration_buckets):
+            running += n
+            cumulative.append((str(bound), float(running)))
+        cumulative.append(("+Inf", float(st.samples)))
+        hist.add_metric([], cumulative, st.duration_sum)
+        yield hist
+        errors = CounterMetricFamily("vlm_optimizer_sample_errors", "Samples that failed: the whole backend call "
+                                     "(gpu=\"all\") or one GPU", labels=["gpu"])
+        errors.add_metric(["all"], float(st.errors))
+        for index, n in sorted(st.gpu_errors.items()):
+            errors.add_metric([str(index)], float(n))
+        yield errors
+        last = GaugeMetricFamily("vlm_optimizer_last_sample_timestamp_seconds",
+                                 "Unix time of the last successful sample (0 before the first)")
+        last.add_metric([], st.last_sample_at or 0.0)
+        yield last
+        yield GaugeMetricFamily("vlm_optimizer_monitoring_interval_seconds", "The sampling interval in force",
+                                value=sampler.interval)
+
+
+def build_registry(engine: Engine, sampler: Sampler | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(OptimizerCollector(engine, sampler))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text exposition and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,148 @@
+"""Inputs, state and outputs of the policy. All immutable; the shells swap whole values."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from optimizer.gpu.types import GpuSample
+
+MIB = 1024 * 1024
+
+
+class Pressure(str, enum.Enum):
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    OOM = "oom"
+
+    @property
+    def level(self) -> int:
+        return _LEVELS[self]
+
+
+_LEVELS = {Pressure.NORMAL: 0, Pressure.WARNING: 1, Pressure.CRITICAL: 2, Pressure.OOM: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every GPU, read once at ``timestamp`` (seconds on the sampler's clock)."""
+
+    timestamp: float
+    gpus: tuple[GpuSample, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceReport:
+    """Telemetry a VLM service sends (``POST /reports``), already validated; ``gpu`` is an index."""
+
+    service: str
+    gpu: int
+    timestamp: float
+    batch_size: int | None = None
+    peak_bytes: int | None = None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    oom: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An optimization that waits for the next samples to tell whether it worked.
+
+    ``measure`` is what must fall below ``threshold``: ``usage`` (fraction of total memory),
+    ``fragmentation``, ``temperature`` (Celsius) or ``oom`` (no new OOM report).
+    """
+
+    trigger: str
+    measure: str
+    threshold: float
+    started_at: float
+    used_at_start: int
+    cleanup: bool
+    service: str | None = None
+    samples_seen: int = 0
+    min_used: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuState:
+    index: int
+    uuid: str
+    name: str
+    cleanup_epoch: int = 0
+    last_cleanup_at: float | None = None
+    pressure: Pressure = Pressure.NORMAL
+    fragmentation: float | None = None
+    hot: bool = False
+    window: tuple[int, ...] = ()  # used bytes of the samples since the batches in force were adopted
+    adopt_after: float = float("-inf")  # samples before this time predate a batch change
+    optimized_at: float | None = None
+    heat_step_at: float | None = None
+    pending: tuple[Pending, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """What the policy knows and has decided for one service on one GPU."""
+
+    service: str
+    gpu: int
+    batch_size: int
+    optimal: int
+    reason: str
+    changed_at: float
+    updated_at: float
+    last_seen: float
+    reported_batch: int | None = None
+    reported_at: float | None = None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    ceiling: int | None = None  # batches >= ceiling are not published before ceiling_until
+    ceiling_until: float = float("-inf")
+    strikes: int = 0
+    last_oom_at: float | None = None
+    peaks: tuple[tuple[int, int], ...] = ()  # (batch size, highest peak bytes reported at it)
+
+
+def _frozen(d: Mapping[object, object] | None = None) -> Mapping[object, object]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    gpus: Mapping[int, GpuState] = field(default_factory=lambda: MappingProxyType({}))
+    services: Mapping[tuple[int, str], ServiceState] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the policy did. ``kind`` is one of :data:`EVENT_KINDS`."""
+
+    kind: str
+    gpu: int
+    timestamp: float
+    service: str | None = None
+    trigger: str | None = None
+    old: int | None = None
+    new: int | None = None
+    freed_bytes: int | None = None
+    detail: str | None = None
+
+
+EVENT_KINDS = (
+    "batch_changed",
+    "cleanup_raised",
+    "optimization_started",
+    "optimization_succeeded",
+    "optimization_failed",
+    "pressure_changed",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: PolicyState
+    events: tuple[Event, ...]

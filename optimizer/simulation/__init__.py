@@ -1,0 +1,1 @@
+"""Simulated GPUs: scenario files, the world model, and the virtual-time runner."""

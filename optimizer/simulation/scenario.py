@@ -1,0 +1,235 @@
+"""Scenario files: the GPUs, services and other tenants a simulated run replays (see docs/scenarios.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optimizer.config import ServiceProfile
+
+
+class ScenarioError(ValueError):
+    """A scenario file is invalid; ``field`` names the offending field (e.g. ``services[0].per_item_mb``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    index: int
+    name: str
+    total_mb: float
+    idle_temperature_c: float = 35.0
+    power_limit_w: float = 700.0
+    load_temperature_rise_c: float = 30.0  # added at 100 % utilisation
+    uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class SimService:
+    name: str
+    gpu: int
+    base_mb: float
+    per_item_mb: float
+    item_ms: float
+    overhead_ms: float
+    noise: float = 0.0  # per-item memory jitter, uniform in [-noise, +noise]
+    fragmentation_growth_per_min: float = 0.0
+    declared_per_item_mb: float | None = None  # what the service tells the optimizer; default: the truth
+    start_s: float = 0.0
+    weight: float = 1.0
+
+    @property
+    def declared(self) -> float:
+        return self.per_item_mb if self.declared_per_item_mb is None else self.declared_per_item_mb
+
+
+@dataclass(frozen=True)
+class Background:
+    """Another tenant's memory on a GPU: ``mb`` from ``at_s`` (ramping over ``ramp_s``) for ``for_s``."""
+
+    gpu: int
+    at_s: float
+    mb: float
+    for_s: float | None = None
+    ramp_s: float = 0.0
+
+    def level(self, t: float) -> float:
+        return ramped(t, self.at_s, self.for_s, self.ramp_s, self.mb)
+
+
+@dataclass(frozen=True)
+class Thermal:
+    """Extra heat on a GPU (a failing fan, a hot aisle): ``celsius`` added from ``at_s``."""
+
+    gpu: int
+    at_s: float
+    celsius: float
+    for_s: float | None = None
+    ramp_s: float = 0.0
+
+    def level(self, t: float) -> float:
+        return ramped(t, self.at_s, self.for_s, self.ramp_s, self.celsius)
+
+
+def ramped(t: float, at_s: float, for_s: float | None, ramp_s: float, amount: float) -> float:
+    """``amount`` from ``at_s`` for ``for_s`` (``None``: for good), rising linearly over ``ramp_s``."""
+    if t < at_s or (for_s is not None and t >= at_s + for_s):
+        return 0.0
+    if ramp_s > 0 and t < at_s + ramp_s:
+        return amount * (t - at_s) / ramp_s
+    return amount
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    seed: int
+    duration_s: float
+    step_s: float
+    gpus: tuple[SimGpu, ...]
+    services: tuple[SimService, ...]
+    background: tuple[Background, ...] = ()
+    thermal: tuple[Thermal, ...] = ()
+
+    def profiles(self) -> tuple[ServiceProfile, ...]:
+        """What the simulated services declare to the optimizer (their declared per-item memory)."""
+        return tuple(ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight) for s in self.services)
+
+    def gpu(self, index: int) -> SimGpu:
+        for g in self.gpus:
+            if g.index == index:
+                return g
+        raise KeyError(index)
+
+
+def _num(field: str, raw: dict[str, Any], key: str, *, lo: float = 0.0, hi: float = math.inf,
+         lo_open: bool = False, default: Any = dataclasses.MISSING) -> Any:
+    name = f"{field}.{key}" if field else key
+    if key not in raw or raw[key] is None:
+        if default is dataclasses.MISSING:
+            raise ScenarioError(name, "is required")
+        return default
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ScenarioError(name, f"must be a number, got {v!r}")
+    if v < lo or v > hi or (lo_open and v == lo):
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ScenarioError(name, f"must be in {rng}, got {v!r}")
+    return v
+
+
+def _mapping_list(raw: Any, key: str) -> list[dict[str, Any]]:
+    items = raw.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise ScenarioError(key, "must be a list of mappings")
+    return items
+
+
+def _check_keys(field: str, raw: dict[str, Any], cls: type) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ScenarioError(f"{field}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_scenario(raw: Any) -> Scenario:
+    if not isinstance(raw, dict):
+        raise ScenarioError("scenario", "must be a mapping")
+    _check_keys("scenario", raw, Scenario)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ScenarioError("name", "is required and must be a string")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ScenarioError("seed", f"must be an integer, got {seed!r}")
+    duration = _num("", raw, "duration_s", lo=0, hi=30 * 86400, lo_open=True)
+    step = _num("", raw, "step_s", lo=0, hi=60, lo_open=True, default=1.0)
+    gpus = []
+    for i, g in enumerate(_mapping_list(raw, "gpus")):
+        f = f"gpus[{i}]"
+        _check_keys(f, g, SimGpu)
+        gpus.append(SimGpu(
+            index=int(_num(f, g, "index", hi=1023, default=i)),
+            name=str(g.get("name", "Simulated GPU")),
+            total_mb=_num(f, g, "total_mb", lo=0, hi=1 << 22, lo_open=True),
+            idle_temperature_c=_num(f, g, "idle_temperature_c", hi=150, default=35.0),
+            power_limit_w=_num(f, g, "power_limit_w", lo=0, hi=5000, lo_open=True, default=700.0),
+            load_temperature_rise_c=_num(f, g, "load_temperature_rise_c", hi=100, default=30.0),
+            uuid=g.get("uuid"),
+        ))
+    if not gpus:
+        raise ScenarioError("gpus", "at least one GPU is required")
+    indexes = [g.index for g in gpus]
+    if len(set(indexes)) != len(indexes):
+        raise ScenarioError("gpus", f"GPU indexes must be unique, got {indexes}")
+
+    def gpu_ref(f: str, d: dict[str, Any]) -> int:
+        v = d.get("gpu", indexes[0])
+        if v not in indexes:
+            raise ScenarioError(f"{f}.gpu", f"must be one of the GPU indexes {indexes}, got {v!r}")
+        return int(v)
+
+    services = []
+    for i, s in enumerate(_mapping_list(raw, "services")):
+        f = f"services[{i}]"
+        _check_keys(f, s, SimService)
+        if not isinstance(s.get("name"), str) or not s["name"]:
+            raise ScenarioError(f"{f}.name", "is required and must be a string")
+        declared = s.get("declared_per_item_mb")
+        services.append(SimService(
+            name=s["name"], gpu=gpu_ref(f, s),
+            base_mb=_num(f, s, "base_mb"),
+            per_item_mb=_num(f, s, "per_item_mb", lo_open=True),
+            item_ms=_num(f, s, "item_ms", lo_open=True),
+            overhead_ms=_num(f, s, "overhead_ms", default=0.0),
+            noise=_num(f, s, "noise", hi=0.5, default=0.0),
+            fragmentation_growth_per_min=_num(f, s, "fragmentation_growth_per_min", hi=0.5, default=0.0),
+            declared_per_item_mb=None if declared is None else _num(f, s, "declared_per_item_mb", lo_open=True),
+            start_s=_num(f, s, "start_s", default=0.0),
+            weight=_num(f, s, "weight", lo_open=True, default=1.0),
+        ))
+    names = [(s.gpu, s.name) for s in services]
+    if len(set(names)) != len(names):
+        raise ScenarioError("services", "a service name may appear once per GPU")
+    background = []
+    for i, b in enumerate(_mapping_list(raw, "background")):
+        f = f"background[{i}]"
+        _check_keys(f, b, Background)
+        for_s = b.get("for_s")
+        background.append(Background(gpu=gpu_ref(f, b), at_s=_num(f, b, "at_s", default=0.0),
+                                     mb=_num(f, b, "mb"),
+                                     for_s=None if for_s is None else _num(f, b, "for_s", lo_open=True),
+                                     ramp_s=_num(f, b, "ramp_s", default=0.0)))
+    thermal = []
+    for i, t in enumerate(_mapping_list(raw, "thermal")):
+        f = f"thermal[{i}]"
+        _check_keys(f, t, Thermal)
+        for_s = t.get("for_s")
+        thermal.append(Thermal(gpu=gpu_ref(f, t), at_s=_num(f, t, "at_s", default=0.0),
+                               celsius=_num(f, t, "celsius", lo=-100, hi=100),
+                               for_s=None if for_s is None else _num(f, t, "for_s", lo_open=True),
+                               ramp_s=_num(f, t, "ramp_s", default=0.0)))
+    return Scenario(name=name, seed=seed, duration_s=float(duration), step_s=float(step), gpus=tuple(gpus),
+                    services=tuple(services), background=tuple(background), thermal=tuple(thermal))
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError("scenario", f"cannot read {p}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ScenarioError("scenario", f"{p} is not valid YAML: {exc}") from exc
+    return parse_scenario(raw)
+
+
+DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
