@@ -1,9 +1,10 @@
 """Settings: the seed's ``MemoryConfig`` keys, service profiles and server options.
 
 Settings are layered: built-in defaults, then a YAML file (``--config``), then environment
-variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every layer goes through the
-same validation, so a bad value is rejected with a :class:`ConfigError` that names the key
-and the allowed values, and nothing is applied.
+variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every value is checked as it is
+read; the relations between settings (threshold order, min <= max) are checked once on the
+merged result. A bad value is rejected with a :class:`ConfigError` that names the key and the
+allowed values, and nothing is applied.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
+DEFAULT_BATCH_SIZE = 4
 
 
 class ConfigError(ValueError):
@@ -83,7 +85,8 @@ class Settings:
     fragmentation_threshold: float = 0.3
     # Additions to the seed's MemoryConfig.
     target_memory_utilization: float = 0.75  # what balanced fills a GPU to (seed 003: 75 %)
-    default_batch_size: int = 4  # published when disabled, and to a service before its first optimization
+    default_batch_size: int | None = None  # published when disabled and before the first optimization;
+    # None: 4 (seed 003's fixed baseline), clamped into [min_batch_size, max_batch_size]
     history_size: int = 100  # snapshots kept per GPU (seed 003)
     service_expiry: float = 300.0  # a service not heard from for this long is forgotten
     default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
@@ -104,7 +107,7 @@ class Settings:
     def default_batch(self, profile: ServiceProfile) -> int:
         lo, hi = self.batch_limits(profile)
         d = profile.default_batch_size if profile.default_batch_size is not None else self.default_batch_size
-        return min(hi, max(lo, d))
+        return min(hi, max(lo, DEFAULT_BATCH_SIZE if d is None else d))
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
-    name = raw.get("name", "default")
+    name = raw.get("name") if named else raw.get("name", "default")
     if named and (not isinstance(name, str) or not name.strip()):
         raise ConfigError(f"{key}.name", "must be a non-empty string")
     opt_int = {}
@@ -230,6 +233,8 @@ def _coerce_setting(key: str, value: Any) -> Any:
         return _as_float(key, value, 0.0, 86400.0, lo_open=True)
     if key == "temperature_threshold":
         return _as_float(key, value, 0.0, 150.0, lo_open=True)
+    if key == "default_batch_size" and value is None:
+        return None
     if key in ("max_batch_size", "min_batch_size", "default_batch_size"):
         return _as_int(key, value, 1, 4096)
     if key == "memory_reserve_mb":
@@ -291,7 +296,7 @@ def validate_settings(settings: Settings) -> Settings:
         )
     if s.min_batch_size > s.max_batch_size:
         raise ConfigError("min_batch_size", f"must be <= max_batch_size ({s.max_batch_size}), got {s.min_batch_size}")
-    if not s.min_batch_size <= s.default_batch_size <= s.max_batch_size:
+    if s.default_batch_size is not None and not s.min_batch_size <= s.default_batch_size <= s.max_batch_size:
         raise ConfigError(
             "default_batch_size",
             f"must be in [min_batch_size, max_batch_size] = [{s.min_batch_size}, {s.max_batch_size}],"
@@ -323,6 +328,8 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, A
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{p} is not UTF-8 text: {exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -331,7 +338,9 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, A
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError("config", f"{p} must hold a mapping at its top level")
-    server = data.pop("server", {}) or {}
+    server = data.pop("server", None)
+    if server is None:
+        server = {}
     if not isinstance(server, dict):
         raise ConfigError("server", "must be a mapping")
     return data, server
@@ -364,10 +373,11 @@ def load_config(
     """Build the effective configuration: defaults < file < environment < CLI flags."""
     file_settings, file_server = load_file(path) if path is not None else ({}, {})
     env_settings, env_server = env_overrides(os.environ if environ is None else environ)
-    settings = Settings()
-    server = ServerSettings()
+    merged: dict[str, Any] = {}
     for layer in (file_settings, env_settings, dict(cli_settings or {})):
-        settings = apply_settings(settings, layer)
+        merged.update((k, _coerce_setting(k, v)) for k, v in layer.items())
+    settings = validate_settings(dataclasses.replace(Settings(), **merged))  # relations: on the merged result
+    server = ServerSettings()
     for slayer in (file_server, env_server, dict(cli_server or {})):
         server = apply_server(server, slayer)
     return Config(settings=settings, server=server)

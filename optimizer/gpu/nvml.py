@@ -49,7 +49,7 @@ class _Device:
     index: int
     uuid: str
     name: str
-    handle: Any
+    handle: Any  # None while the device could not be opened; retried every sample
     memory_v2: bool = True
 
 
@@ -76,11 +76,15 @@ class NvmlBackend:
         self._devices: list[_Device] = []
         try:
             count = int(self._nvml.nvmlDeviceGetCount())
-            for index in range(count):
-                self._devices.append(self._open(index))
         except self._nvml.NVMLError as exc:
             self._nvml.nvmlShutdown()
             raise BackendError(f"NVML could not list the GPUs: {exc}") from exc
+        for index in range(count):
+            try:
+                self._devices.append(self._open(index))
+            except self._nvml.NVMLError as exc:  # one bad GPU must not hide the healthy ones
+                log.error("gpu_open_failed", gpu=index, error=str(exc))
+                self._devices.append(_Device(index=index, uuid=f"unknown-{index}", name="unknown", handle=None))
         log.info("nvml_started", gpus=len(self._devices), names=[d.name for d in self._devices])
 
     def _open(self, index: int) -> _Device:
@@ -128,7 +132,15 @@ class NvmlBackend:
         return int(m.total), int(m.used), int(m.free), None
 
     def _processes(self, dev: _Device) -> tuple[GpuProcess, ...]:
-        procs = self._query(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(dev.handle))
+        mismatch = getattr(self._nvml, "NVMLLibraryMismatchError", None)
+        try:
+            procs = self._query(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(dev.handle))
+        except Exception as exc:
+            # nvidia-ml-py newer than the driver: the _v3 call is missing and the library raises
+            # NVMLLibraryMismatchError (not an NVMLError). The process list is optional.
+            if mismatch is None or not isinstance(exc, mismatch):
+                raise
+            return ()
         if not procs:
             return ()
         out = []
@@ -165,8 +177,11 @@ class NvmlBackend:
         """Read every GPU once. A GPU that fails is returned as a failed sample; never raises."""
         out: list[GpuSample] = []
         with self._lock:
-            for dev in self._devices:
+            for i, dev in enumerate(self._devices):
                 try:
+                    if dev.handle is None:
+                        dev = self._devices[i] = self._open(dev.index)
+                        log.info("gpu_opened", gpu=dev.index, uuid=dev.uuid)
                     out.append(self._read(dev, now))
                 except GpuLost as exc:
                     log.error("gpu_lost", gpu=dev.index, uuid=dev.uuid, error=str(exc))
@@ -174,6 +189,9 @@ class NvmlBackend:
                 except self._nvml.NVMLError as exc:
                     log.warning("gpu_sample_failed", gpu=dev.index, uuid=dev.uuid, error=str(exc))
                     out.append(self._failed(dev, now, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - last resort: one device, never the sample
+                    log.error("gpu_sample_error", gpu=dev.index, uuid=dev.uuid, error=repr(exc))
+                    out.append(self._failed(dev, now, repr(exc)))
         return out
 
     @staticmethod

@@ -25,7 +25,7 @@ class SimulatedBackend:
     def __init__(self, scenario: Scenario, settings: Settings, *, origin: float) -> None:
         self.scenario = scenario
         self.origin = origin  # clock time at scenario time 0
-        self.world = World(scenario, initial_batch=settings.default_batch_size, limits=limits_from(settings),
+        self.world = World(scenario, initial_batch=settings.default_batch(settings.default_profile), limits=limits_from(settings),
                            poll_interval=settings.monitoring_interval)
         self.link: ServiceLink | None = None
 

@@ -101,7 +101,10 @@ class Scenario:
 
     def profiles(self) -> tuple[ServiceProfile, ...]:
         """What the simulated services declare to the optimizer (their declared per-item memory)."""
-        return tuple(ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight) for s in self.services)
+        seen: dict[str, ServiceProfile] = {}
+        for s in self.services:  # one profile per name: a name on two GPUs declares what its first entry says
+            seen.setdefault(s.name, ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight))
+        return tuple(seen.values())
 
     def gpu(self, index: int) -> SimGpu:
         for g in self.gpus:
@@ -123,6 +126,12 @@ def _num(field: str, raw: dict[str, Any], key: str, *, lo: float = 0.0, hi: floa
     if v < lo or v > hi or (lo_open and v == lo):
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise ScenarioError(name, f"must be in {rng}, got {v!r}")
+    return v
+
+
+def _index(field: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1023:
+        raise ScenarioError(field, f"must be an integer in [0, 1023], got {v!r}")
     return v
 
 
@@ -157,7 +166,7 @@ def parse_scenario(raw: Any) -> Scenario:
         f = f"gpus[{i}]"
         _check_keys(f, g, SimGpu)
         gpus.append(SimGpu(
-            index=int(_num(f, g, "index", hi=1023, default=i)),
+            index=_index(f"{f}.index", g.get("index", i)),
             name=str(g.get("name", "Simulated GPU")),
             total_mb=_num(f, g, "total_mb", lo=0, hi=1 << 22, lo_open=True),
             idle_temperature_c=_num(f, g, "idle_temperature_c", hi=150, default=35.0),
@@ -173,7 +182,7 @@ def parse_scenario(raw: Any) -> Scenario:
 
     def gpu_ref(f: str, d: dict[str, Any]) -> int:
         v = d.get("gpu", indexes[0])
-        if v not in indexes:
+        if isinstance(v, bool) or not isinstance(v, int) or v not in indexes:
             raise ScenarioError(f"{f}.gpu", f"must be one of the GPU indexes {indexes}, got {v!r}")
         return int(v)
 
@@ -227,6 +236,8 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ScenarioError("scenario", f"cannot read {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError("scenario", f"{p} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ScenarioError("scenario", f"{p} is not valid YAML: {exc}") from exc
     return parse_scenario(raw)
