@@ -149,13 +149,13 @@ def _publish(
             Event("batch_changed", svc.gpu, now, service=svc.service, trigger=trigger, old=svc.batch_size, new=batch,
                   detail=reason)
         )
-    if not changed and optimal == svc.optimal:
+    if not changed and optimal == svc.optimal and reason == svc.reason:
         return svc
     return dataclasses.replace(
         svc,
         batch_size=batch,
         optimal=optimal,
-        reason=reason if changed or reason != svc.reason else svc.reason,
+        reason=reason,
         changed_at=now if changed else svc.changed_at,
         updated_at=now,
     )
@@ -176,26 +176,23 @@ def _raise_cleanup(gs: GpuState, trigger: str, now: float, events: list[Event]) 
 # --------------------------------------------------------------------------- pending optimizations
 
 
-def _measure(p: Pending, usage: float, frag: float | None, temp: float | None,
-             services: dict[str, ServiceState]) -> bool | None:
+def _measure(p: Pending, usage: float, frag: float | None, services: dict[str, ServiceState]) -> bool | None:
     """Whether the trigger cleared (``None``: cannot tell from this sample)."""
     if p.measure == "usage":
         return usage < p.threshold
     if p.measure == "fragmentation":
         return None if frag is None else frag < p.threshold
-    if p.measure == "temperature":
-        return None if temp is None else temp < p.threshold
     svc = services.get(p.service or "")
     return svc is None or svc.last_oom_at is None or svc.last_oom_at <= p.started_at
 
 
-def _resolve_pending(gs: GpuState, used: int, usage: float, frag: float | None, temp: float | None,
+def _resolve_pending(gs: GpuState, used: int, usage: float, frag: float | None,
                      services: dict[str, ServiceState], now: float, events: list[Event]) -> GpuState:
     keep: list[Pending] = []
     for p in gs.pending:
         seen = p.samples_seen + 1
         low = used if p.min_used is None else min(p.min_used, used)
-        ok = _measure(p, usage, frag, temp, services)
+        ok = _measure(p, usage, frag, services)
         if ok or seen >= SUCCESS_SAMPLES:
             freed = max(0, p.used_at_start - low) if p.cleanup else None
             kind = "optimization_succeeded" if ok else "optimization_failed"
@@ -229,7 +226,7 @@ def _step_gpu(
         window = (window + (used,))[-_window_len(s):]
     gs = dataclasses.replace(gs, pressure=pressure, fragmentation=frag, hot=hot, window=window, uuid=sample.uuid,
                              name=sample.name)
-    gs = _resolve_pending(gs, used, usage, frag, temp, {x.service: x for x in services}, now, events)
+    gs = _resolve_pending(gs, used, usage, frag, {x.service: x for x in services}, now, events)
     if gs.optimized_at is None:
         gs = dataclasses.replace(gs, optimized_at=now)
 
@@ -258,8 +255,8 @@ def _step_gpu(
     elif ready and any(_over_safety(x, g, now, s) for x in services):
         out = [_cap_to_safety(x, g, now, s, events) for x in services]
     elif ready and hot and (gs.heat_step_at is None or now - gs.heat_step_at >= s.optimization_interval):
+        # A heat step is a batch change, not a memory optimization: it is not counted as one.
         gs = dataclasses.replace(gs, heat_step_at=now)
-        gs = _start(gs, Pending("temperature", "temperature", s.temperature_threshold, now, used, False), events)
         out = [_heat_step(x, now, s, events, temp) for x in services]
     elif window and gs.optimized_at is not None and now - gs.optimized_at >= s.optimization_interval:
         gs = dataclasses.replace(gs, optimized_at=now)
@@ -384,7 +381,7 @@ def initial_batch(service: str, gpu: GpuSample | None, state: PolicyState, setti
     s = settings
     profile = s.profile(service)
     lo, hi = s.batch_limits(profile)
-    batch = s.default_batch(profile) if s.enabled else s.default_batch(profile)
+    batch = s.default_batch(profile)
     if gpu is None or not s.enabled or gpu.failed or not gpu.memory_total_bytes or gpu.memory_used_bytes is None:
         return batch
     others = [v for (gi, _), v in state.services.items() if gi == gpu.index]
@@ -400,8 +397,9 @@ def touch(state: PolicyState, service: str, gpu_index: int, now: float, settings
     svc = state.services.get(key)
     if svc is None:
         b = initial_batch(service, gpu, state, settings)
-        svc = ServiceState(service=service, gpu=gpu_index, batch_size=b, optimal=b,
-                           reason="initial batch: the default, within the safety bound",
+        reason = ("initial batch: the default, within the safety bound" if settings.enabled
+                  else "optimization disabled: configured default batch")
+        svc = ServiceState(service=service, gpu=gpu_index, batch_size=b, optimal=b, reason=reason,
                            changed_at=now, updated_at=now, last_seen=now)
     else:
         svc = dataclasses.replace(svc, last_seen=now)

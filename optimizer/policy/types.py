@@ -53,7 +53,7 @@ class Pending:
     """An optimization that waits for the next samples to tell whether it worked.
 
     ``measure`` is what must fall below ``threshold``: ``usage`` (fraction of total memory),
-    ``fragmentation``, ``temperature`` (Celsius) or ``oom`` (no new OOM report).
+    ``fragmentation``, or ``oom`` (no new OOM report).
     """
 
     trigger: str

@@ -1,0 +1,20 @@
+# Two entry points on a fresh machine (Python 3.11+ with venv):
+#   make serve   run the optimizer on a simulated H100-class GPU (no GPU needed), port 8080
+#   make test    type-check and run the test suite
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test
+
+$(BIN)/vlm-gpu-optimizer: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: $(BIN)/vlm-gpu-optimizer
+	$(BIN)/vlm-gpu-optimizer serve --backend simulated
+
+test: $(BIN)/vlm-gpu-optimizer
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
