@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print JSON: an object per service under the measures")
     _policy_flags(sim)
     sim.add_argument("--interval", dest="monitoring_interval", type=float, metavar="SECONDS",
-                     help=argparse.SUPPRESS)
+                     help="the services' polling and the optimizer's sampling interval "
+                          "(the same as --monitoring-interval)")
     return parser
 
 

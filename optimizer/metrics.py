@@ -19,6 +19,8 @@ from optimizer.sampler import DURATION_BUCKETS, Sampler
 GPU = ["gpu", "uuid"]
 GPU_SERVICE = ["gpu", "uuid", "service"]
 GPU_TRIGGER = ["gpu", "uuid", "trigger"]
+#: What can start a memory optimization or raise a cleanup (see docs/policy.md).
+TRIGGERS = ("gc_threshold", "fragmentation", "critical", "oom", "oom_report")
 
 #: The 15 metrics of seed 004, by name (counters carry their ``_total`` suffix in the exposition).
 SEED_METRICS = (
@@ -126,14 +128,15 @@ class OptimizerCollector(Collector):
                                       labels=GPU_SERVICE)
         freed = CounterMetricFamily("vlm_memory_freed_bytes", "Memory freed after cleanups, measured from the samples "
                                     "that followed, bytes", labels=GPU)
-        present = {g.index for g in self.engine.snapshot.gpus} if self.engine.snapshot else set()
-        for index, c in sorted(self.engine.counters.items()):
-            if index not in present:
-                continue
+        present = sorted({g.index for g in self.engine.snapshot.gpus}) if self.engine.snapshot else []
+        for index in present:
+            c = self.engine.counters[index]
             uuid = self._uuid(index)
             for key in fams:
-                for trigger, n in sorted(getattr(c, key).items()):
-                    fams[key].add_metric([str(index), uuid, trigger], float(n))
+                counts = getattr(c, key)
+                # every known trigger from zero, so rates and ratios have series before the first event
+                for trigger in sorted(set(TRIGGERS) | set(counts)):
+                    fams[key].add_metric([str(index), uuid, trigger], float(counts.get(trigger, 0)))
             for service, n in sorted(c.batch_changes.items()):
                 if (index, service) in self.engine.state.services:
                     changes.add_metric([str(index), uuid, service], float(n))

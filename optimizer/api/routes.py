@@ -34,11 +34,17 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
     return _json({"error": f"gpu: {exc}", kind: "gpu", "available": exc.available}, status=400)
 
 
+def _opaque(tag: str) -> str:
+    """An entity tag without its weakness prefix: If-None-Match compares weakly (RFC 9110, 13.1.2)."""
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
+
+
 def _decision_response(request: web.Request, d: Decision) -> web.Response:
     interval = request.app[ENGINE].settings.monitoring_interval
     headers = {"ETag": d.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
     inm = request.headers.get("If-None-Match")
-    if inm is not None and (inm.strip() == "*" or d.etag in [t.strip() for t in inm.split(",")]):
+    if inm is not None and (inm.strip() == "*" or _opaque(d.etag) in [_opaque(t) for t in inm.split(",")]):
         return web.Response(status=304, headers=headers)
     return _json(d.to_dict(), headers=headers)
 
@@ -61,12 +67,17 @@ async def batch_size(request: web.Request) -> web.Response:
 async def reports(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
-    raw = await request.content.read(MAX_REPORT_BYTES + 1)
+    raw = b""
+    while len(raw) <= MAX_REPORT_BYTES:  # a body may arrive in pieces: read to its end or past the limit
+        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > MAX_REPORT_BYTES:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return _json({"error": f"body: not valid JSON ({exc})", "field": "body"}, status=400)
     try:
         r = parse_report(body)

@@ -10,7 +10,7 @@ from optimizer.gpu.types import GpuSample
 from optimizer.policy.types import Event
 
 MAX_REPORT_BYTES = 64 * 1024
-SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # used with fullmatch
 SERVICE_RULE = "1-128 characters: letters, digits and . _ : / - (starting with a letter or digit)"
 MAX_BYTES_FIELD = 1 << 50  # 1 PiB: anything above is a client bug, not a GPU
 
@@ -31,7 +31,7 @@ class InvalidInput(ValueError):
 def parse_service(value: Any, name: str = "service", kind: str = "parameter") -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInput(name, f"is required ({SERVICE_RULE})", kind=kind)
-    if not SERVICE_RE.match(value):
+    if not SERVICE_RE.fullmatch(value):
         raise InvalidInput(name, f"must be {SERVICE_RULE}, got {value[:64]!r}", kind=kind)
     return value
 
@@ -47,7 +47,7 @@ def parse_gpu(value: Any, name: str = "gpu", kind: str = "parameter") -> int | s
             raise InvalidInput(name, f"must be a GPU index in [0, 1023], got {value}", kind=kind)
         return value
     if isinstance(value, str):
-        if value.isdigit() and len(value) <= 4:
+        if re.fullmatch(r"[0-9]{1,4}", value):
             return parse_gpu(int(value), name, kind)
         if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}", value):
             return value
@@ -109,7 +109,7 @@ def parse_report(body: Any) -> ReportIn:
 def parse_limit(value: str | None, default: int, hi: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= hi:
+    if not re.fullmatch(r"[0-9]{1,9}", value) or not 1 <= int(value) <= hi:
         raise InvalidInput("limit", f"must be an integer in [1, {hi}], got {value[:32]!r}")
     return int(value)
 
