@@ -110,6 +110,21 @@ def test_oom_threshold_raises_an_emergency_cleanup_and_cuts_at_once() -> None:
     assert h.engine.state.gpus[0].cleanup_epoch == 2
 
 
+def test_sustained_oom_pressure_raises_one_emergency_cleanup_at_a_time() -> None:
+    s = Settings()
+    h = Harness(s)
+    h.engine.poll("vlm", 0, 0.0)
+    raised: list[float] = []
+    for _ in range(12):  # nothing can be cut any more, yet the GPU stays at 96 %
+        events = h.tick(gpu(77.0))
+        raised += [e.timestamp for e in events if e.kind == "cleanup_raised"]
+    assert h.batch() == s.min_batch_size
+    # raised, resolved as failed on the 3rd sample after, raised again then: every 3rd sample, not every one
+    assert len(raised) == 4
+    assert all(b - a == 3 * s.monitoring_interval for a, b in zip(raised, raised[1:]))
+    assert h.engine.counters[0].failures["oom"] == 3
+
+
 def test_fragmentation_drift_scenario_cleans_up_and_recovers_memory() -> None:
     scenario = load_scenario(ROOT / "examples/scenarios/fragmentation-drift.yaml")
     result = simulate(scenario, Settings())

@@ -245,9 +245,12 @@ def _step_gpu(
     cleaned = False
 
     if ready and pressure is Pressure.OOM:
-        gs = _raise_cleanup(gs, "oom", now, events)
+        # One emergency cleanup at a time: the next only after this one resolved (3 samples at most),
+        # so sustained pressure with nothing left to cut does not raise the epoch on every sample.
+        if not any(p.trigger == "oom" for p in gs.pending):
+            gs = _raise_cleanup(gs, "oom", now, events)
+            gs = _start(gs, Pending("oom", "usage", s.memory_threshold_oom, now, used, True), events)
         cleaned = True
-        gs = _start(gs, Pending("oom", "usage", s.memory_threshold_oom, now, used, True), events)
         out = [_reduce(x, g, now, s, events, "oom", emergency=True) for x in services]
     elif ready and pressure is Pressure.CRITICAL:
         gs = _start(gs, Pending("critical", "usage", s.memory_threshold_critical, now, used, False), events)
