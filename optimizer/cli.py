@@ -1,4 +1,6 @@
-"""The ``vlm-gpu-optimizer`` command: ``serve`` and ``simulate``."""
+"""The ``vlm-gpu-optimizer`` command: ``serve``, ``simulate``, and the management commands
+(``status``, ``monitor``, ``optimize``, ``set-batch-size``, ... in :mod:`optimizer.manage`), which
+steer a running service through its admin API."""
 
 from __future__ import annotations
 
@@ -8,12 +10,12 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
-from optimizer import __version__
+from optimizer import __version__, manage
 from optimizer.config import BackendName, Config, ConfigError, Strategy, load_config
 from optimizer.logs import configure_logging
 from optimizer.simulation.run import MEASURES, SimulationResult, simulate, with_scenario_profiles
@@ -57,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["auto", "json", "console"],
                        help="log format (default: auto: console on a terminal, else JSON)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+    serve.add_argument("--admin-host", help="address of the admin API (default: 0.0.0.0 with a token, "
+                                            "127.0.0.1 without one)")
+    serve.add_argument("--admin-port", type=int, help="port of the admin API (default: 8081)")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="file holding the admin bearer token (or set VLM_OPTIMIZER_ADMIN_TOKEN); without a "
+                            "token the admin API listens on loopback only")
+    serve.add_argument("--state-path", metavar="FILE",
+                       help="durable state (overrides, runtime settings, what the policy learned); "
+                            "default: none, nothing survives a restart")
     _policy_flags(serve)
 
     sim = sub.add_parser("simulate", help="replay a scenario in virtual time and print per-service measures",
@@ -70,7 +81,121 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--interval", dest="monitoring_interval", type=float, metavar="SECONDS",
                      help="the services' polling and the optimizer's sampling interval "
                           "(the same as --monitoring-interval)")
+    _admin_commands(sub)
     return parser
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
+    if not f > 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value!r}")
+    return f
+
+
+def _admin_parent() -> argparse.ArgumentParser:
+    """The connection options every management command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("admin API connection")
+    g.add_argument("--url", metavar="URL",
+                   help=f"base URL of the service's admin API (default: ${manage.URL_ENV}, else "
+                        f"{manage.DEFAULT_URL})")
+    g.add_argument("--token", metavar="TOKEN",
+                   help=f"admin bearer token (default: ${manage.TOKEN_ENV}; prefer --token-file: a token on "
+                        "the command line is visible to other users of the host)")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="file holding the admin bearer token (instead of --token)")
+    g.add_argument("--timeout", type=_positive_seconds, default=manage.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long to wait for each answer (default: {manage.DEFAULT_TIMEOUT_S:g})")
+    return p
+
+
+def _admin_commands(sub: Any) -> None:
+    """The seed's management commands (manage_vlm_gpu_memory.py), over the admin API (optimizer.manage)."""
+    parent = [_admin_parent()]
+    epilog = manage.EXIT_CODES_HELP
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                                                    parents=parent)
+        return p
+
+    p = add("status", "show every GPU and service of a running optimizer",
+            "Show a running optimizer's GPUs (memory used/total and %, pressure, temperature, utilisation, "
+            "cleanup epoch) and services (batch size in force, optimum, reason). GET /admin/status.")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+
+    p = add("monitor", "watch GPUs and services, polling the status",
+            "Poll /admin/status every --interval seconds for --duration seconds. On a terminal the view is "
+            "redrawn in place; otherwise one timestamped line per GPU per poll (for logs and pipes).")
+    p.add_argument("--duration", type=_positive_seconds, default=300.0, metavar="SECONDS",
+                   help="how long to watch (default: 300)")
+    p.add_argument("--interval", type=_positive_seconds, default=5.0, metavar="SECONDS",
+                   help="time between polls (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON status object per poll, one per line")
+
+    p = add("optimize", "run the batch-size optimization now",
+            "Run the periodic optimization on every GPU now and print the batch sizes it changed. "
+            "POST /admin/optimize.")
+    p.add_argument("--json", action="store_true", help="print the service's answer as JSON")
+
+    p = add("set-batch-size", "fix a service's batch size by hand (or --clear it)",
+            "Fix the batch size published to a service (a manual override, kept within the memory safety "
+            "bound; cleared by critical memory pressure or an OOM), or hand it back to the policy with "
+            "--clear. PUT / DELETE /admin/batch-size.")
+    p.add_argument("batch_size", nargs="?", type=int, metavar="N", help="the batch size to publish (1-4096)")
+    p.add_argument("--clear", action="store_true", help="drop the manual batch size; the policy decides again")
+    p.add_argument("--service", default=manage.DEFAULT_SERVICE, metavar="NAME",
+                   help=f"the service (default: {manage.DEFAULT_SERVICE})")
+    p.add_argument("--gpu", metavar="INDEX|UUID",
+                   help="the GPU, by index or UUID (default: the GPU the service is known on, else the first)")
+    p.add_argument("--ttl", type=_positive_seconds, metavar="SECONDS",
+                   help="expire the manual batch size after this long (default: until --clear)")
+
+    add("enable", "enable batch-size optimization",
+        "Let the policy adjust batch sizes again. POST /admin/enable.")
+    add("disable", "disable batch-size optimization",
+        "Stop adjusting batch sizes: services get the default batch size. POST /admin/disable.")
+    add("start-monitoring", "resume GPU sampling",
+        "Resume sampling the GPUs. POST /admin/monitoring/start.")
+    add("stop-monitoring", "pause GPU sampling",
+        "Pause sampling the GPUs (the last decisions stay published; /health says paused). "
+        "POST /admin/monitoring/stop.")
+
+    p = add("configure", "change settings of a running optimizer",
+            "Change the given settings at runtime, validated like the config file and all-or-nothing: a bad "
+            "value changes nothing and its setting is named. Settings not given keep their values. "
+            "PATCH /admin/config.")
+    g = p.add_argument_group("settings (at least one)")
+    g.add_argument("--strategy", choices=[s.value for s in Strategy], help="batch-size strategy")
+    for flag, key, typ, metavar in (
+            ("--warning-threshold", "memory_threshold_warning", float, "FRACTION"),
+            ("--critical-threshold", "memory_threshold_critical", float, "FRACTION"),
+            ("--oom-threshold", "memory_threshold_oom", float, "FRACTION"),
+            ("--max-batch-size", "max_batch_size", int, "N"),
+            ("--min-batch-size", "min_batch_size", int, "N"),
+            ("--monitoring-interval", "monitoring_interval", float, "SECONDS"),
+            ("--optimization-interval", "optimization_interval", float, "SECONDS"),
+            ("--cleanup-interval", "cleanup_interval", float, "SECONDS"),
+            ("--temperature-threshold", "temperature_threshold", float, "CELSIUS"),
+            ("--gc-threshold", "gc_threshold", float, "FRACTION"),
+            ("--fragmentation-threshold", "fragmentation_threshold", float, "FRACTION"),
+            ("--memory-reserve-mb", "memory_reserve_mb", int, "MIB"),
+            ("--target-memory-utilization", "target_memory_utilization", float, "FRACTION")):
+        g.add_argument(flag, type=typ, metavar=metavar, help=f"sets {key}")
+
+    p = add("export-config", "save the running configuration to a file",
+            "Write the running configuration ({format, version, settings}) as JSON, or as YAML when the "
+            "file ends in .yaml or .yml. GET /admin/config/export.")
+    p.add_argument("--output", "-o", metavar="FILE", help="where to write it (default or '-': stdout, as JSON)")
+
+    p = add("import-config", "replace the running configuration with a file's",
+            "Replace the whole running configuration with a file's (settings left out take their defaults), "
+            "all-or-nothing: an invalid file changes nothing. Takes export-config's format or a plain mapping "
+            "of settings, as JSON or YAML. POST /admin/config/import.")
+    p.add_argument("file", metavar="FILE", help="JSON (.json) or YAML file; '-' reads stdin")
 
 
 def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +208,8 @@ def _load(args: argparse.Namespace, server: dict[str, Any] | None = None) -> Con
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    server_flags = {k: getattr(args, k) for k in ("backend", "scenario", "host", "port", "log_format", "log_level")
+    server_flags = {k: getattr(args, k) for k in ("backend", "scenario", "host", "port", "log_format", "log_level",
+                                                  "admin_host", "admin_port", "admin_token_file", "state_path")
                     if getattr(args, k) is not None}
     try:
         cfg = _load(args, server_flags)
@@ -91,14 +217,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"vlm-gpu-optimizer: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(cfg.server.log_format, cfg.server.log_level)
-    from aiohttp import web
+    try:
+        token = _admin_token(cfg.server.admin_token_file)
+    except ConfigError as exc:
+        print(f"vlm-gpu-optimizer: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     from optimizer.api import build_app
+    from optimizer.api.admin import build_admin_app
     from optimizer.engine import Engine
     from optimizer.gpu.factory import make_hardware_backend
     from optimizer.gpu.simulated import SimulatedBackend
     from optimizer.gpu.types import BackendError, GpuBackend
+    from optimizer.persistence import Persister, StateFile
     from optimizer.sampler import Sampler
+    from optimizer.server import serve_until_signalled
     from optimizer.simulation.link import EngineLink
 
     settings = cfg.settings
@@ -127,12 +260,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_BACKEND
         engine = Engine(settings)
         engine.has_gpus = backend.name != "none"
+    persister = None
+    if cfg.server.state_path is not None:
+        persister = Persister(engine, StateFile(cfg.server.state_path))
+        persister.load(time.time())
     sampler = Sampler(backend, engine)
-    app = build_app(engine, sampler)
+    app = build_app(engine, sampler, persister=persister)
+    admin = build_admin_app(app, token)
+    admin_host = cfg.server.admin_host
+    if token is None:
+        admin_host = "127.0.0.1"
+        log.warning("admin_api_loopback_only", reason="no admin token configured (--admin-token-file or "
+                    "VLM_OPTIMIZER_ADMIN_TOKEN)", admin_port=cfg.server.admin_port)
     log.info("serving", host=cfg.server.host, port=cfg.server.port, backend=backend.name,
-             strategy=settings.strategy.value, monitoring_interval_s=settings.monitoring_interval)
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, print=None, access_log=None)
+             strategy=engine.settings.strategy.value, monitoring_interval_s=engine.settings.monitoring_interval,
+             admin_port=cfg.server.admin_port, state_path=cfg.server.state_path)
+    asyncio.run(serve_until_signalled(app, cfg.server.host, cfg.server.port, admin, admin_host,
+                                      cfg.server.admin_port))
     return 0
+
+
+def _admin_token(path: str | None) -> bytes | None:
+    """The admin bearer token: from the file, else ``VLM_OPTIMIZER_ADMIN_TOKEN``; ``None`` when neither is set."""
+    import os
+
+    if path is not None:
+        try:
+            text = open(path, encoding="utf-8").read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("server.admin_token_file", f"cannot read {path}: {exc}") from exc
+        if not text:
+            raise ConfigError("server.admin_token_file", f"{path} is empty")
+        return text.encode()
+    value = os.environ.get("VLM_OPTIMIZER_ADMIN_TOKEN", "").strip()
+    return value.encode() if value else None
 
 
 def _table(result: SimulationResult) -> str:
@@ -168,8 +329,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = time.sleep) -> int:
+    """The entry point. ``sleep`` is what ``monitor`` waits with between polls (tests pass a fake)."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
-    return cmd_simulate(args)
+    if args.command == "simulate":
+        return cmd_simulate(args)
+    return manage.run(args, sleep=sleep)

@@ -118,6 +118,10 @@ class ServerSettings:
     scenario: str | None = None
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+    admin_host: str = "0.0.0.0"  # the admin API's address; forced to 127.0.0.1 when no token is configured
+    admin_port: int = 8081
+    admin_token_file: str | None = None  # a file holding the bearer token (else VLM_OPTIMIZER_ADMIN_TOKEN)
+    state_path: str | None = None  # where durable state is kept (None: nothing survives a restart)
 
 
 @dataclass(frozen=True)
@@ -256,12 +260,16 @@ def _coerce_setting(key: str, value: Any) -> Any:
 
 
 def _coerce_server(key: str, value: Any) -> Any:
-    if key == "host":
+    if key in ("host", "admin_host"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"server.{key}", "must be a non-empty string")
         return value
-    if key == "port":
+    if key in ("port", "admin_port"):
         return _as_int(f"server.{key}", value, 0, 65535)
+    if key in ("admin_token_file", "state_path"):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"server.{key}", "must be a file path")
+        return value
     if key == "backend":
         return _as_enum(f"server.{key}", value, BackendName)
     if key == "scenario":

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from optimizer.config import Settings
+from optimizer.config import Settings, apply_settings, settings_to_dict
 from optimizer.gpu.types import GpuSample
 from optimizer.policy import core as policy
 from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
@@ -103,6 +103,8 @@ class Engine:
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self.counters: dict[int, GpuCounters] = defaultdict(GpuCounters)
         self.has_gpus = True  # False on backend "none"
+        self.runtime: dict[str, Any] = {}  # settings changed at runtime (admin API), by key; persisted
+        self.revision = 0  # rises on every change of state; the persister saves when it moved
 
     # ------------------------------------------------------------------ inputs
 
@@ -123,6 +125,62 @@ class Engine:
         self._account(outcome.events)
         return outcome.events
 
+    # ------------------------------------------------------------------ operator actions (admin API)
+
+    def optimize_now(self) -> tuple[Event, ...]:
+        """Run the periodic optimization on every GPU now, from the latest snapshot (none before the first)."""
+        if self.snapshot is None:
+            return ()
+        outcome = policy.optimize_now(self.snapshot, self.state, self.settings)
+        self.state = outcome.state
+        self._account(outcome.events)
+        return outcome.events
+
+    def set_override(self, service: str, gpu: int | str | None, batch: int, ttl_s: float | None,
+                     now: float) -> Decision:
+        """Fix a service's batch size (for ``ttl_s`` seconds, or until cleared). Raises :class:`UnknownGpu`."""
+        index = self.resolve_gpu(service, gpu)
+        if index is None:
+            raise UnknownGpu(gpu if gpu is not None else "any", [])
+        until = None if ttl_s is None else now + ttl_s
+        outcome = policy.set_override(self.state, service, index, batch, until, now, self.settings,
+                                      self.gpu_sample(index))
+        self.state = outcome.state
+        self._account(outcome.events)
+        return self.decision_of(self.state.services[(index, service)])
+
+    def clear_override(self, service: str, gpu: int | str | None, now: float) -> Decision | None:
+        """Drop a service's override; ``None`` if the service is not known there."""
+        index = self.resolve_gpu(service, gpu)
+        if index is None or (index, service) not in self.state.services:
+            return None
+        outcome = policy.clear_override(self.state, service, index, now)
+        self.state = outcome.state
+        self._account(outcome.events)
+        return self.decision_of(self.state.services[(index, service)])
+
+    def update_settings(self, updates: dict[str, Any], now: float | None = None) -> dict[str, tuple[Any, Any]]:
+        """Apply a partial settings change, all-or-nothing (raises :class:`ConfigError`). Returns {key: (old, new)}.
+
+        Turning optimization off publishes the default batches at once; turning it on optimizes at once
+        (where the samples allow).
+        """
+        new = apply_settings(self.settings, updates)
+        before, after = settings_to_dict(self.settings), settings_to_dict(new)
+        changed = {k: (before[k], after[k]) for k in updates if before[k] != after[k]}
+        self.settings = new
+        self.runtime.update({k: after[k] for k in updates})
+        self.revision += 1
+        if "enabled" in changed:
+            if new.enabled:
+                self.optimize_now()
+            else:
+                at = now if now is not None else (self.snapshot.timestamp if self.snapshot else 0.0)
+                outcome = policy.apply_disabled(self.state, new, at)
+                self.state = outcome.state
+                self._account(outcome.events)
+        return changed
+
     def poll(self, service: str, gpu: int | str | None, now: float) -> Decision:
         """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`."""
         index = self.resolve_gpu(service, gpu)
@@ -142,7 +200,7 @@ class Engine:
                                peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
                                reserved_bytes=reserved_bytes, oom=oom)
         outcome = policy.apply_report(self.state, report, self.settings, self.gpu_sample(index))
-        self.state = outcome.state
+        self.state = outcome.state  # (_account below bumps the revision)
         if oom:
             log.warning("oom_reported", service=service, gpu=index, batch_size=batch_size)
         self._account(outcome.events)
@@ -219,6 +277,7 @@ class Engine:
     # ------------------------------------------------------------------ accounting
 
     def _account(self, events: tuple[Event, ...]) -> None:
+        self.revision += 1
         for e in events:
             self.events.append(e)
             c = self.counters[e.gpu]

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from optimizer.api.keys import ENGINE, REGISTRY, SAMPLER
+from optimizer.api.keys import ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.routes import routes
 from optimizer.api.schemas import MAX_REPORT_BYTES
 from optimizer.engine import Engine
 from optimizer.metrics import build_registry
+from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
 
 log = structlog.get_logger(__name__)
@@ -38,13 +39,33 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return web.json_response({"error": "internal error"}, status=500)
 
 
-def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True) -> web.Application:
-    """The read API. With ``run_sampler`` the sampling loop starts and stops with the application."""
+def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
+              persister: Persister | None = None) -> web.Application:
+    """The read API. With ``run_sampler`` the sampling loop starts and stops with the application;
+    with a ``persister`` the state is saved every optimization interval when it changed, and at exit.
+    """
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
     app[ENGINE] = engine
     app[SAMPLER] = sampler
     app[REGISTRY] = build_registry(engine, sampler)
+    app[PERSISTER] = persister
     app.add_routes(routes)
+
+    async def persisting(app: web.Application) -> AsyncIterator[None]:
+        assert persister is not None
+
+        async def loop() -> None:
+            while True:
+                await sampler.sleep(max(1.0, engine.settings.optimization_interval))
+                persister.save()
+
+        task = asyncio.create_task(loop(), name="persister")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        persister.save()
+        log.info("state_saved_at_exit", path=str(persister.file.path))
 
     async def sampling(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(sampler.run(), name="sampler")
@@ -57,4 +78,6 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True) -> 
 
     if run_sampler:
         app.cleanup_ctx.append(sampling)
+    if persister is not None:
+        app.cleanup_ctx.append(persisting)
     return app

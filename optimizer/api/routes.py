@@ -20,8 +20,9 @@ from optimizer.api.schemas import (
     sample_dict,
 )
 from optimizer.config import settings_to_dict
-from optimizer.engine import Decision, UnknownGpu
+from optimizer.engine import Decision, Engine, UnknownGpu
 from optimizer.metrics import render
+from optimizer.sampler import Sampler
 
 routes = web.RouteTableDef()
 
@@ -91,9 +92,8 @@ async def reports(request: web.Request) -> web.Response:
     return _decision_response(request, d)
 
 
-@routes.get("/status")
-async def status(request: web.Request) -> web.Response:
-    engine, sampler = request.app[ENGINE], request.app[SAMPLER]
+def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
+    """Everything known, in one document (``GET /status`` and ``GET /admin/status``)."""
     gpus = []
     for g in engine.snapshot.gpus if engine.snapshot else ():
         item = sample_dict(g)
@@ -102,7 +102,7 @@ async def status(request: web.Request) -> web.Response:
             item.update(pressure=gs.pressure.value, cleanup_epoch=gs.cleanup_epoch, hot=gs.hot,
                         fragmentation_percent=None if gs.fragmentation is None else round(gs.fragmentation * 100, 2))
         gpus.append(item)
-    return _json({
+    return {
         "backend": sampler.backend.name,
         "ready": sampler.ready,
         "healthy": sampler.healthy(sampler.clock()),
@@ -113,7 +113,12 @@ async def status(request: web.Request) -> web.Response:
         "settings": settings_to_dict(engine.settings),
         "gpus": gpus,
         "services": [d.to_dict() for d in engine.decisions()],
-    })
+    }
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    return _json(status_body(request.app[ENGINE], request.app[SAMPLER]))
 
 
 @routes.get("/history")

@@ -1,6 +1,15 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
-from optimizer.policy.core import apply_report, decide, initial_batch, touch
+from optimizer.policy.core import (
+    apply_disabled,
+    apply_report,
+    clear_override,
+    decide,
+    initial_batch,
+    optimize_now,
+    set_override,
+    touch,
+)
 from optimizer.policy.types import (
     Event,
     GpuState,
@@ -21,8 +30,12 @@ __all__ = [
     "ServiceReport",
     "ServiceState",
     "Snapshot",
+    "apply_disabled",
     "apply_report",
+    "clear_override",
     "decide",
     "initial_batch",
+    "optimize_now",
+    "set_override",
     "touch",
 ]

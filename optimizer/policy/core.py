@@ -230,13 +230,9 @@ def _step_gpu(
     if gs.optimized_at is None:
         gs = dataclasses.replace(gs, optimized_at=now)
 
+    services = [_expire_override(x, now, events) for x in services]
     if not s.enabled:
-        out = []
-        for svc in services:
-            d = s.default_batch(s.profile(svc.service))
-            out.append(_publish(svc, d, svc.optimal, "optimization disabled: configured default batch", now, events,
-                                "disabled"))
-        return gs, out
+        return gs, [_disabled(x, s, now, events) for x in services]
 
     g = _Gpu(total=total, used=used, peak=max(window) if window else used,
              weights={x.service: s.profile(x.service).weight for x in services})
@@ -313,6 +309,7 @@ def _reduce(svc: ServiceState, g: _Gpu, now: float, s: Settings, events: list[Ev
     usage = g.used / g.total
     level = "oom" if emergency else "critical"
     reason = f"memory {usage:.0%} at or above the {level} threshold: batch lowered"
+    svc = _drop_override(svc, now, events, f"memory at the {level} threshold")
     return _publish(svc, batch, optimal, reason, now, events, trigger)
 
 
@@ -332,13 +329,16 @@ def _optimize(svc: ServiceState, g: _Gpu, gs: GpuState, now: float, s: Settings,
     optimal = _clamp(hold_optimum(svc.optimal, x), lo, hi)
     want = apply_strategy(s.strategy, optimal)
     why = f"{s.strategy.value}: {optimal} items fit {s.target_memory_utilization:.0%} of {_gib(g.total)}"
+    manual = svc.override_active(now)
+    if manual is not None:
+        want, why = manual, f"manual override by an operator (the policy's optimum is {optimal})"
     caps: list[tuple[int, str]] = [(math.floor(safe), "safety bound")]
     ceiling = _ceiling(svc, now)
     if ceiling is not None:
         caps.append((ceiling - 1, f"OOM seen at batch {ceiling}"))
     if gs.hot:
         caps.append((svc.batch_size, "GPU hot: not growing"))
-    if s.strategy is Strategy.ADAPTIVE:
+    if s.strategy is Strategy.ADAPTIVE and manual is None:
         if gs.pressure.level >= Pressure.WARNING.level:
             caps.append((svc.batch_size, "memory pressure: not growing"))
         util = sample.utilization_percent
@@ -349,6 +349,118 @@ def _optimize(svc: ServiceState, g: _Gpu, gs: GpuState, now: float, s: Settings,
             want, why = cap, f"{why}; capped by {label}"
     batch = _clamp(want, lo, hi)
     return _publish(svc, batch, optimal, why, now, events, "optimization")
+
+
+# --------------------------------------------------------------------------- disabled
+
+
+def _disabled(svc: ServiceState, s: Settings, now: float, events: list[Event]) -> ServiceState:
+    """With optimization disabled: the operator's override if any, else the configured default batch."""
+    manual = svc.override_active(now)
+    if manual is not None:
+        return _publish(svc, manual, svc.optimal, "manual override by an operator (optimization disabled)", now,
+                        events, "manual")
+    d = s.default_batch(s.profile(svc.service))
+    return _publish(svc, d, svc.optimal, "optimization disabled: configured default batch", now, events, "disabled")
+
+
+def apply_disabled(state: PolicyState, settings: Settings, now: float) -> Outcome:
+    """Publish the disabled decisions now (when an operator disables optimization), not at the next sample."""
+    events: list[Event] = []
+    services = {k: _disabled(v, settings, now, events) for k, v in state.services.items()}
+    return Outcome(PolicyState(state.gpus, MappingProxyType(services)), tuple(events))
+
+
+# --------------------------------------------------------------------------- manual overrides
+
+
+def _drop_override(svc: ServiceState, now: float, events: list[Event], why: str) -> ServiceState:
+    if svc.override is None:
+        return svc
+    events.append(Event("override_cleared", svc.gpu, now, service=svc.service, old=svc.override, detail=why))
+    return dataclasses.replace(svc, override=None, override_until=None)
+
+
+def _expire_override(svc: ServiceState, now: float, events: list[Event]) -> ServiceState:
+    if svc.override is not None and svc.override_active(now) is None:
+        return _drop_override(svc, now, events, "expired")
+    return svc
+
+
+def set_override(state: PolicyState, service: str, gpu_index: int, batch: int, until: float | None, now: float,
+                 settings: Settings, gpu: GpuSample | None) -> Outcome:
+    """An operator fixes ``service``'s batch (until ``until``, or until cleared).
+
+    Published at once, but never above the safety bound of the latest sample (except the minimum);
+    memory at critical or above, or an OOM report, clears it: safety comes first.
+    """
+    state, svc = touch(state, service, gpu_index, now, settings, gpu)
+    lo, hi = settings.batch_limits(settings.profile(service))
+    events: list[Event] = [Event("override_set", gpu_index, now, service=service, old=svc.override, new=batch)]
+    published, why = batch, "manual override by an operator"
+    if not lo <= batch <= hi:
+        batch = published = max(lo, min(hi, batch))
+        why = f"manual override held at {published}, within the service's batch limits [{lo}, {hi}]"
+    svc = dataclasses.replace(svc, override=batch, override_until=until)
+    if gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None:
+        others = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service]
+        weights = {v.service: settings.profile(v.service).weight for v in others + [svc]}
+        g = _Gpu(total=gpu.memory_total_bytes, used=gpu.memory_used_bytes, peak=gpu.memory_used_bytes,
+                 weights=weights)
+        _, safe, _ = _optimum(svc, g, g.used, now, settings)
+        if batch > max(lo, math.floor(safe)):
+            published = max(lo, math.floor(safe))
+            why = f"manual override {batch}, held at {published} by the safety bound"
+    svc = _publish(svc, published, svc.optimal, why, now, events, "manual")
+    return Outcome(_with_service(state, svc), tuple(events))
+
+
+def clear_override(state: PolicyState, service: str, gpu_index: int, now: float) -> Outcome:
+    """Drop an operator's override; the policy takes over at its next decision."""
+    svc = state.services.get((gpu_index, service))
+    if svc is None or svc.override is None:
+        return Outcome(state, ())
+    events: list[Event] = []
+    svc = _drop_override(svc, now, events, "cleared by an operator")
+    svc = dataclasses.replace(svc, reason="manual override cleared: the policy decides at its next optimization",
+                              updated_at=now)
+    return Outcome(_with_service(state, svc), tuple(events))
+
+
+def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> Outcome:
+    """Run the periodic optimization on every GPU now (an operator's request), from the latest snapshot.
+
+    Unlike :func:`decide` it does not take the snapshot as a new sample: no window, pending or
+    pressure changes; only the optimization and its clock. A GPU whose last batch change is not
+    in its samples yet is skipped (its headroom is not known until then).
+    """
+    s = settings
+    now = snapshot.timestamp
+    events: list[Event] = []
+    gpus = dict(state.gpus)
+    services = dict(state.services)
+    if not s.enabled:
+        return Outcome(state, ())
+    for sample in snapshot.gpus:
+        gs = gpus.get(sample.index)
+        if gs is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
+            continue
+        if not gs.window or now < gs.adopt_after:
+            # The last change is not in the samples yet: optimizing again now would count the same
+            # headroom twice. As on the periodic path, wait for samples taken after adoption.
+            continue
+        mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
+        mine = [_expire_override(x, now, events) for x in mine]
+        g = _Gpu(total=sample.memory_total_bytes, used=sample.memory_used_bytes, peak=max(gs.window),
+                 weights={x.service: s.profile(x.service).weight for x in mine})
+        out = [_optimize(x, g, gs, now, s, events, sample) for x in mine]
+        gs = dataclasses.replace(gs, optimized_at=now)
+        if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
+            gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
+        gpus[sample.index] = gs
+        for svc in out:
+            services[(svc.gpu, svc.service)] = svc
+    return Outcome(PolicyState(MappingProxyType(gpus), MappingProxyType(services)), tuple(events))
 
 
 # --------------------------------------------------------------------------- entry points
@@ -452,6 +564,7 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
         svc = dataclasses.replace(svc, last_oom_at=now, strikes=strikes,
                                   ceiling=failed if active is None else min(active, failed),
                                   ceiling_until=now + bar)
+        svc = _drop_override(svc, now, events, f"OOM reported at batch {failed}")
         if s.enabled:
             lo, hi = s.batch_limits(s.profile(svc.service))
             batch = max(lo, min(svc.batch_size, failed - 1, math.floor(failed * OOM_BACKOFF)))

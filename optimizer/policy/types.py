@@ -105,6 +105,13 @@ class ServiceState:
     strikes: int = 0
     last_oom_at: float | None = None
     peaks: tuple[tuple[int, int], ...] = ()  # (batch size, highest peak bytes reported at it)
+    override: int | None = None  # an operator's manual batch size
+    override_until: float | None = None  # when it expires (None: until cleared)
+
+    def override_active(self, now: float) -> int | None:
+        if self.override is None or (self.override_until is not None and now >= self.override_until):
+            return None
+        return self.override
 
 
 def _frozen(d: Mapping[object, object] | None = None) -> Mapping[object, object]:
@@ -139,6 +146,8 @@ EVENT_KINDS = (
     "optimization_succeeded",
     "optimization_failed",
     "pressure_changed",
+    "override_set",
+    "override_cleared",
 )
 
 

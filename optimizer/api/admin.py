@@ -1,0 +1,245 @@
+"""The admin API (its own port, default 8081): steer a running optimizer.
+
+Every request needs ``Authorization: Bearer <token>`` when a token is configured (compared in
+constant time; 401 and nothing changes otherwise). Without a token the server binds this API to
+loopback only. Every change is logged as an ``admin_audit`` event: who (client address), what,
+old and new values. Changes are saved to the state file at once when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from optimizer.api.app import Handler, errors_as_json
+from optimizer.api.keys import ADMIN_TOKEN, ENGINE, PERSISTER, SAMPLER
+from optimizer.api.routes import status_body
+from optimizer.api.schemas import MAX_REPORT_BYTES, InvalidInput, event_dict, parse_gpu, parse_limit, parse_service
+from optimizer.config import SETTING_KEYS, ConfigError, Settings, apply_settings, settings_to_dict
+from optimizer.engine import UnknownGpu
+
+log = structlog.get_logger(__name__)
+
+admin_routes = web.RouteTableDef()
+EXPORT_FORMAT = "vlm-gpu-optimizer-config"
+MAX_TTL_S = 7 * 86400
+HISTORY_KINDS = ("batch_changed", "cleanup_raised", "optimization_started", "optimization_succeeded",
+                 "optimization_failed", "override_set", "override_cleared")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def _bad(exc: InvalidInput | ConfigError) -> web.Response:
+    if isinstance(exc, ConfigError):
+        return _json({"error": str(exc), "field": exc.key}, status=400)
+    return _json(exc.body(), status=400)
+
+
+def _audit(request: web.Request, action: str, **fields: Any) -> None:
+    log.info("admin_audit", client=request.remote, action=action, **fields)
+    persister = request.app[PERSISTER]
+    if persister is not None:
+        persister.save(force=True)
+
+
+async def _body(request: web.Request) -> Any:
+    raw = b""
+    while len(raw) <= MAX_REPORT_BYTES:
+        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    if len(raw) > MAX_REPORT_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_REPORT_BYTES, actual_size=len(raw))
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInput("body", f"not valid JSON ({exc})", kind="field") from None
+
+
+@web.middleware
+async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[ADMIN_TOKEN]
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            log.warning("admin_unauthorized", client=request.remote, method=request.method, path=request.path)
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="vlm-gpu-optimizer admin"'})
+    return await handler(request)
+
+
+@admin_routes.get("/admin/status")
+async def status(request: web.Request) -> web.Response:
+    return _json(status_body(request.app[ENGINE], request.app[SAMPLER]))
+
+
+@admin_routes.get("/admin/history")
+async def history(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        limit = parse_limit(request.query.get("limit"), default=100, hi=10_000)
+    except InvalidInput as exc:
+        return _bad(exc)
+    events = [e for e in engine.events if e.kind in HISTORY_KINDS]
+    return _json({"events": [event_dict(e) for e in events[-limit:]]})
+
+
+@admin_routes.post("/admin/optimize")
+async def optimize(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    events = engine.optimize_now()
+    _audit(request, "optimize", changes=[event_dict(e) for e in events if e.kind == "batch_changed"])
+    return _json({"events": [event_dict(e) for e in events], "services": [d.to_dict() for d in engine.decisions()]})
+
+
+@admin_routes.put("/admin/batch-size")
+async def set_batch_size(request: web.Request) -> web.Response:
+    engine, sampler = request.app[ENGINE], request.app[SAMPLER]
+    try:
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise InvalidInput("body", "must be a JSON object", kind="field")
+        unknown = sorted(set(body) - {"service", "gpu", "batch_size", "ttl_s"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field; allowed: service, gpu, batch_size, ttl_s", kind="field")
+        service = parse_service(body.get("service"), kind="field")
+        gpu = parse_gpu(body.get("gpu"), kind="field")
+        batch = body.get("batch_size")
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+            raise InvalidInput("batch_size", f"must be an integer in [1, 4096], got {batch!r}", kind="field")
+        ttl = body.get("ttl_s")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or not 0 < ttl <= MAX_TTL_S):
+            raise InvalidInput("ttl_s", f"must be a number of seconds in (0, {MAX_TTL_S}], got {ttl!r}",
+                               kind="field")
+        before = engine.resolve_gpu(service, gpu)
+        old = engine.state.services.get((before, service)) if before is not None else None
+        d = engine.set_override(service, gpu, batch, None if ttl is None else float(ttl), sampler.clock())
+    except InvalidInput as exc:
+        return _bad(exc)
+    except UnknownGpu as exc:
+        return _json({"error": f"gpu: {exc}", "field": "gpu", "available": exc.available}, status=400)
+    _audit(request, "set_batch_size", service=service, gpu=d.gpu_index, ttl_s=ttl,
+           old=None if old is None else old.override, new=batch, published=d.batch_size)
+    return _json(d.to_dict())
+
+
+@admin_routes.delete("/admin/batch-size")
+async def clear_batch_size(request: web.Request) -> web.Response:
+    engine, sampler = request.app[ENGINE], request.app[SAMPLER]
+    try:
+        service = parse_service(request.query.get("service"))
+        gpu = parse_gpu(request.query.get("gpu"))
+        index = engine.resolve_gpu(service, gpu)
+        known = engine.state.services.get((index, service)) if index is not None else None
+        old = known.override if known is not None else None
+        d = engine.clear_override(service, gpu, sampler.clock())
+    except InvalidInput as exc:
+        return _bad(exc)
+    except UnknownGpu as exc:
+        return _json({"error": f"gpu: {exc}", "parameter": "gpu", "available": exc.available}, status=400)
+    if d is None:
+        return _json({"error": f"service: {service!r} is not known on that GPU", "parameter": "service"}, status=404)
+    _audit(request, "clear_batch_size", service=service, gpu=d.gpu_index, old=old, new=None)
+    return _json(d.to_dict())
+
+
+async def _set(request: web.Request, action: str, key: str, value: Any) -> web.Response:
+    engine = request.app[ENGINE]
+    changed = engine.update_settings({key: value}, request.app[SAMPLER].clock())
+    _audit(request, action, key=key, old=changed.get(key, (value, value))[0], new=value)
+    return _json({key: value, "changed": key in changed})
+
+
+@admin_routes.post("/admin/enable")
+async def enable(request: web.Request) -> web.Response:
+    return await _set(request, "enable", "enabled", True)
+
+
+@admin_routes.post("/admin/disable")
+async def disable(request: web.Request) -> web.Response:
+    return await _set(request, "disable", "enabled", False)
+
+
+async def _monitoring(request: web.Request, on: bool) -> web.Response:
+    sampler = request.app[SAMPLER]
+    old = sampler.running
+    sampler.running = on
+    _audit(request, "start_monitoring" if on else "stop_monitoring", old=old, new=on)
+    return _json({"monitoring": on, "changed": old != on})
+
+
+@admin_routes.post("/admin/monitoring/start")
+async def start_monitoring(request: web.Request) -> web.Response:
+    return await _monitoring(request, True)
+
+
+@admin_routes.post("/admin/monitoring/stop")
+async def stop_monitoring(request: web.Request) -> web.Response:
+    return await _monitoring(request, False)
+
+
+@admin_routes.get("/admin/config")
+async def get_config(request: web.Request) -> web.Response:
+    return _json(settings_to_dict(request.app[ENGINE].settings))
+
+
+@admin_routes.patch("/admin/config")
+async def patch_config(request: web.Request) -> web.Response:
+    """A partial update, validated like the config file; all-or-nothing: a bad field changes nothing."""
+    engine = request.app[ENGINE]
+    try:
+        body = await _body(request)
+        if not isinstance(body, dict) or not body:
+            raise InvalidInput("body", "must be a non-empty JSON object of settings", kind="field")
+        changed = engine.update_settings(body, request.app[SAMPLER].clock())
+    except (InvalidInput, ConfigError) as exc:
+        return _bad(exc)
+    _audit(request, "configure", changes={k: {"old": o, "new": n} for k, (o, n) in changed.items()})
+    return _json({"settings": settings_to_dict(engine.settings), "changed": sorted(changed)})
+
+
+@admin_routes.get("/admin/config/export")
+async def export_config(request: web.Request) -> web.Response:
+    return _json({"format": EXPORT_FORMAT, "version": 1, "settings": settings_to_dict(request.app[ENGINE].settings)})
+
+
+@admin_routes.post("/admin/config/import")
+async def import_config(request: web.Request) -> web.Response:
+    """Replace the whole configuration (keys left out take their defaults); all-or-nothing."""
+    engine = request.app[ENGINE]
+    try:
+        body = await _body(request)
+        if isinstance(body, dict) and "settings" in body:
+            if body.get("format", EXPORT_FORMAT) != EXPORT_FORMAT or body.get("version", 1) != 1:
+                raise InvalidInput("format", f"must be {EXPORT_FORMAT!r} version 1", kind="field")
+            body = body["settings"]
+        if not isinstance(body, dict):
+            raise InvalidInput("settings", "must be a JSON object of settings", kind="field")
+        new = apply_settings(Settings(), body)
+    except (InvalidInput, ConfigError) as exc:
+        return _bad(exc)
+    before = settings_to_dict(engine.settings)
+    after = settings_to_dict(new)
+    engine.update_settings({k: after[k] for k in SETTING_KEYS}, request.app[SAMPLER].clock())
+    changes = {k: {"old": before[k], "new": after[k]} for k in SETTING_KEYS if before[k] != after[k]}
+    _audit(request, "import_config", changes=changes)
+    return _json({"settings": after, "changed": sorted(changes)})
+
+
+def build_admin_app(base: web.Application, token: bytes | None) -> web.Application:
+    """The admin API over the same engine, sampler and persister as ``base`` (the read API)."""
+    app = web.Application(middlewares=[errors_as_json, bearer_auth], client_max_size=MAX_REPORT_BYTES)
+    app[ENGINE] = base[ENGINE]
+    app[SAMPLER] = base[SAMPLER]
+    app[PERSISTER] = base[PERSISTER]
+    app[ADMIN_TOKEN] = token
+    app.add_routes(admin_routes)
+    return app

@@ -1,0 +1,178 @@
+"""Durable state: what an operator set and what the policy learned survive a restart.
+
+Saved as one JSON document, written atomically (a temporary file in the same directory, fsync,
+``os.replace``, fsync of the directory), so a kill -9 at any moment leaves the old or the new
+state, never a torn file. A file that cannot be read or parsed never stops the service: it is
+moved aside as ``<path>.corrupt-<UTC timestamp>`` and the service starts from its configuration.
+
+Saved: the settings changed at runtime (by key, on top of the configuration at start), manual
+overrides, and per (GPU, service) the learned figures: peaks per batch size (the per-item
+memory), the OOM bar and strikes, the last published batch and optimum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from optimizer.config import ConfigError, apply_settings
+from optimizer.engine import Engine
+from optimizer.policy.types import PolicyState, ServiceState
+
+log = structlog.get_logger(__name__)
+
+STATE_VERSION = 1
+
+
+class StateFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved document, or ``None`` (no file, or a corrupt one, which is moved aside).
+
+        Also removes temporary files a killed writer left behind (one process writes this file).
+        """
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                log.info("state_temp_removed", path=str(stale))
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("state_unreadable", path=str(self.path), error=str(exc))
+            return None
+        try:
+            data = json.loads(raw)
+            version = data.get("version") if isinstance(data, dict) else None
+            if type(version) is not int or version != STATE_VERSION:  # noqa: E721 - true/1.0 are not version 1
+                raise ValueError(f"not a version {STATE_VERSION} state document")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            try:
+                os.replace(self.path, aside)
+            except OSError as move_exc:
+                log.warning("state_corrupt_not_moved", path=str(self.path), error=str(move_exc))
+                aside = self.path
+            log.warning("state_corrupt_moved_aside", path=str(self.path), moved_to=str(aside), error=str(exc))
+            return None
+        document: dict[str, Any] = data
+        return document
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Write ``data`` atomically. Raises :class:`OSError` when the directory is not writable."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+_LEARNED = ("batch_size", "optimal", "ceiling", "ceiling_until", "strikes", "last_oom_at", "override", "override_until")
+
+
+def dump(engine: Engine) -> dict[str, Any]:
+    services = []
+    for (gpu, name), svc in sorted(engine.state.services.items()):
+        item: dict[str, Any] = {"service": name, "gpu": gpu, "peaks": [list(p) for p in svc.peaks]}
+        item.update({k: getattr(svc, k) for k in _LEARNED})
+        if item["ceiling_until"] == float("-inf"):
+            item["ceiling_until"] = None
+        services.append(item)
+    return {"version": STATE_VERSION, "saved_at": time.time(), "settings": engine.runtime, "services": services}
+
+
+def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
+    """Load a saved document into a fresh engine. Bad parts are logged and skipped, never fatal."""
+    runtime = data.get("settings") or {}
+    if not isinstance(runtime, dict):
+        log.warning("state_settings_ignored", error=f"settings must be an object, got {type(runtime).__name__}")
+        runtime = {}
+    if runtime:
+        try:
+            engine.settings = apply_settings(engine.settings, runtime)
+            engine.runtime = dict(runtime)
+        except ConfigError as exc:
+            log.warning("state_settings_ignored", error=str(exc))
+            runtime = {}
+    items = data.get("services") or []
+    if not isinstance(items, list):
+        log.warning("state_services_ignored", error=f"services must be a list, got {type(items).__name__}")
+        items = []
+    restored: dict[tuple[int, str], ServiceState] = {}
+    for item in items:
+        try:
+            svc = ServiceState(
+                service=str(item["service"]), gpu=int(item["gpu"]), batch_size=int(item["batch_size"]),
+                optimal=int(item["optimal"]), reason="restored from the state file", changed_at=now,
+                updated_at=now, last_seen=now,
+                ceiling=None if item.get("ceiling") is None else int(item["ceiling"]),
+                ceiling_until=float("-inf") if item.get("ceiling_until") is None else float(item["ceiling_until"]),
+                strikes=int(item.get("strikes") or 0),
+                last_oom_at=None if item.get("last_oom_at") is None else float(item["last_oom_at"]),
+                peaks=tuple((int(b), int(p)) for b, p in item.get("peaks") or ()),
+                override=None if item.get("override") is None else int(item["override"]),
+                override_until=None if item.get("override_until") is None else float(item["override_until"]),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("state_service_ignored", item=str(item)[:200], error=repr(exc))
+            continue
+        lo, hi = engine.settings.batch_limits(engine.settings.profile(svc.service))
+        svc = dataclasses.replace(svc, batch_size=max(lo, min(hi, svc.batch_size)))
+        restored[(svc.gpu, svc.service)] = svc
+    engine.state = PolicyState(engine.state.gpus, MappingProxyType({**engine.state.services, **restored}))
+    log.info("state_restored", services=len(restored), settings=sorted(runtime))
+
+
+class Persister:
+    """Saves the engine's state when it changed: at once after operator actions, else periodically."""
+
+    def __init__(self, engine: Engine, file: StateFile) -> None:
+        self.engine = engine
+        self.file = file
+        self.saved_revision = -1
+
+    def load(self, now: float) -> bool:
+        data = self.file.load()
+        if data is None:
+            return False
+        restore(self.engine, data, now)
+        self.saved_revision = self.engine.revision
+        return True
+
+    def save(self, *, force: bool = False) -> bool:
+        """Save if anything changed since the last save. Never raises: a failed save is logged."""
+        if not force and self.engine.revision == self.saved_revision:
+            return False
+        revision = self.engine.revision
+        try:
+            self.file.save(dump(self.engine))
+        except OSError as exc:
+            log.error("state_save_failed", path=str(self.file.path), error=str(exc))
+            return False
+        self.saved_revision = revision
+        return True

@@ -1,0 +1,965 @@
+"""The admin API over a real server on an ephemeral port (pytest-aiohttp's ``aiohttp_client``).
+
+The admin application shares the read API's engine, sampler and persister; a second client on
+the read API shows what services see. Sampling is driven by the tests (``await adm.tick()``) on a
+fake clock with a scripted backend. The last tests run ``serve`` as a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+from structlog.testing import capture_logs
+
+from optimizer.api import build_app
+from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
+from optimizer.api.schemas import MAX_REPORT_BYTES
+from optimizer.config import Settings, Strategy, settings_to_dict
+from optimizer.engine import Engine
+from optimizer.persistence import Persister, StateFile
+from optimizer.policy.types import PolicyState
+from optimizer.sampler import Sampler
+from tests.fakes import FakeClock, ScriptedBackend, uuid_of
+
+GIB = 1024**3
+TOTAL = 80 * GIB
+INTERVAL = Settings().monitoring_interval  # 5 s
+OPT_INTERVAL = Settings().optimization_interval  # 60 s
+TOKEN = "tok"
+ROOT = Path(__file__).resolve().parent.parent
+Client = TestClient[web.Request, web.Application]
+LogList = list[MutableMapping[str, Any]]
+
+
+async def park(delay: float) -> None:
+    """The persister loop's sleep: parks until the application cancels it (the tests tick explicitly)."""
+    await asyncio.Event().wait()
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Admin:
+    client: Client  # the admin API
+    read: Client  # the read API over the same engine
+    engine: Engine
+    sampler: Sampler
+    gpus: ScriptedBackend
+    clock: FakeClock
+    state_path: Path | None = None
+
+    async def tick(self, advance: float = INTERVAL) -> None:
+        """One sample; every sample after the first comes ``advance`` seconds after the previous."""
+        if self.sampler.stats.samples:
+            self.clock.advance(advance)
+        assert await self.sampler.tick() is not None
+
+    async def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, status: int = 200,
+                   headers: dict[str, str] | None = None) -> Any:
+        """An admin request (with the right token unless ``headers`` says otherwise); the JSON reply."""
+        kwargs: dict[str, Any] = {"headers": auth() if headers is None else headers}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        resp = await self.client.request(method, path, **kwargs)
+        assert resp.status == status, await resp.text()
+        assert resp.content_type == "application/json"
+        return await resp.json()
+
+    async def get(self, path: str, status: int = 200) -> Any:
+        """A read-API request, without any token."""
+        resp = await self.read.get(path)
+        assert resp.status == status, await resp.text()
+        return await resp.json()
+
+    async def batch(self, service: str = "svc") -> Any:
+        return await self.get(f"/batch-size?service={service}")
+
+    def saved(self) -> Any:
+        assert self.state_path is not None
+        return json.loads(self.state_path.read_bytes())
+
+
+class MakeAdmin(Protocol):
+    def __call__(self, *, token: bytes | None = ..., settings: Settings | None = ...,
+                 state_path: Path | None = ...) -> Awaitable[Admin]: ...
+
+
+@pytest.fixture
+def make_admin(aiohttp_client: AiohttpClient) -> MakeAdmin:
+    async def make(*, token: bytes | None = TOKEN.encode(), settings: Settings | None = None,
+                   state_path: Path | None = None) -> Admin:
+        clock = FakeClock()
+        backend = ScriptedBackend(1)
+        engine = Engine(settings or Settings())
+        sampler = Sampler(backend, engine, clock=clock, sleep=park)
+        persister = None if state_path is None else Persister(engine, StateFile(state_path))
+        app = build_app(engine, sampler, run_sampler=False, persister=persister)
+        admin = build_admin_app(app, token)
+        read = await aiohttp_client(app)
+        client = await aiohttp_client(admin)
+        return Admin(client, read, engine, sampler, backend, clock, state_path)
+
+    return make
+
+
+@pytest.fixture
+async def adm(make_admin: MakeAdmin) -> Admin:
+    a = await make_admin()
+    await a.tick()
+    return a
+
+
+@pytest.fixture
+def logs() -> Iterator[LogList]:
+    """Every structlog event, whatever level another test configured (``serve`` filters below warning)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as captured:
+            yield captured
+    finally:
+        structlog.configure(**saved)
+
+
+def events_named(logs: LogList, name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything an admin request could change."""
+
+    revision: int
+    settings: Settings
+    state: PolicyState
+    runtime: dict[str, Any]
+    running: bool
+    events: int
+
+
+def observe(a: Admin) -> Observed:
+    return Observed(a.engine.revision, a.engine.settings, a.engine.state, dict(a.engine.runtime), a.sampler.running,
+                    len(a.engine.events))
+
+
+# --------------------------------------------------------------------------- authentication
+
+# (method, path, body, whether an authorized request changes anything)
+ENDPOINTS: list[tuple[str, str, Any, bool]] = [
+    ("GET", "/admin/status", None, False),
+    ("GET", "/admin/history", None, False),
+    ("POST", "/admin/optimize", None, True),
+    ("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 2}, True),
+    ("DELETE", "/admin/batch-size?service=svc", None, True),
+    ("POST", "/admin/enable", None, True),
+    ("POST", "/admin/disable", None, True),
+    ("POST", "/admin/monitoring/start", None, True),
+    ("POST", "/admin/monitoring/stop", None, True),
+    ("GET", "/admin/config", None, False),
+    ("PATCH", "/admin/config", {"strategy": "aggressive"}, True),
+    ("GET", "/admin/config/export", None, False),
+    ("POST", "/admin/config/import", {"format": EXPORT_FORMAT, "version": 1,
+                                      "settings": {"strategy": "conservative"}}, True),
+]
+ENDPOINT_IDS = [f"{m} {p.split('?')[0]}" for m, p, _, _ in ENDPOINTS]
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+BAD_AUTH: list[dict[str, str]] = [
+    {},  # no header at all
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": "Bearer tok2"},
+    {"Authorization": "Bearer to"},
+    {"Authorization": "Bearer "},
+    {"Authorization": "Bearer"},
+    {"Authorization": ""},
+    {"Authorization": TOKEN},  # the token without a scheme
+    {"Authorization": "Basic " + TOKEN},  # the right token under the wrong scheme
+    {"Authorization": _basic("admin", TOKEN)},
+    {"Authorization": _basic(TOKEN, "")},
+    {"Authorization": "Token " + TOKEN},
+    {"X-Admin-Token": TOKEN},
+]
+
+
+async def _auth_setup(make_admin: MakeAdmin, path: str, *, token: bytes | None = TOKEN.encode(),
+                      state_path: Path | None = None) -> Admin:
+    """A state every mutating endpoint would change: an override to clear, the opposite of what is asked."""
+    a = await make_admin(token=token, state_path=state_path)
+    await a.tick()
+    a.engine.set_override("svc", 0, 3, None, a.clock())
+    if path == "/admin/enable":
+        a.engine.update_settings({"enabled": False})
+    if path == "/admin/monitoring/start":
+        a.sampler.running = False
+    return a
+
+
+@pytest.mark.parametrize(("method", "path", "body", "mutates"), ENDPOINTS, ids=ENDPOINT_IDS)
+async def test_every_endpoint_refuses_a_missing_or_wrong_token_and_changes_nothing(
+        make_admin: MakeAdmin, tmp_path: Path, logs: LogList, method: str, path: str, body: Any,
+        mutates: bool) -> None:
+    a = await _auth_setup(make_admin, path, state_path=tmp_path / "state" / "state.json")
+    before = observe(a)
+    for headers in BAD_AUTH:
+        resp = await a.client.request(method, path, json=body, headers=headers)
+        assert resp.status == 401, (headers, await resp.text())
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert resp.content_type == "application/json"
+        assert "error" in await resp.json()
+        assert observe(a) == before, headers
+    assert a.state_path is not None and not a.state_path.exists()  # nothing was saved either
+    unauthorized = events_named(logs, "admin_unauthorized")
+    assert len(unauthorized) == len(BAD_AUTH)
+    assert all(e["client"] == "127.0.0.1" and e["path"] == path.split("?")[0] and e["method"] == method
+               for e in unauthorized)
+    assert events_named(logs, "admin_audit") == []
+
+    resp = await a.client.request(method, path, json=body, headers=auth())
+    assert 200 <= resp.status < 300, await resp.text()
+    assert resp.content_type == "application/json"
+    if mutates:
+        assert observe(a) != before
+        assert len(events_named(logs, "admin_audit")) == 1
+        assert a.state_path.exists()
+    else:
+        assert observe(a) == before
+        assert events_named(logs, "admin_audit") == []
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_the_auth_scheme_is_case_insensitive(adm: Admin, scheme: str) -> None:
+    resp = await adm.client.get("/admin/config", headers={"Authorization": f"{scheme} {TOKEN}"})
+    assert resp.status == 200
+
+
+async def test_unknown_admin_path_needs_the_token_too(adm: Admin) -> None:
+    assert (await adm.client.get("/admin/nothing-here")).status == 401
+    resp = await adm.client.get("/admin/nothing-here", headers=auth())
+    assert resp.status == 404
+    assert "error" in await resp.json()
+
+
+@pytest.mark.parametrize(("method", "path", "body", "mutates"), ENDPOINTS, ids=ENDPOINT_IDS)
+async def test_without_a_token_requests_pass_without_a_header(make_admin: MakeAdmin, method: str, path: str,
+                                                              body: Any, mutates: bool) -> None:
+    a = await _auth_setup(make_admin, path, token=None)
+    before = observe(a)
+    resp = await a.client.request(method, path, json=body)
+    assert 200 <= resp.status < 300, await resp.text()
+    assert (observe(a) != before) == mutates
+    # a header that would be wrong with a token is ignored without one
+    resp = await a.client.request(method, path, json=body, headers={"Authorization": "Bearer whatever"})
+    assert 200 <= resp.status < 300, await resp.text()
+
+
+async def test_the_read_api_stays_open_without_a_token(adm: Admin) -> None:
+    assert (await adm.read.get("/batch-size?service=svc")).status == 200
+    assert (await adm.read.post("/reports", json={"service": "svc", "batch_size": 4})).status == 200
+    for path in ("/status", "/history", "/health", "/ready", "/metrics"):
+        resp = await adm.read.get(path)
+        assert resp.status == 200, path
+    # the admin routes are not on the read API at all
+    assert (await adm.read.get("/admin/status")).status == 404
+    assert (await adm.read.post("/admin/disable")).status == 404
+    assert adm.engine.settings.enabled
+
+
+# --------------------------------------------------------------------------- status and history
+
+
+async def test_admin_status_is_the_status_document(adm: Admin) -> None:
+    await adm.batch()
+    body = await adm.call("GET", "/admin/status")
+    assert body == await adm.get("/status")
+    assert body["monitoring"] is True
+    assert [s["service"] for s in body["services"]] == ["svc"]
+
+
+async def test_history_lists_overrides_and_batch_changes(adm: Admin) -> None:
+    await adm.batch("svc-a")
+    await adm.batch("svc-b")
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc-b", "batch_size": 3})
+    opt = await adm.call("POST", "/admin/optimize")
+    adm.gpus.used[0] = 65 * GIB  # warning pressure: a pressure_changed event, which is not history
+    await adm.tick()
+    assert any(e.kind == "pressure_changed" for e in adm.engine.events)
+
+    full = (await adm.call("GET", "/admin/history"))["events"]
+    kinds = [e["kind"] for e in full]
+    assert set(kinds) <= set(HISTORY_KINDS)
+    assert "pressure_changed" not in kinds
+    assert {"kind": "override_set", "gpu": 0, "service": "svc-b", "new": 3,
+            "timestamp": adm.clock() - INTERVAL} in full
+    changed = [e for e in full if e["kind"] == "batch_changed"]
+    assert {(e["service"], e["trigger"], e["old"], e["new"]) for e in changed} >= {
+        ("svc-b", "manual", 4, 3), ("svc-a", "optimization", 4, 16)}
+    assert [e for e in opt["events"] if e["kind"] == "batch_changed"] == [
+        e for e in full if e["kind"] == "batch_changed" and e["trigger"] == "optimization"]
+
+    last = (await adm.call("GET", "/admin/history?limit=1"))["events"]
+    assert last == full[-1:]
+    two = (await adm.call("GET", "/admin/history?limit=2"))["events"]
+    assert two == full[-2:]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "abc", "10001", "1.5"])
+async def test_history_bad_limit(adm: Admin, limit: str) -> None:
+    body = await adm.call("GET", f"/admin/history?limit={limit}", status=400)
+    assert body["parameter"] == "limit"
+
+
+# --------------------------------------------------------------------------- PUT/DELETE /admin/batch-size
+
+
+async def test_set_batch_size_is_published_at_once_and_held(adm: Admin) -> None:
+    first = await adm.read.get("/batch-size?service=svc")
+    assert (await first.json())["batch_size"] == 4
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "gpu": 0, "batch_size": 6, "ttl_s": 600})
+    assert body["service"] == "svc" and body["batch_size"] == 6
+    assert body["reason"] == "manual override by an operator"
+    assert body["gpu"]["index"] == 0 and body["gpu"]["uuid"] == uuid_of(0)
+
+    now = await adm.read.get("/batch-size?service=svc")
+    polled = await now.json()
+    assert polled["batch_size"] == 6
+    assert polled["reason"] == "manual override by an operator"
+    assert now.headers["ETag"] != first.headers["ETag"]
+    svc = adm.engine.state.services[(0, "svc")]
+    assert svc.override == 6 and svc.override_until == adm.clock() + 600
+
+    # held across a periodic optimization; optimal_batch_size shows what the policy would choose
+    await adm.tick(advance=OPT_INTERVAL)
+    held = await adm.batch()
+    assert held["batch_size"] == 6
+    assert held["optimal_batch_size"] == 16
+    assert "manual override" in held["reason"]
+
+
+async def test_set_batch_size_by_gpu_uuid_and_without_gpu(adm: Admin) -> None:
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "gpu": uuid_of(0), "batch_size": 5})
+    assert body["gpu"]["index"] == 0 and body["batch_size"] == 5
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "other", "batch_size": 7})
+    assert body["gpu"]["index"] == 0 and body["batch_size"] == 7
+    assert adm.engine.state.services[(0, "other")].override_until is None  # no ttl: until cleared
+
+
+async def test_override_above_the_safety_bound_is_held_at_the_bound(adm: Admin) -> None:
+    adm.gpus.used[0] = 70 * GIB
+    await adm.tick()
+    # the bound: 4 items in force + (0.95 * 80 GiB - 1 GiB reserve - 70 GiB used) / 512 MiB per item = 14
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 15})
+    assert body["batch_size"] == 14
+    assert "manual override 15" in body["reason"] and "held at 14 by the safety bound" in body["reason"]
+    assert (await adm.batch())["batch_size"] == 14
+    assert adm.engine.state.services[(0, "svc")].override == 15
+    # under the bound it is published as asked
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 9})
+    assert body["batch_size"] == 9 and body["reason"] == "manual override by an operator"
+
+
+async def test_override_above_max_batch_size_is_published_as_it_will_be_held(adm: Admin) -> None:
+    assert adm.engine.settings.max_batch_size == 16
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 40})
+    at_once = body["batch_size"]
+    await adm.tick(advance=OPT_INTERVAL)  # a periodic optimization, well within the safety bound
+    held = await adm.batch()
+    assert held["batch_size"] == at_once  # "held across periodic optimizations" (docs/admin.md)
+    assert at_once <= adm.engine.settings.max_batch_size  # "largest batch published"
+
+
+async def test_override_expires_after_its_ttl(adm: Admin, logs: LogList) -> None:
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6, "ttl_s": 30})
+    set_at = adm.clock()
+    await adm.tick(advance=25)  # before the ttl: still there
+    assert adm.engine.state.services[(0, "svc")].override == 6
+    assert (await adm.batch())["batch_size"] == 6
+    await adm.tick(advance=6)  # 31 s after it was set
+    assert adm.clock() > set_at + 30
+    svc = adm.engine.state.services[(0, "svc")]
+    assert svc.override is None and svc.override_until is None
+    cleared = [e for e in adm.engine.events if e.kind == "override_cleared"]
+    assert [(e.service, e.old, e.detail) for e in cleared] == [("svc", 6, "expired")]
+    history = (await adm.call("GET", "/admin/history"))["events"]
+    assert {"kind": "override_cleared", "gpu": 0, "service": "svc", "old": 6, "detail": "expired",
+            "timestamp": adm.clock()} in history
+    assert any(e["event"] == "override_cleared" and e["detail"] == "expired" for e in logs)
+    # the policy decides again at its next optimization
+    await adm.tick(advance=OPT_INTERVAL)
+    assert (await adm.batch())["batch_size"] == 16
+
+
+async def test_delete_clears_the_override(adm: Admin) -> None:
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
+    body = await adm.call("DELETE", "/admin/batch-size?service=svc&gpu=0")
+    assert body["service"] == "svc"
+    assert "manual override cleared" in body["reason"]
+    assert adm.engine.state.services[(0, "svc")].override is None
+    cleared = [e for e in adm.engine.events if e.kind == "override_cleared"]
+    assert [(e.old, e.detail) for e in cleared] == [(6, "cleared by an operator")]
+    await adm.tick(advance=OPT_INTERVAL)
+    assert (await adm.batch())["batch_size"] == 16  # the policy took over again
+    # clearing a known service without an override is harmless
+    again = await adm.call("DELETE", "/admin/batch-size?service=svc")
+    assert again["batch_size"] == 16
+
+
+async def test_delete_of_an_unknown_service_is_a_404(adm: Admin) -> None:
+    await adm.batch("known")
+    before = observe(adm)
+    body = await adm.call("DELETE", "/admin/batch-size?service=never-seen", status=404)
+    assert body["parameter"] == "service"
+    assert "never-seen" in body["error"]
+    assert observe(adm) == before
+
+
+@pytest.mark.parametrize(("query", "parameter"), [("", "service"), ("service=bad%20name", "service"),
+                                                  ("service=svc&gpu=9", "gpu"), ("service=svc&gpu=x", "gpu")])
+async def test_delete_bad_parameters(adm: Admin, query: str, parameter: str) -> None:
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
+    before = observe(adm)
+    body = await adm.call("DELETE", f"/admin/batch-size?{query}", status=400)
+    assert body["parameter"] == parameter
+    if query.endswith("gpu=9"):
+        assert body["available"] == [0]
+    assert observe(adm) == before
+
+
+BAD_PUTS: list[tuple[str, bytes, str]] = [
+    ("batch_size 0", b'{"service": "svc", "batch_size": 0}', "batch_size"),
+    ("batch_size string", b'{"service": "svc", "batch_size": "x"}', "batch_size"),
+    ("batch_size float", b'{"service": "svc", "batch_size": 4.5}', "batch_size"),
+    ("batch_size bool", b'{"service": "svc", "batch_size": true}', "batch_size"),
+    ("batch_size too large", b'{"service": "svc", "batch_size": 4097}', "batch_size"),
+    ("batch_size missing", b'{"service": "svc"}', "batch_size"),
+    ("ttl negative", b'{"service": "svc", "batch_size": 4, "ttl_s": -1}', "ttl_s"),
+    ("ttl zero", b'{"service": "svc", "batch_size": 4, "ttl_s": 0}', "ttl_s"),
+    ("ttl string", b'{"service": "svc", "batch_size": 4, "ttl_s": "60"}', "ttl_s"),
+    ("ttl bool", b'{"service": "svc", "batch_size": 4, "ttl_s": true}', "ttl_s"),
+    ("ttl over 7 days", b'{"service": "svc", "batch_size": 4, "ttl_s": %d}' % (MAX_TTL_S + 1), "ttl_s"),
+    ("unknown field", b'{"service": "svc", "batch_size": 4, "batch": 4}', "batch"),
+    ("service missing", b'{"batch_size": 4}', "service"),
+    ("bad service", b'{"service": "bad name", "batch_size": 4}', "service"),
+    ("gpu negative", b'{"service": "svc", "batch_size": 4, "gpu": -1}', "gpu"),
+    ("gpu junk", b'{"service": "svc", "batch_size": 4, "gpu": "abc"}', "gpu"),
+    ("not json", b'{"service": ', "body"),
+    ("empty body", b"", "body"),
+    ("array", b'[{"service": "svc", "batch_size": 4}]', "body"),
+    ("null", b"null", "body"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), [(raw, f) for _, raw, f in BAD_PUTS], ids=[n for n, _, _ in BAD_PUTS])
+async def test_bad_set_batch_size_is_a_400_naming_the_field(adm: Admin, logs: LogList, raw: bytes,
+                                                            field: str) -> None:
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
+    logs.clear()
+    before = observe(adm)
+    body = await adm.call("PUT", "/admin/batch-size", raw=raw, status=400)
+    assert body["field"] == field
+    assert isinstance(body["error"], str) and body["error"].startswith(field)
+    assert observe(adm) == before
+    assert (await adm.batch())["batch_size"] == 6
+    assert events_named(logs, "admin_audit") == []
+
+
+async def test_set_batch_size_on_an_unknown_gpu_lists_the_available_ones(adm: Admin) -> None:
+    before = observe(adm)
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "gpu": 9, "batch_size": 4}, status=400)
+    assert body["field"] == "gpu"
+    assert body["available"] == [0]
+    body = await adm.call("PUT", "/admin/batch-size", {"service": "svc", "gpu": "GPU-nope", "batch_size": 4},
+                          status=400)
+    assert body["field"] == "gpu" and body["available"] == [0]
+    assert observe(adm) == before
+    assert adm.engine.state.services == {}
+
+
+async def test_a_body_over_64_kib_is_a_413_and_changes_nothing(adm: Admin) -> None:
+    before = observe(adm)
+    raw = b'{"service": "svc", "batch_size": 2' + b" " * MAX_REPORT_BYTES + b"}"
+    resp = await adm.client.put("/admin/batch-size", data=raw, headers=auth())
+    assert resp.status == 413
+    assert "error" in await resp.json()
+    resp = await adm.client.patch("/admin/config", data=b'{"strategy": "aggressive"' + b" " * MAX_REPORT_BYTES + b"}",
+                                  headers=auth())
+    assert resp.status == 413
+    assert observe(adm) == before
+
+
+# --------------------------------------------------------------------------- POST /admin/optimize
+
+
+async def test_optimize_now_grows_a_batch_with_headroom(adm: Admin) -> None:
+    assert (await adm.batch())["batch_size"] == 4
+    await adm.tick()  # not yet an optimization interval since the first sample: nothing moves by itself
+    assert (await adm.batch())["batch_size"] == 4
+    body = await adm.call("POST", "/admin/optimize")
+    changed = [e for e in body["events"] if e["kind"] == "batch_changed"]
+    assert [(e["service"], e["trigger"], e["old"], e["new"]) for e in changed] == [("svc", "optimization", 4, 16)]
+    assert [(s["service"], s["batch_size"]) for s in body["services"]] == [("svc", 16)]
+    polled = await adm.batch()
+    assert polled["batch_size"] == 16
+    assert polled["reason"].startswith("balanced:")
+    # nothing left to gain: a second run changes nothing
+    again = await adm.call("POST", "/admin/optimize")
+    assert [e for e in again["events"] if e["kind"] == "batch_changed"] == []
+    assert again["services"][0]["batch_size"] == 16
+
+
+async def test_optimize_before_the_first_sample_does_nothing(make_admin: MakeAdmin) -> None:
+    a = await make_admin()
+    body = await a.call("POST", "/admin/optimize")
+    assert body == {"events": [], "services": []}
+
+
+# --------------------------------------------------------------------------- enable/disable, monitoring
+
+
+async def test_disable_publishes_the_default_and_enable_resumes(adm: Admin) -> None:
+    await adm.batch()
+    await adm.call("POST", "/admin/optimize")
+    assert (await adm.batch())["batch_size"] == 16
+
+    assert await adm.call("POST", "/admin/disable") == {"enabled": False, "changed": True}
+    assert adm.engine.settings.enabled is False
+    assert (await adm.call("GET", "/admin/config"))["enabled"] is False
+    await adm.tick()
+    body = await adm.batch()
+    assert body["batch_size"] == 4
+    assert "disabled" in body["reason"]
+    fresh = await adm.batch("newcomer")
+    assert fresh["batch_size"] == 4 and "disabled" in fresh["reason"]
+    assert await adm.call("POST", "/admin/disable") == {"enabled": False, "changed": False}
+    # no optimization while disabled, whoever asks
+    assert (await adm.call("POST", "/admin/optimize"))["events"] == []
+    await adm.tick(advance=OPT_INTERVAL)
+    assert (await adm.batch())["batch_size"] == 4
+    # an override is still published while disabled
+    await adm.call("PUT", "/admin/batch-size", {"service": "newcomer", "batch_size": 6})
+    await adm.tick()
+    manual = await adm.batch("newcomer")
+    assert manual["batch_size"] == 6 and "manual override" in manual["reason"]
+
+    assert await adm.call("POST", "/admin/enable") == {"enabled": True, "changed": True}
+    assert adm.engine.settings.enabled is True
+    await adm.tick(advance=OPT_INTERVAL)
+    resumed = await adm.batch()
+    assert resumed["batch_size"] > 4
+    assert resumed["reason"].startswith("balanced:")
+
+
+async def test_monitoring_stop_pauses_and_start_resumes(adm: Admin) -> None:
+    assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": True}
+    assert adm.sampler.running is False
+    adm.clock.advance(100 * INTERVAL)  # long past any sample: paused is not stale
+    health = await adm.get("/health")
+    assert health["status"] == "paused"
+    assert (await adm.call("GET", "/admin/status"))["monitoring"] is False
+    assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": False}
+
+    assert await adm.call("POST", "/admin/monitoring/start") == {"monitoring": True, "changed": True}
+    assert adm.sampler.running is True
+    assert (await adm.get("/health", status=503))["status"] == "stale"  # until the next sample
+    await adm.tick(advance=0)
+    assert (await adm.get("/health"))["status"] == "ok"
+    assert (await adm.call("GET", "/admin/status"))["monitoring"] is True
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+async def test_get_config_is_the_effective_settings(make_admin: MakeAdmin) -> None:
+    s = Settings(strategy=Strategy.CONSERVATIVE, max_batch_size=32)
+    a = await make_admin(settings=s)
+    assert await a.call("GET", "/admin/config") == settings_to_dict(s)
+
+
+async def test_patch_changes_only_the_given_keys(adm: Admin) -> None:
+    before = settings_to_dict(adm.engine.settings)
+    body = await adm.call("PATCH", "/admin/config", {"strategy": "aggressive", "memory_threshold_warning": 0.7,
+                                                     "max_batch_size": 16})
+    assert body["changed"] == ["memory_threshold_warning", "strategy"]  # max_batch_size was 16 already
+    after = settings_to_dict(adm.engine.settings)
+    assert body["settings"] == after
+    assert {k for k in after if after[k] != before[k]} == {"strategy", "memory_threshold_warning"}
+    assert adm.engine.settings.strategy is Strategy.AGGRESSIVE
+    assert adm.engine.settings.memory_threshold_warning == 0.7
+    assert adm.engine.runtime == {"strategy": "aggressive", "memory_threshold_warning": 0.7, "max_batch_size": 16}
+    assert (await adm.batch())["strategy"] == "aggressive"
+    assert await adm.call("GET", "/admin/config") == after
+
+
+BAD_PATCHES: list[tuple[str, bytes, str]] = [
+    ("unknown strategy", b'{"strategy": "turbo"}', "strategy"),
+    ("warning above 1", b'{"memory_threshold_warning": 2}', "memory_threshold_warning"),
+    ("warning above critical", b'{"memory_threshold_warning": 0.95}', "memory_threshold_critical"),
+    ("min above max", b'{"min_batch_size": 20}', "min_batch_size"),
+    ("min above a new max", b'{"min_batch_size": 8, "max_batch_size": 4}', "min_batch_size"),
+    ("unknown key", b'{"turbo": true}', "turbo"),
+    ("one bad among good", b'{"strategy": "aggressive", "max_batch_size": 8, "monitoring_interval": -5}',
+     "monitoring_interval"),
+    ("good after bad", b'{"enabled": "maybe", "strategy": "aggressive"}', "enabled"),
+    ("bad profile", b'{"profiles": [{"name": "x", "per_item_mb": 0}]}', "profiles[0].per_item_mb"),
+    ("empty object", b"{}", "body"),
+    ("array", b'[{"strategy": "aggressive"}]', "body"),
+    ("string", b'"aggressive"', "body"),
+    ("not json", b"{strategy: aggressive}", "body"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), [(raw, f) for _, raw, f in BAD_PATCHES],
+                         ids=[n for n, _, _ in BAD_PATCHES])
+async def test_bad_patch_is_a_400_and_changes_nothing(adm: Admin, logs: LogList, raw: bytes, field: str) -> None:
+    before = observe(adm)
+    settings_before = settings_to_dict(adm.engine.settings)
+    body = await adm.call("PATCH", "/admin/config", raw=raw, status=400)
+    assert body["field"] == field
+    assert field in body["error"]
+    assert observe(adm) == before
+    assert adm.engine.settings == Settings()
+    assert await adm.call("GET", "/admin/config") == settings_before
+    assert events_named(logs, "admin_audit") == []
+
+
+async def test_export_import_round_trip(adm: Admin) -> None:
+    await adm.call("PATCH", "/admin/config", {"strategy": "conservative", "max_batch_size": 24,
+                                              "profiles": [{"name": "vlm", "per_item_mb": 2048, "weight": 2}]})
+    exported = await adm.call("GET", "/admin/config/export")
+    assert exported["format"] == EXPORT_FORMAT and exported["version"] == 1
+    assert exported["settings"] == settings_to_dict(adm.engine.settings)
+    snapshot = adm.engine.settings
+
+    patched = await adm.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 8,
+                                                        "profiles": []})
+    assert set(patched["changed"]) == {"strategy", "max_batch_size", "profiles"}
+    assert adm.engine.settings != snapshot
+
+    body = await adm.call("POST", "/admin/config/import", exported)
+    assert body["settings"] == exported["settings"]
+    assert set(body["changed"]) == {"strategy", "max_batch_size", "profiles"}
+    assert adm.engine.settings == snapshot
+    assert await adm.call("GET", "/admin/config") == exported["settings"]
+    # a JSON round trip of the export is the same document
+    assert await adm.call("GET", "/admin/config/export") == exported
+
+
+async def test_import_of_a_plain_mapping_takes_defaults_for_the_rest(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=Settings(max_batch_size=32, memory_reserve_mb=2048))
+    body = await a.call("POST", "/admin/config/import", {"strategy": "conservative"})
+    assert a.engine.settings == Settings(strategy=Strategy.CONSERVATIVE)
+    assert set(body["changed"]) == {"strategy", "max_batch_size", "memory_reserve_mb"}
+    assert body["settings"] == settings_to_dict(Settings(strategy=Strategy.CONSERVATIVE))
+
+
+BAD_IMPORTS: list[tuple[str, Any, str]] = [
+    ("invalid value", {"format": EXPORT_FORMAT, "version": 1, "settings": {"strategy": "turbo"}}, "strategy"),
+    ("invalid relation", {"format": EXPORT_FORMAT, "version": 1,
+                          "settings": {"min_batch_size": 9, "max_batch_size": 8}}, "min_batch_size"),
+    ("unknown key", {"format": EXPORT_FORMAT, "version": 1, "settings": {"nope": 1}}, "nope"),
+    ("unknown format", {"format": "something-else", "version": 1, "settings": {}}, "format"),
+    ("unknown version", {"format": EXPORT_FORMAT, "version": 2, "settings": {}}, "format"),
+    ("settings not an object", {"format": EXPORT_FORMAT, "version": 1, "settings": [1]}, "settings"),
+    ("plain mapping with a bad value", {"strategy": "conservative", "max_batch_size": 0}, "max_batch_size"),
+    ("array", [{"strategy": "conservative"}], "settings"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field"), [(d, f) for _, d, f in BAD_IMPORTS], ids=[n for n, _, _ in BAD_IMPORTS])
+async def test_bad_import_is_a_400_and_changes_nothing(adm: Admin, doc: Any, field: str) -> None:
+    await adm.call("PATCH", "/admin/config", {"strategy": "aggressive"})
+    before = observe(adm)
+    body = await adm.call("POST", "/admin/config/import", doc, status=400)
+    assert body["field"] == field
+    assert observe(adm) == before
+    assert adm.engine.settings.strategy is Strategy.AGGRESSIVE
+
+
+# --------------------------------------------------------------------------- audit
+
+
+async def test_every_change_is_audited_with_client_action_old_and_new(adm: Admin, logs: LogList) -> None:
+    await adm.batch()
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6, "ttl_s": 60})
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 5})
+    await adm.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 16})
+    await adm.call("POST", "/admin/disable")
+    await adm.call("POST", "/admin/enable")
+    await adm.call("POST", "/admin/monitoring/stop")
+    await adm.call("POST", "/admin/monitoring/start")
+    await adm.call("POST", "/admin/config/import", {"strategy": "conservative"})
+    await adm.call("POST", "/admin/optimize")
+    await adm.call("DELETE", "/admin/batch-size?service=svc")
+    for path in ("/admin/status", "/admin/history", "/admin/config", "/admin/config/export"):
+        await adm.call("GET", path)  # reads are not audited
+
+    audit = events_named(logs, "admin_audit")
+    assert all(e["client"] == "127.0.0.1" and e["log_level"] == "info" for e in audit)
+    assert [e["action"] for e in audit] == ["set_batch_size", "set_batch_size", "configure", "disable", "enable",
+                                           "stop_monitoring", "start_monitoring", "import_config", "optimize",
+                                           "clear_batch_size"]
+    put1, put2, configure, disable, enable, stop, start, imported, optimized, cleared = audit
+    assert (put1["service"], put1["gpu"], put1["old"], put1["new"], put1["ttl_s"], put1["published"]) == (
+        "svc", 0, None, 6, 60, 6)
+    assert (put2["old"], put2["new"], put2["ttl_s"]) == (6, 5, None)
+    assert configure["changes"] == {"strategy": {"old": "balanced", "new": "aggressive"}}
+    assert (disable["key"], disable["old"], disable["new"]) == ("enabled", True, False)
+    assert (enable["key"], enable["old"], enable["new"]) == ("enabled", False, True)
+    assert (stop["old"], stop["new"]) == (True, False)
+    assert (start["old"], start["new"]) == (False, True)
+    assert imported["changes"] == {"strategy": {"old": "aggressive", "new": "conservative"}}
+    assert optimized["changes"] == []  # the override holds the batch
+    assert (cleared["service"], cleared["gpu"]) == ("svc", 0)
+    assert events_named(logs, "admin_unauthorized") == []
+
+
+async def test_clearing_an_override_audits_the_old_value(adm: Admin, logs: LogList) -> None:
+    await adm.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
+    await adm.call("DELETE", "/admin/batch-size?service=svc")
+    [cleared] = [e for e in events_named(logs, "admin_audit") if e["action"] == "clear_batch_size"]
+    assert cleared["old"] == 6
+    assert "new" in cleared and cleared["new"] is None
+
+
+async def test_unauthorized_requests_log_a_warning_and_no_audit(adm: Admin, logs: LogList) -> None:
+    resp = await adm.client.post("/admin/disable", headers=auth("nope"))
+    assert resp.status == 401
+    resp = await adm.client.patch("/admin/config", json={"strategy": "aggressive"})
+    assert resp.status == 401
+    warned = events_named(logs, "admin_unauthorized")
+    assert [(e["method"], e["path"], e["client"], e["log_level"]) for e in warned] == [
+        ("POST", "/admin/disable", "127.0.0.1", "warning"), ("PATCH", "/admin/config", "127.0.0.1", "warning")]
+    assert all(TOKEN not in json.dumps(dict(e), default=str) and "nope" not in json.dumps(dict(e), default=str)
+               for e in warned)  # the token offered is not logged
+    assert events_named(logs, "admin_audit") == []
+    assert adm.engine.settings == Settings()
+
+
+# --------------------------------------------------------------------------- durable state
+
+
+async def test_every_admin_change_is_saved_at_once(make_admin: MakeAdmin, tmp_path: Path) -> None:
+    a = await make_admin(state_path=tmp_path / "state.json")
+    await a.tick()
+    await a.call("GET", "/admin/status")
+    assert a.state_path is not None and not a.state_path.exists()  # a read saves nothing
+
+    await a.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6, "ttl_s": 120})
+    saved = a.saved()
+    [item] = saved["services"]
+    assert (item["service"], item["gpu"], item["override"], item["override_until"], item["batch_size"]) == (
+        "svc", 0, 6, a.clock() + 120, 6)
+
+    await a.call("PATCH", "/admin/config", {"strategy": "aggressive"})
+    assert a.saved()["settings"] == {"strategy": "aggressive"}
+
+    await a.call("POST", "/admin/disable")
+    assert a.saved()["settings"] == {"strategy": "aggressive", "enabled": False}
+
+    await a.call("DELETE", "/admin/batch-size?service=svc")
+    assert a.saved()["services"][0]["override"] is None
+
+    await a.call("POST", "/admin/config/import", {"strategy": "balanced"})
+    assert a.saved()["settings"] == settings_to_dict(Settings())
+
+    # saved immediately: a fresh engine restores exactly the state the admin API left
+    fresh = Engine(Settings(max_batch_size=8))
+    assert Persister(fresh, StateFile(a.state_path)).load(a.clock())
+    assert fresh.settings == a.engine.settings
+    assert fresh.state.services[(0, "svc")].override is None
+
+
+async def test_a_failing_save_does_not_fail_the_admin_request(make_admin: MakeAdmin, tmp_path: Path,
+                                                              logs: LogList) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    a = await make_admin(state_path=blocker / "state.json")
+    await a.tick()
+    body = await a.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
+    assert body["batch_size"] == 6
+    assert a.engine.state.services[(0, "svc")].override == 6
+    failed = events_named(logs, "state_save_failed")
+    assert len(failed) == 1 and failed[0]["path"] == str(blocker / "state.json")
+    assert len(events_named(logs, "admin_audit")) == 1
+
+
+# --------------------------------------------------------------------------- serve as a real process
+
+
+def _free_port(avoid: int | None = None) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port != avoid:
+            return port
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_")}
+    env.update(extra)
+    return env
+
+
+def _http(method: str, url: str, token: str | None = None) -> tuple[int, Any]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    api: str
+    admin: str
+    admin_port: int
+    log_path: Path
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _until_answers(served: Served, url: str, ok: set[int]) -> None:
+    """Poll ``url`` until it answers with a status in ``ok`` (bounded; a short back-off between tries)."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert served.proc.poll() is None, served.log_path.read_text()
+        try:
+            status, _ = _http("GET", url)
+            if status in ok:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, f"{url} never answered; log:\n{served.log_path.read_text()}"
+        time.sleep(0.05)  # back-off between polls; the synchronisation is the answer itself
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str, env: dict[str, str]) -> Iterator[Served]:
+    port = _free_port()
+    admin_port = _free_port(avoid=port)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
+                                 "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
+                                 "--monitoring-interval", "0.2", "--log-format", "json", *args],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file)
+    served = Served(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", admin_port, log_path)
+    try:
+        _until_answers(served, served.api + "/ready", {200})
+        _until_answers(served, served.admin + "/admin/config", {200, 401})  # the admin site is up too
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=20)
+        text = log_path.read_text()
+        assert proc.returncode in (0, -15), text
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                if isinstance(item, dict):
+                    served.log.append(item)
+
+
+def _listening(port: int) -> set[str]:
+    """The addresses with a TCP socket listening on ``port`` (Linux's /proc/net/tcp; IPv4 only)."""
+    found: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]))
+    return found
+
+
+def test_serve_without_a_token_binds_the_admin_api_to_loopback(tmp_path: Path) -> None:
+    with serving(tmp_path, "--admin-host", "0.0.0.0", env=_env()) as served:
+        status, body = _http("GET", served.admin + "/admin/status")  # no token configured: no header needed
+        assert status == 200 and body["backend"] == "simulated"
+        if Path("/proc/net/tcp").exists():
+            assert _listening(served.admin_port) == {"127.0.0.1"}
+    events = {e.get("event"): e for e in served.log}
+    loopback = events["admin_api_loopback_only"]
+    assert loopback["level"] == "warning"
+    assert "token" in loopback["reason"]
+    assert events["listening"]["admin"] == f"127.0.0.1:{served.admin_port}"
+
+
+def test_serve_with_a_token_in_the_environment_requires_it(tmp_path: Path) -> None:
+    with serving(tmp_path, "--admin-host", "127.0.0.1",
+                 env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="s3cret-from-env")) as served:
+        status, body = _http("GET", served.admin + "/admin/status")
+        assert status == 401 and "error" in body
+        status, _ = _http("POST", served.admin + "/admin/disable", token="wrong")
+        assert status == 401
+        status, body = _http("GET", served.admin + "/admin/config", token="s3cret-from-env")
+        assert status == 200 and body["enabled"] is True
+        status, body = _http("POST", served.admin + "/admin/disable", token="s3cret-from-env")
+        assert status == 200 and body == {"enabled": False, "changed": True}
+        status, _ = _http("GET", served.api + "/batch-size?service=vlm")  # the read API needs no token
+        assert status == 200
+    names = [e.get("event") for e in served.log]
+    assert "admin_api_loopback_only" not in names
+    refused = {(e.get("method"), e.get("path")) for e in served.log if e.get("event") == "admin_unauthorized"}
+    assert {("GET", "/admin/status"), ("POST", "/admin/disable")} <= refused
+    assert any(e.get("event") == "admin_audit" and e.get("action") == "disable" for e in served.log)
+
+
+def test_serve_token_file_takes_precedence_over_the_environment(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    with serving(tmp_path, "--admin-host", "127.0.0.1", "--admin-token-file", str(token_file),
+                 env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="from-env")) as served:
+        assert _http("GET", served.admin + "/admin/config", token="from-the-file")[0] == 200
+        assert _http("GET", served.admin + "/admin/config", token="from-env")[0] == 401
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n"])
+def test_serve_with_an_empty_token_file_is_a_config_error(tmp_path: Path, content: str) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--port", "0",
+                           "--admin-token-file", str(token_file)], capture_output=True, text=True, timeout=60,
+                          env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="ignored-when-a-file-is-given"), cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "server.admin_token_file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_a_missing_token_file_is_a_config_error(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--port", "0",
+                           "--admin-token-file", str(tmp_path / "absent")], capture_output=True, text=True,
+                          timeout=60, env=_env(), cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "server.admin_token_file" in done.stderr and "absent" in done.stderr
+    assert "Traceback" not in done.stderr
