@@ -18,7 +18,7 @@ import structlog
 
 from optimizer.config import Settings, apply_settings, settings_to_dict
 from optimizer.gpu.types import GpuSample
-from optimizer.policy import core as policy
+from optimizer import policy
 from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
 
 log = structlog.get_logger(__name__)

@@ -10,7 +10,7 @@ import pytest
 
 from optimizer.config import Settings, Strategy
 from optimizer.policy import core
-from optimizer.policy.core import hold_optimum, safety_bytes
+from optimizer.policy.model import hold_optimum, safety_bytes
 from optimizer.policy.strategies import apply_strategy
 from optimizer.policy.types import PolicyState, Snapshot
 from optimizer.simulation.run import simulate

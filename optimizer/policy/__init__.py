@@ -1,15 +1,7 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
-from optimizer.policy.core import (
-    apply_disabled,
-    apply_report,
-    clear_override,
-    decide,
-    initial_batch,
-    optimize_now,
-    set_override,
-    touch,
-)
+from optimizer.policy.core import apply_report, decide, initial_batch, touch
+from optimizer.policy.operator import apply_disabled, clear_override, optimize_now, set_override
 from optimizer.policy.types import (
     Event,
     GpuState,

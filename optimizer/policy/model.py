@@ -1,0 +1,199 @@
+"""The policy's model: the memory arithmetic and the small steps every decision is made of.
+
+For the services on one GPU, with ``peak`` the highest memory used since the batches in force were
+adopted and ``cur`` a service's batch in force, a service with weight share ``w`` and per-item
+memory ``p`` has the continuous optimum::
+
+    x = cur + (total * target_memory_utilization - reserve - peak) * w / p
+
+The held optimum ``O`` moves only when ``x`` leaves ``[O - 0.5, O + 1.5)`` (hysteresis against
+noise); the strategy publishes a fraction of ``O`` (70 / 100 / 120 %), capped so that the
+predicted peak ``peak + (b - cur) * p`` stays within ``total * memory_threshold_oom - reserve``
+for the service's share (the safety bound), except ``min_batch_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import MappingProxyType
+
+from optimizer.config import Settings
+from optimizer.policy.strategies import per_item_bytes
+from optimizer.policy.types import (
+    MIB,
+    Event,
+    GpuState,
+    Pending,
+    PolicyState,
+    Pressure,
+    ServiceState,
+)
+
+
+GROW_HYSTERESIS = 0.5  # items of headroom beyond one more item before the optimum grows
+SHRINK_HYSTERESIS = 0.5  # items over the target tolerated before the optimum shrinks
+OOM_BACKOFF = 0.9  # after an OOM report: at most 90 % of the batch that failed (accelerate's factor)
+EMERGENCY_CUT = 0.25  # at the oom threshold: at least a quarter off every batch on the GPU
+CEILING_INTERVALS = 10  # an OOM bars its batch size for 10 optimization intervals, doubling per strike
+MAX_CEILING_DOUBLINGS = 3
+SUCCESS_SAMPLES = 3  # an optimization succeeds if its trigger clears within this many samples
+FRESH_INTERVALS = 3  # a report counts for fragmentation and batch-in-force this many intervals
+WINDOW_INTERVALS = 3  # the peak window spans at most this many optimization intervals
+ADOPTION_INTERVALS = 1.5  # samples this soon after a change predate its adoption by the services
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def classify(usage: float, s: Settings) -> Pressure:
+    if usage >= s.memory_threshold_oom:
+        return Pressure.OOM
+    if usage >= s.memory_threshold_critical:
+        return Pressure.CRITICAL
+    if usage >= s.memory_threshold_warning:
+        return Pressure.WARNING
+    return Pressure.NORMAL
+
+
+def target_bytes(total: int, s: Settings) -> float:
+    return total * s.target_memory_utilization - s.memory_reserve_mb * MIB
+
+
+def safety_bytes(total: int, s: Settings) -> float:
+    """Property 1's bound: no published batch may be predicted to need more (bytes)."""
+    return total * s.memory_threshold_oom - s.memory_reserve_mb * MIB
+
+
+def is_fresh(at: float | None, now: float, s: Settings) -> bool:
+    return at is not None and now - at <= FRESH_INTERVALS * s.monitoring_interval
+
+
+def fragmentation(services: list[ServiceState], now: float, s: Settings) -> float | None:
+    """Allocator fragmentation of one GPU from fresh reports, weighted by reserved bytes.
+
+    ``(reserved - allocated) / reserved`` summed over the services; ``None`` (unknown) when no
+    service on the GPU reported both figures within the last 3 monitoring intervals.
+    """
+    reserved = wasted = 0
+    for svc in services:
+        if not is_fresh(svc.reported_at, now, s) or not svc.reserved_bytes or svc.allocated_bytes is None:
+            continue
+        reserved += svc.reserved_bytes
+        wasted += max(0, svc.reserved_bytes - svc.allocated_bytes)
+    return wasted / reserved if reserved > 0 else None
+
+
+def batch_in_force(svc: ServiceState, now: float, s: Settings) -> int:
+    """The batch the service runs: what it last reported, if fresh; else what we published."""
+    if svc.reported_batch is not None and is_fresh(svc.reported_at, now, s):
+        return svc.reported_batch
+    return svc.batch_size
+
+
+def clamp(b: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, b))
+
+
+def gib(n: float) -> str:
+    return f"{n / (1024 ** 3):.1f} GiB"
+
+
+@dataclasses.dataclass
+class GpuView:
+    """Per-sample working values of one GPU, shared by the per-service computations."""
+
+    total: int
+    used: int
+    peak: int
+    weights: dict[str, float]
+
+    def share(self, service: str) -> float:
+        return self.weights[service] / sum(self.weights.values())
+
+
+def continuous_optimum(svc: ServiceState, g: GpuView, used: int, now: float, s: Settings) -> tuple[float, float, float]:
+    """(x, safe_max_continuous, per-item bytes) for a service given the GPU's used bytes."""
+    profile = s.profile(svc.service)
+    p = per_item_bytes(s.strategy, profile, svc)
+    cur = batch_in_force(svc, now, s)
+    share = g.share(svc.service)
+    x = cur + (target_bytes(g.total, s) - used) * share / p
+    safe = cur + (safety_bytes(g.total, s) - used) * share / p
+    return x, safe, p
+
+
+def hold_optimum(prev: int, x: float) -> int:
+    """The held optimum after observing the continuous optimum ``x`` (hysteresis band)."""
+    if x < prev - SHRINK_HYSTERESIS or x >= prev + 1 + GROW_HYSTERESIS:
+        return math.floor(x)
+    return prev
+
+
+def active_ceiling(svc: ServiceState, now: float) -> int | None:
+    return svc.ceiling if svc.ceiling is not None and now < svc.ceiling_until else None
+
+
+def publish(
+    svc: ServiceState, batch: int, optimal: int, reason: str, now: float, events: list[Event], trigger: str
+) -> ServiceState:
+    changed = batch != svc.batch_size
+    if changed:
+        events.append(
+            Event("batch_changed", svc.gpu, now, service=svc.service, trigger=trigger, old=svc.batch_size, new=batch,
+                  detail=reason)
+        )
+    if not changed and optimal == svc.optimal and reason == svc.reason:
+        return svc
+    return dataclasses.replace(
+        svc,
+        batch_size=batch,
+        optimal=optimal,
+        reason=reason,
+        changed_at=now if changed else svc.changed_at,
+        updated_at=now,
+    )
+
+
+def start_pending(gs: GpuState, p: Pending, events: list[Event]) -> GpuState:
+    if any(x.trigger == p.trigger and x.service == p.service for x in gs.pending):
+        return gs
+    events.append(Event("optimization_started", gs.index, p.started_at, service=p.service, trigger=p.trigger))
+    return dataclasses.replace(gs, pending=gs.pending + (p,))
+
+
+def raise_cleanup(gs: GpuState, trigger: str, now: float, events: list[Event]) -> GpuState:
+    events.append(Event("cleanup_raised", gs.index, now, trigger=trigger, new=gs.cleanup_epoch + 1))
+    return dataclasses.replace(gs, cleanup_epoch=gs.cleanup_epoch + 1, last_cleanup_at=now)
+
+
+
+# --------------------------------------------------------------------------- steps shared with the operator actions
+
+def disabled_decision(svc: ServiceState, s: Settings, now: float, events: list[Event]) -> ServiceState:
+    """With optimization disabled: the operator's override if any, else the configured default batch."""
+    manual = svc.override_active(now)
+    if manual is not None:
+        return publish(svc, manual, svc.optimal, "manual override by an operator (optimization disabled)", now,
+                        events, "manual")
+    d = s.default_batch(s.profile(svc.service))
+    return publish(svc, d, svc.optimal, "optimization disabled: configured default batch", now, events, "disabled")
+
+
+def drop_override(svc: ServiceState, now: float, events: list[Event], why: str) -> ServiceState:
+    if svc.override is None:
+        return svc
+    events.append(Event("override_cleared", svc.gpu, now, service=svc.service, old=svc.override, detail=why))
+    return dataclasses.replace(svc, override=None, override_until=None)
+
+
+def expire_override(svc: ServiceState, now: float, events: list[Event]) -> ServiceState:
+    if svc.override is not None and svc.override_active(now) is None:
+        return drop_override(svc, now, events, "expired")
+    return svc
+
+
+def with_service(state: PolicyState, svc: ServiceState) -> PolicyState:
+    services = dict(state.services)
+    services[(svc.gpu, svc.service)] = svc
+    return PolicyState(state.gpus, MappingProxyType(services))

@@ -1,0 +1,108 @@
+"""Operator actions on the policy state (the admin API): manual overrides, disabling, optimizing now.
+
+Pure like the rest of the policy: the caller passes the time and the latest snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import MappingProxyType
+
+from optimizer.config import Settings
+from optimizer.gpu.types import GpuSample
+from optimizer.policy.core import optimize_service, touch
+from optimizer.policy.model import (
+    ADOPTION_INTERVALS,
+    GpuView,
+    continuous_optimum,
+    disabled_decision,
+    drop_override,
+    expire_override,
+    publish,
+    with_service,
+)
+from optimizer.policy.types import Event, Outcome, PolicyState, Snapshot
+
+
+def apply_disabled(state: PolicyState, settings: Settings, now: float) -> Outcome:
+    """Publish the disabled decisions now (when an operator disables optimization), not at the next sample."""
+    events: list[Event] = []
+    services = {k: disabled_decision(v, settings, now, events) for k, v in state.services.items()}
+    return Outcome(PolicyState(state.gpus, MappingProxyType(services)), tuple(events))
+
+
+def set_override(state: PolicyState, service: str, gpu_index: int, batch: int, until: float | None, now: float,
+                 settings: Settings, gpu: GpuSample | None) -> Outcome:
+    """An operator fixes ``service``'s batch (until ``until``, or until cleared).
+
+    Published at once, but never above the safety bound of the latest sample (except the minimum);
+    memory at critical or above, or an OOM report, clears it: safety comes first.
+    """
+    state, svc = touch(state, service, gpu_index, now, settings, gpu)
+    lo, hi = settings.batch_limits(settings.profile(service))
+    events: list[Event] = [Event("override_set", gpu_index, now, service=service, old=svc.override, new=batch)]
+    published, why = batch, "manual override by an operator"
+    if not lo <= batch <= hi:
+        batch = published = max(lo, min(hi, batch))
+        why = f"manual override held at {published}, within the service's batch limits [{lo}, {hi}]"
+    svc = dataclasses.replace(svc, override=batch, override_until=until)
+    if gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None:
+        others = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service]
+        weights = {v.service: settings.profile(v.service).weight for v in others + [svc]}
+        g = GpuView(total=gpu.memory_total_bytes, used=gpu.memory_used_bytes, peak=gpu.memory_used_bytes,
+                 weights=weights)
+        _, safe, _ = continuous_optimum(svc, g, g.used, now, settings)
+        if batch > max(lo, math.floor(safe)):
+            published = max(lo, math.floor(safe))
+            why = f"manual override {batch}, held at {published} by the safety bound"
+    svc = publish(svc, published, svc.optimal, why, now, events, "manual")
+    return Outcome(with_service(state, svc), tuple(events))
+
+
+def clear_override(state: PolicyState, service: str, gpu_index: int, now: float) -> Outcome:
+    """Drop an operator's override; the policy takes over at its next decision."""
+    svc = state.services.get((gpu_index, service))
+    if svc is None or svc.override is None:
+        return Outcome(state, ())
+    events: list[Event] = []
+    svc = drop_override(svc, now, events, "cleared by an operator")
+    svc = dataclasses.replace(svc, reason="manual override cleared: the policy decides at its next optimization",
+                              updated_at=now)
+    return Outcome(with_service(state, svc), tuple(events))
+
+
+def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> Outcome:
+    """Run the periodic optimization on every GPU now (an operator's request), from the latest snapshot.
+
+    Unlike :func:`decide` it does not take the snapshot as a new sample: no window, pending or
+    pressure changes; only the optimization and its clock. A GPU whose last batch change is not
+    in its samples yet is skipped (its headroom is not known until then).
+    """
+    s = settings
+    now = snapshot.timestamp
+    events: list[Event] = []
+    gpus = dict(state.gpus)
+    services = dict(state.services)
+    if not s.enabled:
+        return Outcome(state, ())
+    for sample in snapshot.gpus:
+        gs = gpus.get(sample.index)
+        if gs is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
+            continue
+        if not gs.window or now < gs.adopt_after:
+            # The last change is not in the samples yet: optimizing again now would count the same
+            # headroom twice. As on the periodic path, wait for samples taken after adoption.
+            continue
+        mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
+        mine = [expire_override(x, now, events) for x in mine]
+        g = GpuView(total=sample.memory_total_bytes, used=sample.memory_used_bytes, peak=max(gs.window),
+                 weights={x.service: s.profile(x.service).weight for x in mine})
+        out = [optimize_service(x, g, gs, now, s, events, sample) for x in mine]
+        gs = dataclasses.replace(gs, optimized_at=now)
+        if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
+            gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
+        gpus[sample.index] = gs
+        for svc in out:
+            services[(svc.gpu, svc.service)] = svc
+    return Outcome(PolicyState(MappingProxyType(gpus), MappingProxyType(services)), tuple(events))
