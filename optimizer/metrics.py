@@ -137,16 +137,16 @@ class OptimizerCollector(Collector):
                 # every known trigger from zero, so rates and ratios have series before the first event
                 for trigger in sorted(set(TRIGGERS) | set(counts)):
                     fams[key].add_metric([str(index), uuid, trigger], float(counts.get(trigger, 0)))
-            for service, n in sorted(c.batch_changes.items()):
-                if (index, service) in self.engine.state.services:
-                    changes.add_metric([str(index), uuid, service], float(n))
+            # every current service from 0, so that increase() sees its first change
+            services = sorted(name for gi, name in self.engine.state.services if gi == index)
+            for service in services:
+                changes.add_metric([str(index), uuid, service], float(c.batch_changes.get(service, 0)))
             freed.add_metric([str(index), uuid], float(c.freed_bytes))
         yield from fams.values()
         yield changes
         yield freed
 
-    @staticmethod
-    def _self_health(sampler: Sampler) -> Iterator[Metric]:
+    def _self_health(self, sampler: Sampler) -> Iterator[Metric]:
         st = sampler.stats
         hist = HistogramMetricFamily("vlm_optimizer_sample_duration_seconds", "Time to read every GPU once")
         cumulative = []
@@ -157,12 +157,20 @@ class OptimizerCollector(Collector):
         cumulative.append(("+Inf", float(st.samples)))
         hist.add_metric([], cumulative, st.duration_sum)
         yield hist
+        attempts = CounterMetricFamily("vlm_optimizer_samples", "Ticks that tried to sample every GPU "
+                                       "(the denominator of the error ratio)")
+        attempts.add_metric([], float(st.attempts))
+        yield attempts
         errors = CounterMetricFamily("vlm_optimizer_sample_errors", "Samples that failed: the whole backend call "
                                      "(gpu=\"all\") or one GPU", labels=["gpu"])
         errors.add_metric(["all"], float(st.errors))
-        for index, n in sorted(st.gpu_errors.items()):
-            errors.add_metric([str(index)], float(n))
+        present = {g.index for g in self.engine.snapshot.gpus} if self.engine.snapshot else set()
+        for index in sorted(present | set(st.gpu_errors)):  # every present GPU from 0
+            errors.add_metric([str(index)], float(st.gpu_errors.get(index, 0)))
         yield errors
+        yield GaugeMetricFamily("vlm_optimizer_monitoring_enabled",
+                                "1 while the sampling loop runs, 0 while an operator paused it",
+                                value=1.0 if sampler.running else 0.0)
         last = GaugeMetricFamily("vlm_optimizer_last_sample_timestamp_seconds",
                                  "Unix time of the last successful sample (0 before the first)")
         last.add_metric([], st.last_sample_at or 0.0)

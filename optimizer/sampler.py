@@ -31,6 +31,7 @@ HEALTHY_INTERVALS = 3
 class SamplerStats:
     """The loop's own health, exported as ``vlm_optimizer_sample_*`` metrics."""
 
+    attempts: int = 0  # ticks that tried to sample (monitoring not paused)
     samples: int = 0
     errors: int = 0  # ticks whose backend call raised or timed out
     gpu_errors: dict[int, int] = field(default_factory=dict)  # per GPU: samples that came back failed
@@ -86,6 +87,7 @@ class Sampler:
         """Take one snapshot and feed it to the engine. Never raises (except cancellation)."""
         now = self.clock()
         started = time.perf_counter()
+        self.stats.attempts += 1
         try:
             samples = await self._read(now)
         except asyncio.CancelledError:

@@ -231,11 +231,14 @@ async def test_counters_do_not_move_without_events(rig: Rig) -> None:
     await rig.tick()
     rig.backend.used[0] = 45 * GIB
     await rig.tick()
-    before = [s for s in series(rig.registry) if s[0].endswith("_total") and s[0] != "vlm_optimizer_sample_errors_total"]
+    per_tick = ("vlm_optimizer_sample_errors_total", "vlm_optimizer_samples_total")  # these count ticks
+    before = [s for s in series(rig.registry) if s[0].endswith("_total") and s[0] not in per_tick]
     for _ in range(3):
         await rig.tick()
-    after = [s for s in series(rig.registry) if s[0].endswith("_total") and s[0] != "vlm_optimizer_sample_errors_total"]
+    after = [s for s in series(rig.registry) if s[0].endswith("_total") and s[0] not in per_tick]
     assert before == after
+    samples = {name: v for name, _, v in series(rig.registry) if name == "vlm_optimizer_samples_total"}
+    assert samples == {"vlm_optimizer_samples_total": 5.0}
 
 
 # --------------------------------------------------------------------------- series that go away
@@ -345,3 +348,25 @@ async def test_two_registries_are_independent() -> None:
     await b.tick()
     assert a.value("vlm_memory_used_bytes", a.gpu(0)) == 10 * GIB
     assert b.value("vlm_memory_used_bytes", b.gpu(0)) == 30 * GIB
+
+
+async def test_first_events_are_visible_to_increase() -> None:
+    """Per-service batch changes and per-GPU sample errors start at 0, so increase() sees the first one."""
+    r = Rig(gpus=2)
+    r.engine.poll("svc", 0, r.clock())
+    await r.tick()
+    assert r.registry.get_sample_value("vlm_batch_size_optimizations_total",
+                                       {"gpu": "0", "uuid": uuid_of(0), "service": "svc"}) == 0.0
+    for gpu in ("0", "1"):
+        assert r.registry.get_sample_value("vlm_optimizer_sample_errors_total", {"gpu": gpu}) == 0.0
+    r.backend.failed.add(1)
+    await r.tick()
+    assert r.registry.get_sample_value("vlm_optimizer_sample_errors_total", {"gpu": "1"}) == 1.0
+
+
+async def test_monitoring_enabled_follows_the_sampler() -> None:
+    r = Rig()
+    await r.tick()
+    assert r.registry.get_sample_value("vlm_optimizer_monitoring_enabled") == 1.0
+    r.sampler.running = False
+    assert r.registry.get_sample_value("vlm_optimizer_monitoring_enabled") == 0.0

@@ -1,0 +1,234 @@
+"""The Kubernetes bundle (ops/k8s): valid objects, a generated single file that is up to date, and
+probes, ports, labels and selectors that agree with each other and with the service itself."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from optimizer.api.app import build_app
+from optimizer.config import BackendName, ServerSettings, Settings, load_config
+from optimizer.engine import Engine
+from optimizer.gpu.none import NoGpuBackend
+from optimizer.sampler import Sampler
+from tests.policy_helpers import ROOT
+from tests.tools import require
+
+K8S = ROOT / "ops/k8s"
+BUNDLE = K8S / "vlm-gpu-memory-optimizer.yaml"
+APP = "vlm-gpu-memory-optimizer"
+NAMESPACE = "medical-kg"
+Obj = dict[str, Any]
+
+
+def load_all(path: Path) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, Obj]:
+    """The single-file bundle, by kind."""
+    docs = load_all(BUNDLE)
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object per kind expected"
+    return by_kind
+
+
+def pod(objects: dict[str, Obj]) -> Obj:
+    spec: Obj = objects["DaemonSet"]["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: dict[str, Obj]) -> Obj:
+    (main,) = [c for c in pod(objects)["containers"] if c["name"] == "optimizer"]
+    found: Obj = main
+    return found
+
+
+def test_one_object_per_source_file() -> None:
+    sources = [p for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", BUNDLE.name, "config.yaml")]
+    assert sources
+    for path in sources:
+        assert len(load_all(path)) == 1, path
+
+
+@pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "DaemonSet", "Service",
+                                  "NetworkPolicy"])
+def test_every_object_is_valid_for_a_current_kubernetes(objects: dict[str, Obj], kind: str) -> None:
+    version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(objects[kind], version, strict=True)  # raises ValidationError
+
+
+def test_the_single_file_manifest_is_kustomize_output() -> None:
+    kubectl = require("kubectl", optional_in_ci=True)
+    rendered = subprocess.run([kubectl, "kustomize", str(K8S)], check=True, capture_output=True, text=True).stdout
+    committed = "".join(line for line in BUNDLE.read_text().splitlines(keepends=True) if not line.startswith("#"))
+    assert committed == rendered, "regenerate: kubectl kustomize ops/k8s > ops/k8s/vlm-gpu-memory-optimizer.yaml"
+
+
+def test_the_monitoring_overlay_renders() -> None:
+    kubectl = require("kubectl", optional_in_ci=True)
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "monitoring")], check=True, capture_output=True,
+                         text=True).stdout
+    kinds = {d["kind"] for d in yaml.safe_load_all(out) if d}
+    assert kinds == {"ServiceMonitor", "PrometheusRule", "ConfigMap"}  # the ConfigMap: Grafana's dashboard
+
+
+def test_namespace_and_label_everywhere(objects: dict[str, Obj]) -> None:
+    for kind, obj in objects.items():
+        if kind == "Namespace":
+            assert obj["metadata"]["name"] == NAMESPACE
+            continue
+        assert obj["metadata"]["namespace"] == NAMESPACE, kind
+        assert obj["metadata"]["labels"]["app"] == APP, kind
+
+
+def test_selectors_find_the_pods(objects: dict[str, Obj]) -> None:
+    ds = objects["DaemonSet"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app"] == APP  # kubectl get pods -n medical-kg -l app=vlm-gpu-memory-optimizer
+    for selector in (ds["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
+                     objects["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):
+        assert selector.items() <= pod_labels.items()
+
+
+def _routes() -> set[str]:
+    engine = Engine(Settings())
+    app = build_app(engine, Sampler(NoGpuBackend(), engine), run_sampler=False)
+    return {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+
+
+def test_ports_and_probes_match_the_service(objects: dict[str, Obj]) -> None:
+    c = container(objects)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": ServerSettings().port, "admin": ServerSettings().admin_port}
+    routes = _routes()
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert {"/health", "/ready", "/metrics", "/batch-size"} <= routes
+    annotations = objects["DaemonSet"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["http"]
+    assert annotations["prometheus.io/path"] in routes
+    svc_ports = objects["Service"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in svc_ports] == [(8080, "http")]  # no admin port in the Service
+    assert objects["Service"]["spec"]["internalTrafficPolicy"] == "Local"
+
+
+def test_network_policy_admits_only_the_read_api(objects: dict[str, Obj]) -> None:
+    np = objects["NetworkPolicy"]["spec"]
+    assert np["policyTypes"] == ["Ingress"]
+    (rule,) = np["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]  # 8081 from nowhere
+    sources = rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in sources
+    assert any(s.get("podSelector", {}).get("matchLabels") == {"vlm-gpu-optimizer/client": "true"} for s in sources)
+
+
+def test_gpu_node_placement_without_taking_a_gpu(objects: dict[str, Obj]) -> None:
+    spec = pod(objects)
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    c = container(objects)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    for ctr in spec["containers"] + spec.get("initContainers", []):
+        for section in ("requests", "limits"):
+            assert "nvidia.com/gpu" not in ctr["resources"].get(section, {})
+
+
+def test_resources_are_set(objects: dict[str, Obj]) -> None:
+    for ctr in pod(objects)["containers"] + pod(objects)["initContainers"]:
+        res = ctr["resources"]
+        assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"cpu", "memory"}
+
+
+def test_pod_security(objects: dict[str, Obj]) -> None:
+    spec = pod(objects)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+    c = container(objects)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert not c["image"].endswith(":latest") and ":" in c["image"]
+    # the one exception: hands the hostPath state directory to the optimizer's UID, with CAP_CHOWN alone
+    (init,) = spec["initContainers"]
+    isc = init["securityContext"]
+    assert isc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert isc["allowPrivilegeEscalation"] is False and isc["readOnlyRootFilesystem"] is True
+    assert str(spec["securityContext"]["runAsUser"]) in " ".join(init["command"])
+
+
+def _mounts(c: Obj) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+
+
+def test_config_map_is_the_full_configuration(objects: dict[str, Obj], tmp_path: Path) -> None:
+    c = container(objects)
+    cm = objects["ConfigMap"]
+    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    config_path = c["args"][c["args"].index("--config") + 1]
+    assert config_path == f"{_mounts(c)['config']}/config.yaml"
+    text = cm["data"]["config.yaml"]
+    assert text == (K8S / "config.yaml").read_text()
+    f = tmp_path / "config.yaml"
+    f.write_text(text)
+    cfg = load_config(f, environ={})
+    assert cfg.settings == Settings()  # every policy key at its default
+    expected = ServerSettings(backend=BackendName.NVML, log_format="json",
+                              state_path="/var/lib/vlm-gpu-optimizer/state.json")
+    assert cfg.server == expected
+    assert "backend: nvml" in text
+    # the state file is on the hostPath volume, whose directory the init container hands over
+    state_dir = str(Path(cfg.server.state_path or "").parent)
+    assert _mounts(c)["state"] == state_dir
+    assert volumes["state"]["hostPath"] == {"path": state_dir, "type": "DirectoryOrCreate"}
+    (init,) = pod(objects)["initContainers"]
+    assert _mounts(init)["state"] == state_dir and state_dir in " ".join(init["command"])
+
+
+def test_admin_token_comes_from_the_secret_optionally(objects: dict[str, Obj]) -> None:
+    env = {e["name"]: e for e in container(objects)["env"]}
+    ref = env["VLM_OPTIMIZER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": objects["Secret"]["metadata"]["name"], "key": "token", "optional": True}
+    assert not objects["Secret"].get("data") and not objects["Secret"].get("stringData")  # no token shipped
+
+
+def servicemonitor() -> Obj:
+    (sm,) = load_all(K8S / "monitoring/servicemonitor.yaml")
+    return sm
+
+
+def test_service_monitor_scrapes_the_service(objects: dict[str, Obj]) -> None:
+    sm = servicemonitor()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= objects["Service"]["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == objects["Service"]["spec"]["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in endpoint["relabelings"]
+    assert endpoint["honorLabels"] is True  # the metrics' `service` label is the VLM service, not ours
+
+
+def iter_containers(objects: dict[str, Obj]) -> Iterator[Obj]:
+    yield from pod(objects)["containers"]
+    yield from pod(objects)["initContainers"]
+
+
+def test_every_container_uses_the_same_pinned_image(objects: dict[str, Obj]) -> None:
+    images = {c["image"] for c in iter_containers(objects)}
+    assert len(images) == 1
+    (image,) = images
+    assert image.startswith("medical-kg/vlm-gpu-memory-optimizer:") and not image.endswith(":latest")
