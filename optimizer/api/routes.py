@@ -15,10 +15,12 @@ from optimizer.api.schemas import (
     event_dict,
     parse_gpu,
     parse_limit,
+    parse_positive,
     parse_report,
     parse_service,
     sample_dict,
 )
+from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, UnknownGpu
 from optimizer.metrics import render
@@ -139,6 +141,32 @@ async def history(request: web.Request) -> web.Response:
     samples = {str(i): [sample_dict(g) for g in list(engine.history[i])[-limit:]] for i in indexes}
     events = [event_dict(e) for e in list(engine.events)[-limit:] if gpu is None or e.gpu in indexes]
     return _json({"gpus": samples, "events": events})
+
+
+@routes.get("/workers")
+async def workers(request: web.Request) -> web.Response:
+    """How many workers a gunicorn-style VLM server should start: min(cores*2+1, GPU memory / gpu_mem_typ)."""
+    engine = request.app[ENGINE]
+    try:
+        typ = parse_positive(request.query.get("gpu_mem_typ_mb"), "gpu_mem_typ_mb", hi=1 << 24)
+        cores = None
+        if request.query.get("cores") is not None:
+            cores = int(parse_positive(request.query.get("cores"), "cores", hi=4096, integer=True))
+        gpu = parse_gpu(request.query.get("gpu"))
+        index = engine.resolve_gpu("", gpu)
+    except InvalidInput as exc:
+        return _json(exc.body(), status=400)
+    except UnknownGpu as exc:
+        return _unknown_gpu(exc)
+    sample = engine.gpu_sample(index) if index is not None else None
+    total_mb = None
+    if sample is not None and sample.memory_total_bytes:
+        total_mb = sample.memory_total_bytes / (1024 * 1024)
+    plan = plan_workers(cores=cores, total_vram_mb=total_mb, gpu_mem_typ_mb=typ, environ={})
+    body = plan.as_dict()
+    body["gpu"] = None if sample is None else {"index": sample.index, "uuid": sample.uuid, "name": sample.name,
+                                               "memory_total_bytes": sample.memory_total_bytes}
+    return _json(body)
 
 
 @routes.get("/health")

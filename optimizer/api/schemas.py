@@ -114,6 +114,15 @@ def parse_limit(value: str | None, default: int, hi: int) -> int:
     return int(value)
 
 
+def parse_positive(value: str | None, name: str, *, hi: float, integer: bool = False) -> float:
+    """A required positive number from a query parameter (ASCII digits, optionally one decimal point)."""
+    kind = "an integer" if integer else "a number"
+    pattern = r"[0-9]{1,9}" if integer else r"[0-9]{1,9}(\.[0-9]{1,6})?"
+    if value is None or not re.fullmatch(pattern, value) or not 0 < float(value) <= hi:
+        raise InvalidInput(name, f"must be {kind} in (0, {hi:g}], got {str(value)[:32]!r}")
+    return float(value)
+
+
 def sample_dict(g: GpuSample) -> dict[str, Any]:
     return {
         "index": g.index,

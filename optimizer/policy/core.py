@@ -19,6 +19,7 @@ from optimizer.policy.model import (
     EMERGENCY_CUT,
     GpuView,
     MAX_CEILING_DOUBLINGS,
+    SAME_INCIDENT_INTERVALS,
     OOM_BACKOFF,
     SUCCESS_SAMPLES,
     WINDOW_INTERVALS,
@@ -320,9 +321,14 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
     gs = state.gpus.get(report.gpu)
     if report.oom:
         failed = report.batch_size if report.batch_size is not None else svc.batch_size
-        strikes = svc.strikes + 1 if svc.last_oom_at is not None and now - svc.last_oom_at < 3600 else 1
-        bar = s.optimization_interval * CEILING_INTERVALS * 2 ** min(strikes - 1, MAX_CEILING_DOUBLINGS)
         active = active_ceiling(svc, now)
+        recent = svc.last_oom_at is not None and now - svc.last_oom_at < 3600
+        # A second report of the same incident (a client's retry at the same size, seconds later) is
+        # not a new strike: it still lowers the batch, but does not double the bar.
+        same_incident = (active is not None and failed >= active and svc.last_oom_at is not None
+                         and now - svc.last_oom_at < SAME_INCIDENT_INTERVALS * s.monitoring_interval)
+        strikes = svc.strikes if same_incident else (svc.strikes + 1 if recent else 1)
+        bar = s.optimization_interval * CEILING_INTERVALS * 2 ** min(strikes - 1, MAX_CEILING_DOUBLINGS)
         svc = dataclasses.replace(svc, last_oom_at=now, strikes=strikes,
                                   ceiling=failed if active is None else min(active, failed),
                                   ceiling_until=now + bar)

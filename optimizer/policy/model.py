@@ -37,6 +37,7 @@ OOM_BACKOFF = 0.9  # after an OOM report: at most 90 % of the batch that failed 
 EMERGENCY_CUT = 0.25  # at the oom threshold: at least a quarter off every batch on the GPU
 CEILING_INTERVALS = 10  # an OOM bars its batch size for 10 optimization intervals, doubling per strike
 MAX_CEILING_DOUBLINGS = 3
+SAME_INCIDENT_INTERVALS = 2  # OOM reports at or above the bar this close together are one incident (one strike)
 SUCCESS_SAMPLES = 3  # an optimization succeeds if its trigger clears within this many samples
 FRESH_INTERVALS = 3  # a report counts for fragmentation and batch-in-force this many intervals
 WINDOW_INTERVALS = 3  # the peak window spans at most this many optimization intervals

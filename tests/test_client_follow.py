@@ -1,0 +1,750 @@
+"""The batch-size follower (``optimizer.client.follow``) against a real optimizer on an ephemeral port.
+
+The optimizer is the real application (``build_app``) over a scripted backend; the tests drive its
+sampler by hand (``await opt.tick()``) and change its decisions through the engine. The client's
+clock is a second fake clock, so staleness and outage durations move only when a test says so.
+The sync client blocks in urllib, so its polls run in a worker thread (``asyncio.to_thread``) while
+the server answers on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from optimizer.api import build_app
+from optimizer.client import follow
+from optimizer.client.follow import (
+    BACKOFF_MAX_S,
+    DEFAULT_URL,
+    URL_ENV,
+    AsyncBatchSizeClient,
+    BadAnswer,
+    BatchSizeClient,
+    _Follower,
+    default_cleanup,
+    parse_decision,
+)
+from optimizer.config import Settings
+from optimizer.engine import Engine
+from optimizer.sampler import Sampler
+from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+
+GIB = 1024**3
+INTERVAL = Settings().monitoring_interval  # 5 s
+DEFAULT_BATCH = 4  # the default profile's batch before any optimization
+LOGGER = "optimizer.client"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- the optimizer under test
+
+
+@dataclass
+class Seen:
+    """One request the optimizer answered: its path, status, and the headers of interest it carried."""
+
+    path: str
+    status: int
+    if_none_match: str | None
+    user_agent: str | None
+
+
+@dataclass
+class Optimizer:
+    server: TestServer
+    engine: Engine
+    sampler: Sampler
+    backend: ScriptedBackend
+    clock: FakeClock
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    async def tick(self, advance: float = INTERVAL) -> None:
+        if self.sampler.stats.samples:
+            self.clock.advance(advance)
+        assert await self.sampler.tick() is not None
+
+    def polls(self) -> list[Seen]:
+        return [s for s in self.seen if s.path == "/batch-size"]
+
+
+class MakeOptimizer(Protocol):
+    def __call__(self, *, port: int | None = None, engine: Engine | None = None,
+                 backend: ScriptedBackend | None = None) -> Awaitable[Optimizer]: ...
+
+
+def recorded_app(engine: Engine, sampler: Sampler, seen: list[Seen]) -> web.Application:
+    app = build_app(engine, sampler, run_sampler=False)
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(Seen(request.path, response.status, request.headers.get("If-None-Match"),
+                         request.headers.get("User-Agent")))
+
+    app.on_response_prepare.append(record)
+    return app
+
+
+@pytest.fixture
+def make_optimizer(aiohttp_server: AiohttpServer) -> MakeOptimizer:
+    async def make(*, port: int | None = None, engine: Engine | None = None,
+                   backend: ScriptedBackend | None = None) -> Optimizer:
+        clock = FakeClock()
+        backend = backend or ScriptedBackend(1)
+        engine = engine or Engine(Settings())
+        sampler = Sampler(backend, engine, clock=clock, sleep=no_sleep)
+        seen: list[Seen] = []
+        server = await aiohttp_server(recorded_app(engine, sampler, seen), port=port)
+        opt = Optimizer(server, engine, sampler, backend, clock, seen)
+        await opt.tick()
+        return opt
+
+    return make
+
+
+@pytest.fixture
+async def opt(make_optimizer: MakeOptimizer) -> Optimizer:
+    return await make_optimizer()
+
+
+@dataclass
+class Calls:
+    """What the callbacks saw, from whichever thread ran them."""
+
+    changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    cleanups: list[int] = field(default_factory=list)
+
+    def on_change(self, batch: int, decision: dict[str, Any]) -> None:
+        self.changes.append((batch, decision))
+
+    def on_cleanup(self, epoch: int) -> None:
+        self.cleanups.append(epoch)
+
+    @property
+    def values(self) -> list[int]:
+        return [b for b, _ in self.changes]
+
+
+def sync_client(url: str, calls: Calls | None = None, **kwargs: Any) -> BatchSizeClient:
+    calls = calls or Calls()
+    kwargs.setdefault("clock", FakeClock(0.0))
+    kwargs.setdefault("rng", random.Random(7))
+    return BatchSizeClient("svc-a", url=url, on_change=calls.on_change, on_cleanup=calls.on_cleanup, **kwargs)
+
+
+async def poll(client: BatchSizeClient) -> float:
+    return await asyncio.to_thread(client.poll_once)
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int, text: str = "") -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level and text in r.getMessage()]
+
+
+class MaxRandom(random.Random):
+    """Full jitter at its upper bound, so that the bound itself shows."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+# --------------------------------------------------------------------------- following the value
+
+
+async def test_value_changes_propagate(opt: Optimizer) -> None:
+    calls = Calls()
+    client = sync_client(opt.url, calls)
+    assert client.batch_size == 1 and client.decision is None and client.cleanup_epoch is None
+    assert client.healthy
+
+    delay = await poll(client)
+    assert delay == 5.0  # the interval
+    assert client.batch_size == DEFAULT_BATCH
+    assert calls.values == [DEFAULT_BATCH]  # from the safe size to the optimizer's
+    decision = client.decision
+    assert decision is not None and decision["service"] == "svc-a" and decision["gpu"]["uuid"] == uuid_of(0)
+    assert calls.changes[0][1] == decision
+    assert client.cleanup_epoch == 0 and client.last_status == 200 and client.healthy
+
+    opt.engine.set_override("svc-a", None, 9, None, opt.clock())
+    await poll(client)
+    assert client.batch_size == 9
+    assert calls.values == [DEFAULT_BATCH, 9]  # once per change
+    assert calls.changes[-1][1]["batch_size"] == 9
+    assert [s.status for s in opt.polls()] == [200, 200]
+
+
+async def test_unchanged_decision_answers_304(opt: Optimizer) -> None:
+    calls = Calls()
+    clock = FakeClock(0.0)
+    client = sync_client(opt.url, calls, clock=clock, max_staleness=60.0)
+    await poll(client)
+    etag = client.etag
+    assert etag is not None and etag.startswith('W/"')
+
+    clock.advance(50)
+    opt.backend.used[0] = 21 * GIB  # the memory figures move; the decision does not
+    await opt.tick()
+    await poll(client)
+    first, second = opt.polls()
+    assert (first.status, first.if_none_match) == (200, None)
+    assert (second.status, second.if_none_match) == (304, etag)  # seen by the server
+    assert client.last_status == 304 and client.batch_size == DEFAULT_BATCH
+    assert calls.values == [DEFAULT_BATCH]  # no change, no call
+
+    clock.advance(50)  # 100 s after the body, 50 s after the 304: the 304 refreshed it
+    assert client.batch_size == DEFAULT_BATCH and client.healthy
+
+
+async def test_a_400_of_the_optimizer_is_a_failure(opt: Optimizer, caplog: pytest.LogCaptureFixture) -> None:
+    client = sync_client(opt.url, gpu=5)  # the host has one GPU
+    caplog.set_level(logging.DEBUG, LOGGER)
+    await poll(client)
+    assert opt.polls()[0].status == 400
+    assert client.last_status == 400 and not client.healthy and client.consecutive_failures == 1
+    assert client.batch_size == 1
+    assert client.last_error is not None and "HTTP 400" in client.last_error and "no GPU 5" in client.last_error
+    [warning] = records(caplog, logging.WARNING)
+    assert "no GPU 5" in warning.getMessage()
+
+
+# --------------------------------------------------------------------------- outages
+
+
+async def test_outage_keeps_the_value_while_fresh_then_falls_back_and_recovers(
+        make_optimizer: MakeOptimizer, caplog: pytest.LogCaptureFixture) -> None:
+    opt = await make_optimizer()
+    calls = Calls()
+    clock = FakeClock(0.0)
+    client = sync_client(opt.url, calls, clock=clock, max_staleness=60.0, rng=MaxRandom())
+    caplog.set_level(logging.DEBUG, LOGGER)
+    await poll(client)
+    assert client.batch_size == DEFAULT_BATCH
+    url, port = opt.url, opt.server.port
+    await opt.server.close()  # the optimizer goes away
+
+    delays = []
+    for _ in range(3):
+        clock.advance(10)
+        delays.append(await poll(client))
+    assert delays == [1.0, 2.0, 4.0]
+    assert client.last_status is None and client.last_error is not None
+    assert not client.healthy and client.consecutive_failures == 3
+    assert client.batch_size == DEFAULT_BATCH  # 30 s old: still fresh
+    assert calls.values == [DEFAULT_BATCH]
+    [warning] = records(caplog, logging.WARNING)
+    assert url in warning.getMessage() and "keeping batch size 4 for 50 s more" in warning.getMessage()
+    assert "Connection refused" in warning.getMessage()
+
+    clock.advance(25)  # 55 s old
+    assert await poll(client) == pytest.approx(5.0)  # backoff says 8; the value expires in 5
+    assert client.batch_size == DEFAULT_BATCH
+    clock.advance(5)  # 60 s old
+    assert client.batch_size == 1  # reading needs no poll
+    await poll(client)
+    assert calls.values == [DEFAULT_BATCH, 1]  # told once, at the expiry
+    assert calls.changes[-1][1]["batch_size"] == DEFAULT_BATCH  # with the last (stale) decision
+    clock.advance(30)
+    for _ in range(4):
+        await poll(client)
+    assert calls.values == [DEFAULT_BATCH, 1]
+    assert len(records(caplog, logging.WARNING)) == 1  # once per outage, not per poll
+    assert len(records(caplog, logging.INFO, "falling back")) == 1
+
+    # The optimizer comes back on the same address, with the same state.
+    back = await make_optimizer(port=port, engine=opt.engine)
+    assert back.url == url
+    assert await poll(client) == 5.0
+    assert client.healthy and client.consecutive_failures == 0 and client.last_error is None
+    assert client.batch_size == DEFAULT_BATCH
+    assert calls.values == [DEFAULT_BATCH, 1, DEFAULT_BATCH]
+    [recovered] = records(caplog, logging.INFO, "answers again")
+    assert "after 80.0 s" in recovered.getMessage() and "9 failed polls" in recovered.getMessage()
+    assert len(records(caplog, logging.WARNING)) == 1
+
+    # A second outage is a second warning.
+    await back.server.close()
+    await poll(client)
+    assert len(records(caplog, logging.WARNING)) == 2
+
+
+def test_backoff_doubles_from_1_s_and_caps_at_60_s() -> None:
+    client = BatchSizeClient("svc-a", url=f"http://127.0.0.1:{closed_port()}", clock=FakeClock(0.0),
+                             rng=MaxRandom(), timeout=1.0)
+    delays = [client.poll_once() for _ in range(9)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert client.consecutive_failures == 9 and client.batch_size == 1
+
+
+def test_backoff_has_full_jitter_within_bounds() -> None:
+    follower = _Follower(target="test", interval=5.0, safe_batch_size=1, max_staleness=60.0, on_change=None,
+                         on_cleanup=None, rng=random.Random(1))
+    bounds = [min(BACKOFF_MAX_S, 2.0 ** i) for i in range(40)]
+    delays = [follower.on_failure(ConnectionRefusedError(), 0.0) for _ in bounds]
+    assert all(0.0 <= d <= hi for d, hi in zip(delays, bounds))
+    capped = delays[7:]
+    assert len(set(capped)) == len(capped)  # jittered, not a fixed 60
+    assert min(capped) < 30.0 < max(capped)  # spread over the whole range
+    assert follower.on_answer(200, {}, b'{"batch_size": 3}', 0.0) == 5.0  # success: back to the interval
+    assert follower.on_failure("again", 0.0) <= 1.0  # and the backoff starts over
+
+
+# --------------------------------------------------------------------------- garbage answers
+
+
+GARBAGE: dict[str, tuple[int, str, str]] = {  # mode -> (status, content type, body)
+    "not json": (200, "text/html", "<html>hello</html>"),
+    "a list": (200, "application/json", "[1, 2]"),
+    "no batch_size": (200, "application/json", '{"service": "svc-a"}'),
+    "batch_size a string": (200, "application/json", '{"batch_size": "x"}'),
+    "batch_size zero": (200, "application/json", '{"batch_size": 0}'),
+    "batch_size true": (200, "application/json", '{"batch_size": true}'),
+    "batch_size a float": (200, "application/json", '{"batch_size": 2.5}'),
+    "epoch a string": (200, "application/json", '{"batch_size": 3, "cleanup_epoch": "1"}'),
+    "epoch negative": (200, "application/json", '{"batch_size": 3, "cleanup_epoch": -1}'),
+    "gpu a string": (200, "application/json", '{"batch_size": 3, "gpu": "GPU-0"}'),
+    "500": (500, "application/json", '{"error": "internal error"}'),
+    "404": (404, "text/plain", "not found"),
+    "304 to nothing": (304, "", ""),
+}
+
+
+@dataclass
+class Garbage:
+    url: str
+    mode: list[str]
+
+
+@pytest.fixture
+async def garbage(aiohttp_server: AiohttpServer) -> Garbage:
+    mode = ["good"]
+
+    async def handler(request: web.Request) -> web.Response:
+        if mode[0] == "good":
+            return web.json_response({"batch_size": 6, "cleanup_epoch": 0}, headers={"ETag": 'W/"good"'})
+        status, content_type, body = GARBAGE[mode[0]]
+        if status == 304:
+            return web.Response(status=304)
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_get("/batch-size", handler)
+    server = await aiohttp_server(app)
+    return Garbage(f"http://{server.host}:{server.port}", mode)
+
+
+async def test_garbage_answers_are_failures(garbage: Garbage, caplog: pytest.LogCaptureFixture) -> None:
+    calls = Calls()
+    client = sync_client(garbage.url, calls)
+    caplog.set_level(logging.DEBUG, LOGGER)
+    for n, mode in enumerate(GARBAGE, start=1):
+        garbage.mode[0] = mode
+        delay = await poll(client)  # no exception escapes
+        assert 0.0 <= delay <= min(BACKOFF_MAX_S, 2.0 ** (n - 1)), mode
+        assert client.consecutive_failures == n, mode
+        assert client.batch_size == 1 and client.decision is None, mode
+        assert client.last_status == GARBAGE[mode][0], mode
+    assert calls.changes == [] and calls.cleanups == []
+    assert len(records(caplog, logging.WARNING)) == 1
+
+    garbage.mode[0] = "good"
+    assert await poll(client) == 5.0
+    assert client.batch_size == 6 and client.healthy and calls.values == [6]
+
+
+@pytest.mark.parametrize("mode", ["not json", "batch_size a string", "500", "404"])
+async def test_garbage_after_a_good_answer_keeps_the_value(garbage: Garbage, mode: str) -> None:
+    client = sync_client(garbage.url)
+    await poll(client)
+    garbage.mode[0] = mode
+    await poll(client)
+    assert not client.healthy and client.batch_size == 6
+    assert client.decision is not None and client.decision["batch_size"] == 6
+
+
+async def test_async_client_counts_garbage_as_failures(garbage: Garbage) -> None:
+    client = AsyncBatchSizeClient("svc-a", url=garbage.url, clock=FakeClock(0.0))
+    for n, mode in enumerate(GARBAGE, start=1):
+        garbage.mode[0] = mode
+        await client.poll_once()
+        assert client.consecutive_failures == n and client.batch_size == 1, mode
+
+
+def test_parse_decision() -> None:
+    assert parse_decision(b'{"batch_size": 2, "extra": 1}') == {"batch_size": 2, "extra": 1}
+    assert parse_decision({"batch_size": 2, "gpu": None}) == {"batch_size": 2, "gpu": None}
+    for bad in (b"\xff", "nan", b"{", b"null", b'{"batch_size": null}', b'{"batch_size": 3, "updated_at": "x"}'):
+        with pytest.raises(BadAnswer):
+            parse_decision(bad)
+    assert issubclass(BadAnswer, ValueError)
+
+
+# --------------------------------------------------------------------------- cleanup epochs
+
+
+async def test_cleanup_epoch_rises_call_on_cleanup(make_optimizer: MakeOptimizer) -> None:
+    opt = await make_optimizer()
+    calls = Calls()
+    client = sync_client(opt.url, calls)
+    await poll(client)
+    assert client.cleanup_epoch == 0 and calls.cleanups == []  # the first value is a baseline
+
+    opt.backend.used[0] = 70 * GIB  # 87.5 %: over gc_threshold, a cleanup is raised
+    await opt.tick()
+    await poll(client)
+    assert client.cleanup_epoch == 1 and calls.cleanups == [1]
+    await poll(client)
+    assert calls.cleanups == [1]  # once per rise
+
+    await opt.tick(advance=Settings().cleanup_interval + 1)  # still over: the next cleanup
+    await poll(client)
+    assert client.cleanup_epoch == 2 and calls.cleanups == [1, 2]
+
+    # A second service joining now takes epoch 2 as its baseline.
+    late = Calls()
+    await poll(sync_client(opt.url, late))
+    assert late.cleanups == []
+
+    # The optimizer restarts (new state: epochs back to 0) on the same address.
+    port = opt.server.port
+    await opt.server.close()
+    back = await make_optimizer(port=port)
+    await poll(client)
+    assert client.cleanup_epoch == 0 and calls.cleanups == [1, 2]  # a new baseline, no cleanup
+    back.backend.used[0] = 70 * GIB
+    await back.tick()
+    await poll(client)
+    assert client.cleanup_epoch == 1 and calls.cleanups == [1, 2, 1]
+
+
+async def test_without_on_cleanup_the_default_cleanup_runs(opt: Optimizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(follow, "default_cleanup", lambda: ran.append("cleanup"))
+    client = BatchSizeClient("svc-a", url=opt.url)
+    await poll(client)
+    opt.backend.used[0] = 70 * GIB
+    await opt.tick()
+    await poll(client)
+    assert ran == ["cleanup"]
+
+
+def test_default_cleanup_collects_and_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    def collect() -> int:
+        ran.append("gc")
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    default_cleanup()  # without torch: garbage collection only, and torch is not imported
+    assert ran == ["gc"] and "torch" not in sys.modules
+
+    available = [True]
+    torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: available[0],
+                                                             empty_cache=lambda: ran.append("empty_cache")))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    default_cleanup()
+    assert ran == ["gc", "gc", "empty_cache"]
+    available[0] = False  # torch without CUDA
+    default_cleanup()
+    assert ran == ["gc", "gc", "empty_cache", "gc"]
+
+
+# --------------------------------------------------------------------------- callbacks that raise
+
+
+async def test_a_raising_callback_is_logged_and_polling_goes_on(opt: Optimizer,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def bad_change(batch: int, decision: dict[str, Any]) -> None:
+        raise RuntimeError("on_change broke")
+
+    def bad_cleanup(epoch: int) -> None:
+        raise RuntimeError("on_cleanup broke")
+
+    client = BatchSizeClient("svc-a", url=opt.url, on_change=bad_change, on_cleanup=bad_cleanup)
+    caplog.set_level(logging.DEBUG, LOGGER)
+    assert await poll(client) == 5.0
+    assert client.batch_size == DEFAULT_BATCH and client.healthy
+    opt.backend.used[0] = 70 * GIB
+    await opt.tick()
+    opt.engine.set_override("svc-a", None, 7, None, opt.clock())
+    assert await poll(client) == 5.0
+    assert client.batch_size == 7 and client.cleanup_epoch == 1 and client.healthy
+    errors = records(caplog, logging.ERROR)
+    assert [r.exc_info[1].args[0] for r in errors if r.exc_info and r.exc_info[1]] == [
+        "on_change broke", "on_cleanup broke", "on_change broke"]
+
+
+async def test_a_raising_callback_does_not_end_the_thread(opt: Optimizer) -> None:
+    seen = threading.Event()
+
+    def bad_change(batch: int, decision: dict[str, Any]) -> None:
+        seen.set()
+        raise RuntimeError("boom")
+
+    client = BatchSizeClient("svc-a", url=opt.url, interval=3600.0, on_change=bad_change)
+    client.start()
+    try:
+        assert await asyncio.to_thread(seen.wait, 10.0)
+        assert client.running
+    finally:
+        await asyncio.to_thread(client.stop)
+    assert not client.running
+
+
+# --------------------------------------------------------------------------- apply_decision (telemetry replies)
+
+
+async def test_apply_decision_from_a_report_reply(opt: Optimizer, caplog: pytest.LogCaptureFixture) -> None:
+    calls = Calls()
+    client = sync_client(opt.url, calls)
+    await poll(client)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{opt.url}/reports",
+                                json={"service": "svc-a", "batch_size": DEFAULT_BATCH, "oom": True}) as resp:
+            assert resp.status == 200
+            body, etag = await resp.json(), resp.headers["ETag"]
+    assert body["batch_size"] < DEFAULT_BATCH
+
+    assert client.apply_decision(body, etag)
+    assert client.batch_size == body["batch_size"]  # at once, no poll
+    assert calls.values == [DEFAULT_BATCH, body["batch_size"]]
+    await poll(client)
+    assert opt.polls()[-1].status == 304  # the reply's ETag is the current decision's
+
+    caplog.set_level(logging.DEBUG, LOGGER)
+    assert not client.apply_decision({"batch_size": "lots"})
+    assert client.batch_size == body["batch_size"] and len(calls.changes) == 2
+    assert len(records(caplog, logging.WARNING, "not one")) == 1
+
+
+def test_apply_decision_without_etag_forgets_the_stored_one() -> None:
+    follower = _Follower(target="test", interval=5.0, safe_batch_size=1, max_staleness=60.0, on_change=None,
+                         on_cleanup=None, rng=random.Random(1))
+    follower.on_answer(200, {"etag": 'W/"a"'}, b'{"batch_size": 3}', 0.0)  # header names in any case
+    assert follower.etag == 'W/"a"'
+    assert follower.apply({"batch_size": 2}, 1.0)
+    assert follower.etag is None and follower.value(1.0) == 2
+
+
+# --------------------------------------------------------------------------- the async face
+
+
+async def test_async_client_with_aiohttp(opt: Optimizer) -> None:
+    calls = Calls()
+    client = AsyncBatchSizeClient("svc-a", url=opt.url, on_change=calls.on_change, on_cleanup=calls.on_cleanup,
+                                  clock=FakeClock(0.0))
+    assert await client.poll_once() == 5.0
+    assert client.batch_size == DEFAULT_BATCH and calls.values == [DEFAULT_BATCH]
+    await client.poll_once()
+    assert [(s.status, s.if_none_match) for s in opt.polls()] == [(200, None), (304, client.etag)]
+    assert calls.values == [DEFAULT_BATCH]
+    opt.engine.set_override("svc-a", None, 11, None, opt.clock())
+    opt.backend.used[0] = 70 * GIB
+    await opt.tick()
+    await client.poll_once()
+    assert client.batch_size == 11 and calls.values == [DEFAULT_BATCH, 11] and calls.cleanups == [1]
+    assert {s.user_agent for s in opt.polls()} == {"vlm-gpu-optimizer-client (aiohttp)"}
+
+
+async def test_async_client_without_aiohttp(opt: Optimizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # `import aiohttp` raises ImportError
+    assert follow._load_aiohttp() is None
+    calls = Calls()
+    client = AsyncBatchSizeClient("svc-a", url=opt.url, on_change=calls.on_change, clock=FakeClock(0.0))
+    assert await client.poll_once() == 5.0
+    assert client.batch_size == DEFAULT_BATCH and calls.values == [DEFAULT_BATCH]
+    await client.poll_once()
+    assert [s.status for s in opt.polls()] == [200, 304]
+    assert {s.user_agent for s in opt.polls()} == {"vlm-gpu-optimizer-client (urllib)"}  # in a worker thread
+    await opt.server.close()
+    await client.poll_once()  # a refused connection is a failure here too
+    assert not client.healthy and client.batch_size == DEFAULT_BATCH
+
+
+async def test_async_client_across_event_loops(opt: Optimizer) -> None:
+    """A service may poll from one asyncio.run, then another: nothing is left bound to the first loop."""
+    client = AsyncBatchSizeClient("svc-a", url=opt.url, clock=FakeClock(0.0))
+
+    async def once() -> float:
+        return await client.poll_once()
+
+    for _ in range(2):
+        assert await asyncio.to_thread(asyncio.run, once()) == 5.0
+        assert client.healthy and client.batch_size == DEFAULT_BATCH
+    assert [s.status for s in opt.polls()] == [200, 304]
+
+
+async def test_async_client_outage(make_optimizer: MakeOptimizer, caplog: pytest.LogCaptureFixture) -> None:
+    opt = await make_optimizer()
+    clock = FakeClock(0.0)
+    client = AsyncBatchSizeClient("svc-a", url=opt.url, clock=clock, rng=MaxRandom(), max_staleness=60.0)
+    caplog.set_level(logging.DEBUG, LOGGER)
+    await client.poll_once()
+    port = opt.server.port
+    await opt.server.close()
+    assert [await client.poll_once() for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert not client.healthy and client.batch_size == DEFAULT_BATCH
+    clock.advance(60)
+    assert client.batch_size == 1
+    await make_optimizer(port=port, engine=opt.engine)
+    await client.poll_once()
+    assert client.healthy and client.batch_size == DEFAULT_BATCH
+    assert len(records(caplog, logging.WARNING)) == 1 and len(records(caplog, logging.INFO, "answers again")) == 1
+
+
+# --------------------------------------------------------------------------- start and stop
+
+
+async def test_thread_starts_and_stops_promptly(opt: Optimizer) -> None:
+    first = threading.Event()
+    client = BatchSizeClient("svc-a", url=opt.url, interval=3600.0, on_change=lambda b, d: first.set())
+    client.start()
+    thread = client._thread
+    assert thread is not None and thread.daemon
+    client.start()  # already running: nothing new
+    assert client._thread is thread
+    assert await asyncio.to_thread(first.wait, 10.0)  # the first poll comes at once
+    assert client.batch_size == DEFAULT_BATCH
+
+    t0 = time.monotonic()
+    await asyncio.to_thread(client.stop)  # the thread waits 3600 s on an Event: stop wakes it
+    assert time.monotonic() - t0 < 2.0
+    assert not thread.is_alive() and not client.running
+    assert len(opt.polls()) == 1
+
+
+async def test_thread_as_a_context_manager_against_a_dead_optimizer() -> None:
+    failed = threading.Event()
+
+    class Watch(BatchSizeClient):
+        def poll_once(self) -> float:
+            delay = super().poll_once()
+            failed.set()
+            return delay
+
+    with Watch("svc-a", url=f"http://127.0.0.1:{closed_port()}", rng=MaxRandom()) as client:
+        thread = client._thread
+        assert await asyncio.to_thread(failed.wait, 10.0)
+        assert not client.healthy and client.batch_size == 1
+    assert thread is not None and not thread.is_alive()
+
+
+async def test_task_starts_and_stops_promptly(opt: Optimizer) -> None:
+    first = asyncio.Event()
+    client = AsyncBatchSizeClient("svc-a", url=opt.url, interval=3600.0, on_change=lambda b, d: first.set())
+    async with client:
+        task = client._task
+        assert task is not None and client.running
+        await asyncio.wait_for(first.wait(), 10.0)
+        assert client.batch_size == DEFAULT_BATCH
+    assert task.done() and not client.running
+    assert len(opt.polls()) == 1
+
+
+def test_async_start_needs_a_running_loop() -> None:
+    with pytest.raises(RuntimeError):
+        AsyncBatchSizeClient("svc-a").start()
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [
+    ({"interval": 0}, "interval"),
+    ({"interval": -1.0}, "interval"),
+    ({"interval": float("nan")}, "interval"),
+    ({"safe_batch_size": 0}, "safe_batch_size"),
+    ({"safe_batch_size": True}, "safe_batch_size"),
+    ({"max_staleness": 0}, "max_staleness"),
+    ({"timeout": 0}, "timeout"),
+    ({"url": "ftp://optimizer:8080"}, "url"),
+    ({"url": "optimizer:8080"}, "url"),
+    ({"url": "http://"}, "url"),
+    ({"url": "http://optimizer:8080/?x=1"}, "url"),
+    ({"service": ""}, "service"),
+    ({"service": "two words"}, "service"),
+    ({"gpu": -1}, "gpu"),
+    ({"gpu": "first"}, "gpu"),
+    ({"gpu": True}, "gpu"),
+])
+@pytest.mark.parametrize("face", [BatchSizeClient, AsyncBatchSizeClient])
+def test_constructor_rejects_bad_arguments(face: Callable[..., object], kwargs: dict[str, Any],
+                                           argument: str) -> None:
+    args = {"service": "svc-a", **kwargs}
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        face(**args)
+
+
+def test_url_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(URL_ENV, raising=False)
+    assert BatchSizeClient("svc-a").url == f"{DEFAULT_URL}/batch-size?service=svc-a"
+    monkeypatch.setenv(URL_ENV, "https://optimizer.ns.svc:8443/prefix/")
+    client = AsyncBatchSizeClient("team/vlm:1", gpu=uuid_of(2))
+    assert client.url == ("https://optimizer.ns.svc:8443/prefix/batch-size?service=team%2Fvlm%3A1&gpu="
+                          + uuid_of(2))
+    assert BatchSizeClient("svc-a", url="http://other:1", gpu=0).url == "http://other:1/batch-size?service=svc-a&gpu=0"
+
+
+# --------------------------------------------------------------------------- independence from the server
+
+
+def test_importable_without_the_server_dependencies() -> None:
+    """With aiohttp, structlog, pynvml, kubernetes, prometheus_client, yaml and torch all missing, the
+    module imports, imports nothing else of the optimizer, and the async face falls back to urllib."""
+    script = textwrap.dedent(f"""
+        import asyncio, importlib.abc, sys
+        BLOCKED = {{"aiohttp", "structlog", "pynvml", "kubernetes", "prometheus_client", "yaml", "torch"}}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+        sys.meta_path.insert(0, Block())
+        from optimizer.client.follow import AsyncBatchSizeClient, BatchSizeClient, default_cleanup
+        default_cleanup()
+        async def main():
+            c = AsyncBatchSizeClient("svc-a", url="http://127.0.0.1:{closed_port()}", safe_batch_size=2)
+            await c.poll_once()
+            await c.stop()
+            return c
+        c = asyncio.run(main())
+        assert c.batch_size == 2 and not c.healthy and c.last_status is None, vars(c)
+        mods = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith("optimizer"))
+        print(" ".join(mods))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != URL_ENV}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["optimizer", "optimizer.client", "optimizer.client.follow"]

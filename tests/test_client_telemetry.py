@@ -1,0 +1,753 @@
+"""Telemetry of the client library (optimizer.client.telemetry) against a real optimizer.
+
+The optimizer runs on an ephemeral port (pytest-aiohttp's ``aiohttp_server``) over a scripted GPU
+backend; its engine records every report it takes. The sync reporter's blocking calls run in a worker
+thread (``asyncio.to_thread``) so that the server keeps serving on the test's event loop. Where the
+test needs answers the optimizer does not give (a 503, a stalled request, the exact body on the wire),
+a small fake upstream server gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import sys
+import threading
+import types
+import uuid as pyuuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from optimizer.api import build_app
+from optimizer.client import telemetry
+from optimizer.client.telemetry import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure
+from optimizer.config import Settings
+from optimizer.engine import Decision, Engine
+from optimizer.policy.types import ServiceState
+from optimizer.sampler import Sampler
+from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+from tests.test_client_oom import OOM_ERROR, oom
+
+GIB = 1024**3
+HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
+
+
+# --------------------------------------------------------------------------- the optimizer and its doubles
+
+
+class RecordingEngine(Engine):
+    """The real engine, recording each report the API hands it."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
+               peak_bytes: int | None = None, allocated_bytes: int | None = None,
+               reserved_bytes: int | None = None, oom: bool = False) -> Decision:
+        self.reports.append({"service": service, "gpu": gpu, "batch_size": batch_size, "peak_bytes": peak_bytes,
+                             "allocated_bytes": allocated_bytes, "reserved_bytes": reserved_bytes, "oom": oom})
+        return super().report(service, gpu, now, batch_size=batch_size, peak_bytes=peak_bytes,
+                              allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom)
+
+
+@dataclass
+class Optimizer:
+    server: TestServer
+    engine: RecordingEngine
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    def service(self, name: str, gpu: int = 0) -> ServiceState:
+        return self.engine.state.services[(gpu, name)]
+
+
+class StartOptimizer(Protocol):
+    def __call__(self, settings: Settings | None = None, port: int | None = None) -> Awaitable[Optimizer]: ...
+
+
+@pytest.fixture
+def start_optimizer(aiohttp_server: AiohttpServer) -> StartOptimizer:
+    async def start(settings: Settings | None = None, port: int | None = None) -> Optimizer:
+        engine = RecordingEngine(settings or Settings(default_batch_size=8))
+        sampler = Sampler(ScriptedBackend(), engine, clock=FakeClock(), sleep=no_sleep)
+        server = await aiohttp_server(build_app(engine, sampler, run_sampler=False), port=port)
+        await sampler.tick()
+        return Optimizer(server, engine)
+
+    return start
+
+
+@pytest.fixture
+async def optimizer(start_optimizer: StartOptimizer) -> Optimizer:
+    return await start_optimizer()
+
+
+@pytest.fixture
+async def reporters(start_optimizer: StartOptimizer) -> AsyncIterator[list[Reporter]]:
+    """Reporters to stop after the test (in a worker thread: their last flush needs the loop free)."""
+    made: list[Reporter] = []
+    yield made
+    for r in made:
+        await asyncio.to_thread(r.stop)
+
+
+@dataclass
+class Sink:
+    """A DecisionSink that records the decisions it gets."""
+
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    received: threading.Event = field(default_factory=threading.Event)
+
+    def apply_decision(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        self.received.set()
+
+    async def wait(self) -> bool:
+        return await asyncio.to_thread(self.received.wait, 10)
+
+
+@dataclass
+class Upstream:
+    """A fake optimizer: answers each ``POST /reports`` with the next scripted (status, body), and
+    records the bodies. ``stall`` makes it wait for ``release`` after a request arrived."""
+
+    script: list[tuple[int, str]] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    stall: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://{self.server.host}:{self.server.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        if self.stall:
+            self.arrived.set()
+            await self.release.wait()
+        status, text = self.script.pop(0) if self.script else (200, json.dumps(decision(4)))
+        return web.Response(status=status, text=text, content_type="application/json")
+
+
+def decision(batch_size: int) -> dict[str, Any]:
+    return {"service": "svc", "batch_size": batch_size, "optimal_batch_size": batch_size, "reason": "scripted"}
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
+    up = Upstream()
+    app = web.Application()
+    app.router.add_post("/reports", up.handle)
+    up.server = await aiohttp_server(app)
+    return up
+
+
+def closed_port() -> int:
+    """A local port with nothing listening on it (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "optimizer.client" and r.getMessage().startswith(event)]
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+async def test_reports_of_one_interval_go_out_as_one(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    peaks = [20, 22, 31, 25, 24, 26, 23, 22, 21, 20]
+    for i, peak in enumerate(peaks):
+        reporter.report(8, peak_bytes=peak * GIB, allocated_bytes=(5 + i) * GIB, reserved_bytes=(10 + i) * GIB)
+    assert optimizer.engine.reports == []  # nothing sent from report()
+    assert reporter.stats.queued == 10 and reporter.stats.pending == 10
+
+    await asyncio.to_thread(reporter.flush)
+
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": 31 * GIB,
+                                         "allocated_bytes": 14 * GIB, "reserved_bytes": 19 * GIB, "oom": False}]
+    svc = optimizer.service("svc-a")
+    assert svc.reported_batch == 8
+    assert svc.peaks == ((8, 31 * GIB),)
+    assert svc.allocated_bytes == 14 * GIB and svc.reserved_bytes == 19 * GIB
+    assert reporter.stats.sent == 1 and reporter.stats.pending == 0
+
+    await asyncio.to_thread(reporter.flush)  # nothing new: nothing sent
+    assert len(optimizer.engine.reports) == 1
+
+
+async def test_the_aggregate_carries_the_latest_batch_and_its_own_peak(optimizer: Optimizer) -> None:
+    """A peak measured at another batch size says nothing of the latest one: it is not carried over."""
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    reporter.report(4, peak_bytes=60 * GIB, allocated_bytes=3 * GIB)
+    reporter.report(8, peak_bytes=30 * GIB)
+    reporter.report(8, peak_bytes=32 * GIB, reserved_bytes=12 * GIB)
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": 32 * GIB,
+                                         "allocated_bytes": 3 * GIB, "reserved_bytes": 12 * GIB, "oom": False}]
+    assert optimizer.service("svc-a").peaks == ((8, 32 * GIB),)
+
+
+async def test_the_wire_body_names_only_what_was_measured(upstream: Upstream) -> None:
+    reporter = Reporter("svc", url=upstream.url + "/", gpu="GPU-1234-abcd", interval=HOUR)
+    reporter.report(6, inactive_split_bytes=123)
+    reporter.report(6, peak_bytes=7)
+    await asyncio.to_thread(reporter.flush)
+    assert upstream.bodies == [{"service": "svc", "gpu": "GPU-1234-abcd", "batch_size": 6, "peak_bytes": 7,
+                                "inactive_split_bytes": 123}]
+
+
+async def test_the_background_thread_sends_every_interval(optimizer: Optimizer, reporters: list[Reporter]) -> None:
+    sink = Sink()
+    reporter = Reporter("svc-a", url=optimizer.url, interval=0.05, sink=sink)
+    reporters.append(reporter.start())
+    reporter.report(5, peak_bytes=9 * GIB)
+    assert await sink.wait()
+    assert optimizer.engine.reports[0]["batch_size"] == 5
+    assert sink.decisions[0]["service"] == "svc-a"
+
+
+# --------------------------------------------------------------------------- OOM
+
+
+async def test_an_oom_goes_out_at_once_and_the_sink_gets_the_lowered_batch(optimizer: Optimizer,
+                                                                           reporters: list[Reporter]) -> None:
+    sink = Sink()
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR, sink=sink)
+    reporters.append(reporter.start())
+    reporter.report(8, peak_bytes=70 * GIB)  # waits for its interval
+    reporter.report(8, oom=True)  # does not
+    assert await sink.wait()
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": None,
+                                         "allocated_bytes": None, "reserved_bytes": None, "oom": True}]
+    assert sink.decisions[0]["batch_size"] == 7  # the optimizer's back-off: 90 % of 8
+    assert optimizer.service("svc-a").batch_size == 7
+    assert reporter.stats.sent == 1 and reporter.stats.pending == 1
+
+    await asyncio.to_thread(reporter.stop)  # the last flush sends the rest
+    assert not reporter.running
+    assert [r["oom"] for r in optimizer.engine.reports] == [True, False]
+    assert len(sink.decisions) == 2 and sink.decisions[1]["batch_size"] == 7
+    assert optimizer.service("svc-a").peaks == ((8, 70 * GIB),)
+
+
+async def test_an_oom_reported_before_the_start_goes_out_when_it_starts(optimizer: Optimizer,
+                                                                       reporters: list[Reporter]) -> None:
+    sink = Sink()
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR, sink=sink)
+    reporter.report(8, oom=True)
+    reporters.append(reporter.start())
+    assert await sink.wait()
+    assert sink.decisions[0]["batch_size"] == 7
+
+
+async def test_ooms_are_not_aggregated(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    reporter.report(8, oom=True)
+    reporter.report(7, peak_bytes=GIB)
+    reporter.report(7, oom=True)
+    await asyncio.to_thread(reporter.flush)
+    assert [(r["batch_size"], r["oom"]) for r in optimizer.engine.reports] == [(8, True), (7, True), (7, False)]
+
+
+# --------------------------------------------------------------------------- outages and refusals
+
+
+async def test_report_never_raises_and_the_buffer_drops_the_oldest(caplog: pytest.LogCaptureFixture) -> None:
+    reporter = Reporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=4)
+    for i in range(10):
+        reporter.report(8, peak_bytes=i * GIB)
+    assert reporter.stats.queued == 10
+    assert reporter.stats.dropped == 6 and reporter.stats.pending == 4
+
+    for bad in (0, -1, True, "8", None, 8.5):
+        reporter.report(bad)  # type: ignore[arg-type]
+    reporter.report(8, peak_bytes=-1)
+    assert reporter.stats.invalid == 7 and reporter.stats.pending == 4
+    assert [r.levelno for r in log_lines(caplog, "telemetry_invalid")] == [logging.WARNING]  # once: a hot path
+
+    await asyncio.to_thread(reporter.flush)  # refused: kept, as one aggregate
+    stats = reporter.stats
+    assert stats.failed == 1 and stats.outages == 1 and stats.sent == 0
+    assert stats.pending == 1
+
+
+async def test_report_does_not_block_while_a_send_hangs(upstream: Upstream, reporters: list[Reporter]) -> None:
+    upstream.stall = True
+    sink = Sink()
+    reporter = Reporter("svc", url=upstream.url, interval=HOUR, timeout=30, sink=sink)
+    reporters.append(reporter.start())
+    reporter.report(8, oom=True)
+    await asyncio.wait_for(upstream.arrived.wait(), 10)  # the sender is now inside its POST
+
+    def many() -> None:
+        for i in range(1000):
+            reporter.report(8, peak_bytes=i)
+
+    await asyncio.wait_for(asyncio.to_thread(many), 10)  # would time out if report() waited for the send
+    assert reporter.stats.queued == 1001 and not sink.received.is_set()
+    upstream.release.set()
+    assert await sink.wait()
+
+
+async def test_one_log_line_per_outage_and_one_on_recovery(start_optimizer: StartOptimizer,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="optimizer.client")
+    port = closed_port()
+    reporter = Reporter("svc-a", url=f"http://127.0.0.1:{port}", gpu=0, interval=HOUR)
+    reporter.report(8, peak_bytes=30 * GIB)
+    for _ in range(3):
+        await asyncio.to_thread(reporter.flush)
+    reporter.report(8, peak_bytes=33 * GIB)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.stats.failed == 4 and reporter.stats.outages == 1
+    [down] = log_lines(caplog, "optimizer_unreachable")
+    assert down.levelno == logging.WARNING and str(port) in down.getMessage()
+
+    optimizer = await start_optimizer(port=port)  # the optimizer comes (back) on that port
+    await asyncio.to_thread(reporter.flush)
+    [up] = log_lines(caplog, "optimizer_reachable")
+    assert up.levelno == logging.INFO and "4 failed sends" in up.getMessage()
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": 33 * GIB,
+                                         "allocated_bytes": None, "reserved_bytes": None, "oom": False}]
+    assert reporter.stats.pending == 0 and reporter.stats.sent == 1
+
+    await optimizer.server.close()  # a second outage: a second line
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)
+    await asyncio.to_thread(reporter.flush)
+    assert len(log_lines(caplog, "optimizer_unreachable")) == 2
+    assert reporter.stats.outages == 2
+
+
+async def test_a_server_error_or_a_reply_that_is_no_decision_is_retried(upstream: Upstream,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    upstream.script = [(503, '{"error": "overloaded"}'), (200, "<html>a proxy</html>")]
+    sink = Sink()
+    reporter = Reporter("svc", url=upstream.url, interval=HOUR, sink=sink)
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.stats.failed == 2 and reporter.stats.pending == 1 and sink.decisions == []
+    assert "HTTP 503: overloaded" in log_lines(caplog, "optimizer_unreachable")[0].getMessage()
+    await asyncio.to_thread(reporter.flush)
+    assert sink.decisions == [decision(4)]
+    assert len(upstream.bodies) == 3 and reporter.stats.pending == 0
+
+
+async def test_a_refused_report_is_logged_and_not_retried(optimizer: Optimizer,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    reporter = Reporter("not a name", url=optimizer.url, interval=HOUR)
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.stats.rejected == 1 and reporter.stats.pending == 0 and reporter.stats.failed == 0
+    [line] = log_lines(caplog, "report_rejected")
+    assert line.levelno == logging.WARNING
+    assert "HTTP 400: service: must be" in line.getMessage()
+
+    await asyncio.to_thread(reporter.flush)  # not retried
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)  # refused again, for the same reason: not logged again
+    assert reporter.stats.rejected == 2
+    assert len(log_lines(caplog, "report_rejected")) == 1
+    assert optimizer.engine.reports == [] and optimizer.engine.state.services == {}
+
+
+async def test_a_failing_sink_does_not_stop_the_reports(optimizer: Optimizer) -> None:
+    class Broken:
+        def apply_decision(self, decision: dict[str, Any]) -> None:
+            raise RuntimeError("sink bug")
+
+    reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR, sink=Broken())
+    reporter.report(8)
+    await asyncio.to_thread(reporter.flush)
+    reporter.report(6)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.stats.sent == 2
+
+
+# --------------------------------------------------------------------------- lifecycle and arguments
+
+
+async def test_start_and_stop_are_prompt_and_idempotent(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
+    assert reporter.start() is reporter.start()
+    assert reporter.running
+    await asyncio.to_thread(reporter.stop, 5)  # would wait the hour if stop() did not wake the thread
+    assert not reporter.running
+    await asyncio.to_thread(reporter.stop)
+    assert reporter.start().running  # and it starts again
+    await asyncio.to_thread(reporter.stop, 5)
+    assert not reporter.running
+
+
+async def test_the_context_manager_starts_and_stops_with_a_last_flush(optimizer: Optimizer) -> None:
+    def use() -> None:
+        with Reporter("svc-a", url=optimizer.url, interval=HOUR) as reporter:
+            assert reporter.running
+            reporter.report(3)
+        assert not reporter.running
+
+    await asyncio.to_thread(use)
+    assert optimizer.service("svc-a").reported_batch == 3
+
+
+async def test_a_proxy_in_the_environment_is_not_used(optimizer: Optimizer, transport: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer is a neighbour: HTTP_PROXY (here a dead one) is for the outside world."""
+    for var in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port()}")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
+    reporter.report(2)
+    await asyncio.to_thread(reporter.flush)
+    async_reporter = AsyncReporter("svc-b", url=optimizer.url, interval=HOUR)
+    async_reporter.report(3)
+    await async_reporter.flush()
+    assert reporter.stats.sent == 1 and async_reporter.stats.sent == 1
+
+
+def test_the_url_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(telemetry.URL_ENV, raising=False)
+    assert Reporter("svc").url == "http://127.0.0.1:8080"
+    monkeypatch.setenv(telemetry.URL_ENV, "http://optimizer.gpu-system:8080/")
+    assert Reporter("svc").url == "http://optimizer.gpu-system:8080"
+    assert Reporter("svc", url="https://o:1").url == "https://o:1"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"url": "optimizer:8080"}, {"url": "ftp://o"}, {"interval": 0}, {"interval": float("inf")}, {"timeout": -1},
+    {"max_pending": 0}, {"gpu": 1.5}, {"gpu": True},
+])
+def test_bad_arguments_are_refused_at_once(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Reporter("svc", **kwargs)
+    with pytest.raises(ValueError):
+        AsyncReporter("svc", **kwargs)
+
+
+async def test_a_follower_takes_the_lowered_batch_from_the_oom_reply(optimizer: Optimizer) -> None:
+    from optimizer.client.follow import BatchSizeClient
+
+    follower = BatchSizeClient("svc-a", url=optimizer.url, gpu=0, interval=HOUR)  # not polling
+    sink: DecisionSink = follower
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR, sink=sink)
+    reporter.report(8, oom=True)
+    await asyncio.to_thread(reporter.flush)
+    assert follower.batch_size == 7
+
+
+# --------------------------------------------------------------------------- measure
+
+
+async def test_measure_without_torch_reports_the_batch_size(optimizer: Optimizer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    with measure(reporter, batch_size=6):
+        pass
+    await asyncio.to_thread(reporter.flush)
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 6, "peak_bytes": None,
+                                         "allocated_bytes": None, "reserved_bytes": None, "oom": False}]
+    assert optimizer.service("svc-a").reported_batch == 6
+    assert "torch" not in sys.modules
+
+
+async def test_measure_as_a_decorator_reads_the_batch_size_of_each_call(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+
+    @measure(reporter)
+    def embed(images: list[str], batch_size: int = 2) -> int:
+        return len(images)
+
+    @measure(reporter)
+    async def embed_async(images: list[str], *, batch_size: int) -> int:
+        await asyncio.sleep(0)
+        return len(images)
+
+    assert embed(["a"]) == 1
+    await asyncio.to_thread(reporter.flush)
+    assert embed(["a", "b"], batch_size=5) == 2
+    await asyncio.to_thread(reporter.flush)
+    assert await embed_async(["a"], batch_size=3) == 1
+    await asyncio.to_thread(reporter.flush)
+    assert [r["batch_size"] for r in optimizer.engine.reports] == [2, 5, 3]
+
+
+async def test_measure_reports_an_oom_and_reraises_it(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    with pytest.raises(OOM_ERROR):
+        with measure(reporter, batch_size=8):
+            raise oom()
+    with pytest.raises(ValueError):
+        with measure(reporter, batch_size=8):
+            raise ValueError("not an OOM: the batch did not finish, nothing is reported")
+    assert reporter.stats.queued == 1
+    await asyncio.to_thread(reporter.flush)
+    assert [(r["batch_size"], r["oom"]) for r in optimizer.engine.reports] == [(8, True)]
+    assert optimizer.service("svc-a").batch_size == 7
+
+
+def test_measure_reports_nothing_for_the_cpu() -> None:
+    reporter = Reporter("svc", interval=HOUR)
+    with measure(reporter, batch_size=8, device="cpu"):
+        pass
+    with pytest.raises(OOM_ERROR):
+        with measure(reporter, batch_size=8, device="cpu"):
+            raise oom()
+    assert reporter.stats.queued == 0
+
+
+def test_measure_needs_a_batch_size() -> None:
+    reporter = Reporter("svc", interval=HOUR)
+    with pytest.raises(ValueError, match="batch_size"):
+        with measure(reporter):
+            pass
+
+    def no_batch(images: list[str]) -> int:
+        return len(images)
+
+    with pytest.raises(TypeError, match="batch_size"):
+        measure(reporter)(no_batch)
+    assert measure(reporter, batch_size=4)(no_batch)(["a"]) == 1
+    assert reporter.stats.queued == 1
+
+
+# --------------------------------------------------------------------------- with PyTorch (a stand-in)
+
+
+class CUuuid:
+    """What ``torch.cuda.get_device_properties(i).uuid`` is: it prints without the ``GPU-`` prefix."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class RawCUuuid(CUuuid):
+    """A ``_CUuuid`` that prints its bytes undecoded (PyTorch 2.4), with the ``bytes`` of later versions."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__("\x8f\xfe")
+        self.bytes = pyuuid.UUID(uuid.removeprefix("GPU-")).bytes
+
+
+class FakeCuda:
+    """The part of ``torch.cuda`` the library reads, recording each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.initialized = True
+        self.uuid: CUuuid | None = CUuuid(uuid_of(0).removeprefix("GPU-"))
+        self.peak = self.allocated = self.reserved = self.inactive = 0
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def current_device(self) -> int:
+        return 0
+
+    def get_device_properties(self, index: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(name="Test GPU") if self.uuid is None else types.SimpleNamespace(uuid=self.uuid)
+
+    def reset_peak_memory_stats(self, device: Any = None) -> None:
+        self.calls.append(f"reset {device}")
+
+    def max_memory_allocated(self, device: Any = None) -> int:
+        self.calls.append(f"max {device}")
+        return self.peak
+
+    def memory_allocated(self, device: Any = None) -> int:
+        self.calls.append(f"allocated {device}")
+        return self.allocated
+
+    def memory_reserved(self, device: Any = None) -> int:
+        self.calls.append(f"reserved {device}")
+        return self.reserved
+
+    def memory_stats(self, device: Any = None) -> dict[str, int]:
+        self.calls.append(f"stats {device}")
+        return {"inactive_split_bytes.all.current": self.inactive, "num_ooms": 0}
+
+    def empty_cache(self) -> None:
+        self.calls.append("empty_cache")
+
+
+@pytest.fixture
+def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    fake = FakeCuda()
+    torch = types.ModuleType("torch")
+    setattr(torch, "cuda", fake)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return fake
+
+
+async def test_measure_with_cuda_reads_the_allocator_around_the_batch(cuda: FakeCuda, upstream: Upstream) -> None:
+    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
+    with measure(reporter, batch_size=8, device="cuda:0"):
+        cuda.calls.append("batch")
+        cuda.peak, cuda.allocated, cuda.reserved, cuda.inactive = 30 * GIB, 6 * GIB, 8 * GIB, GIB
+    assert cuda.calls == ["reset cuda:0", "batch", "max cuda:0", "allocated cuda:0", "reserved cuda:0",
+                          "stats cuda:0"]
+    await asyncio.to_thread(reporter.flush)
+    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 8, "peak_bytes": 30 * GIB,
+                                "allocated_bytes": 6 * GIB, "reserved_bytes": 8 * GIB, "inactive_split_bytes": GIB}]
+
+
+async def test_measure_with_cuda_reports_an_oom_with_the_allocator_figures(cuda: FakeCuda,
+                                                                           upstream: Upstream) -> None:
+    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
+    cuda.allocated, cuda.reserved = 70 * GIB, 79 * GIB
+    with pytest.raises(OOM_ERROR):
+        with measure(reporter, batch_size=16):
+            raise oom()
+    await asyncio.to_thread(reporter.flush)
+    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 16, "allocated_bytes": 70 * GIB,
+                                "reserved_bytes": 79 * GIB, "inactive_split_bytes": 0, "oom": True}]
+
+
+def test_measure_survives_a_failing_allocator_reading(cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(device: Any = None) -> dict[str, int]:
+        raise RuntimeError("no stats")
+
+    monkeypatch.setattr(cuda, "memory_stats", broken)
+    reporter = Reporter("svc", interval=HOUR)
+    with measure(reporter, batch_size=2):
+        pass
+    assert reporter.stats.queued == 1 and reporter.stats.invalid == 0
+
+
+def test_the_gpu_identity_is_the_current_devices_uuid(cuda: FakeCuda) -> None:
+    assert gpu_identity() == uuid_of(0)
+    cuda.uuid = CUuuid("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f")
+    assert gpu_identity() == "MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"
+    cuda.uuid = RawCUuuid(uuid_of(3))  # PyTorch 2.4: printed as raw bytes, read through .bytes
+    assert gpu_identity() == uuid_of(3)
+    cuda.uuid = None  # an older PyTorch
+    assert gpu_identity() is None
+    cuda.uuid = CUuuid("x")
+    cuda.initialized = False  # reading it would initialise CUDA
+    assert gpu_identity() is None
+
+
+def test_without_torch_there_is_no_gpu_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert gpu_identity() is None
+    assert "torch" not in sys.modules
+
+
+async def test_the_reporter_sends_the_uuid_of_the_current_device(cuda: FakeCuda, optimizer: Optimizer) -> None:
+    cuda.initialized = False
+    reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
+    reporter.report(4)
+    assert reporter.gpu is None  # not yet: CUDA is not initialised
+    cuda.initialized = True
+    reporter.report(4)
+    assert reporter.gpu == uuid_of(0)
+    await asyncio.to_thread(reporter.flush)
+    assert optimizer.engine.reports[0]["gpu"] == uuid_of(0)
+    assert optimizer.service("svc-a", gpu=0).reported_batch == 4
+
+
+async def test_a_detected_gpu_the_optimizer_does_not_know_is_dropped(cuda: FakeCuda, optimizer: Optimizer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    cuda.uuid = CUuuid("MIG-0000aaaa-0000-4000-8000-000000000000")
+    reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
+    reporter.report(4)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.gpu is None and reporter.stats.sent == 1 and reporter.stats.rejected == 0
+    assert optimizer.engine.reports[-1]["gpu"] is None
+    assert len(log_lines(caplog, "gpu_unknown")) == 1
+
+
+async def test_a_gpu_given_by_the_service_is_not_dropped(optimizer: Optimizer) -> None:
+    reporter = Reporter("svc-a", url=optimizer.url, gpu=7, interval=HOUR)
+    reporter.report(4)
+    await asyncio.to_thread(reporter.flush)
+    assert reporter.gpu == 7 and reporter.stats.rejected == 1
+
+
+# --------------------------------------------------------------------------- the async reporter
+
+
+@pytest.fixture(params=["aiohttp", "thread"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the async reporter sends: aiohttp, and urllib in a worker thread without aiohttp."""
+    mode: str = request.param
+    if mode == "thread":
+        monkeypatch.setattr(telemetry, "_load_aiohttp", lambda: None)
+    return mode
+
+
+async def test_the_async_reporter_aggregates_and_sends_an_oom_at_once(optimizer: Optimizer, transport: str) -> None:
+    sink = Sink()
+    reporter = AsyncReporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR, sink=sink)
+    for peak in (20, 29, 25):
+        reporter.report(8, peak_bytes=peak * GIB, allocated_bytes=peak)
+    await reporter.flush()
+    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": 29 * GIB,
+                                         "allocated_bytes": 25, "reserved_bytes": None, "oom": False}]
+    assert sink.decisions[-1]["batch_size"] == 8
+
+    sink.received.clear()
+    async with reporter:
+        assert reporter.running
+        reporter.report(8, peak_bytes=GIB)
+        reporter.report(8, oom=True)
+        assert await sink.wait()  # at once: the interval is an hour
+        assert sink.decisions[1]["batch_size"] == 7
+        assert [r["oom"] for r in optimizer.engine.reports] == [False, True]
+    assert not reporter.running
+    assert [r["oom"] for r in optimizer.engine.reports] == [False, True, False]  # the last flush
+
+
+async def test_the_async_reporter_stops_promptly(optimizer: Optimizer, transport: str) -> None:
+    reporter = AsyncReporter("svc-a", url=optimizer.url, interval=HOUR)
+    assert await reporter.start() is await reporter.start()
+    await asyncio.wait_for(reporter.stop(), 5)
+    assert not reporter.running
+    await reporter.stop()
+
+
+async def test_the_async_reporter_logs_an_outage_once_and_keeps_the_reports(transport: str,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    reporter = AsyncReporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=2)
+    for batch in (8, 8, 6):
+        reporter.report(batch)
+    await reporter.flush()
+    await reporter.flush()
+    stats = reporter.stats
+    assert (stats.queued, stats.dropped, stats.failed, stats.outages, stats.pending) == (3, 1, 2, 1, 1)
+    assert len(log_lines(caplog, "optimizer_unreachable")) == 1
+
+
+async def test_the_async_reporter_refuses_what_the_optimizer_refuses(optimizer: Optimizer, transport: str) -> None:
+    reporter = AsyncReporter("bad name", url=optimizer.url, interval=HOUR)
+    reporter.report(8)
+    await reporter.flush()
+    await reporter.flush()
+    assert reporter.stats.rejected == 1 and reporter.stats.pending == 0
