@@ -18,7 +18,15 @@ from aiohttp import web
 from optimizer.api.app import Handler, errors_as_json
 from optimizer.api.keys import ADMIN_TOKEN, ENGINE, PERSISTER, SAMPLER
 from optimizer.api.routes import status_body
-from optimizer.api.schemas import MAX_REPORT_BYTES, InvalidInput, event_dict, parse_gpu, parse_limit, parse_service
+from optimizer.api.schemas import (
+    MAX_REPORT_BYTES,
+    InvalidInput,
+    event_dict,
+    parse_gpu,
+    parse_limit,
+    parse_service,
+    read_limited,
+)
 from optimizer.config import SETTING_KEYS, ConfigError, Settings, apply_settings, settings_to_dict
 from optimizer.engine import UnknownGpu
 
@@ -49,14 +57,9 @@ def _audit(request: web.Request, action: str, **fields: Any) -> None:
 
 
 async def _body(request: web.Request) -> Any:
-    raw = b""
-    while len(raw) <= MAX_REPORT_BYTES:
-        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
-    if len(raw) > MAX_REPORT_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_REPORT_BYTES, actual_size=len(raw))
+    raw = await read_limited(request.content)
+    if raw is None:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_REPORT_BYTES, actual_size=MAX_REPORT_BYTES + 1)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

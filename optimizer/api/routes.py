@@ -18,6 +18,7 @@ from optimizer.api.schemas import (
     parse_positive,
     parse_report,
     parse_service,
+    read_limited,
     sample_dict,
 )
 from optimizer.client.admission import plan_workers
@@ -70,13 +71,8 @@ async def batch_size(request: web.Request) -> web.Response:
 async def reports(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
-    raw = b""
-    while len(raw) <= MAX_REPORT_BYTES:  # a body may arrive in pieces: read to its end or past the limit
-        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
-    if len(raw) > MAX_REPORT_BYTES:
+    raw = await read_limited(request.content)
+    if raw is None:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
     try:
         body = json.loads(raw)

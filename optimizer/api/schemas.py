@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.types import Event
@@ -121,6 +121,24 @@ def parse_positive(value: str | None, name: str, *, hi: float, integer: bool = F
     if value is None or not re.fullmatch(pattern, value) or not 0 < float(value) <= hi:
         raise InvalidInput(name, f"must be {kind} in (0, {hi:g}], got {str(value)[:32]!r}")
     return float(value)
+
+
+class StreamReaderLike(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def read_limited(content: StreamReaderLike, limit: int = MAX_REPORT_BYTES) -> bytes | None:
+    """The whole request body, or ``None`` when it is longer than ``limit`` bytes.
+
+    A body may arrive in pieces (chunked, or split by the network): read to its end or past the limit.
+    """
+    raw = b""
+    while len(raw) <= limit:
+        chunk = await content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return None if len(raw) > limit else raw
 
 
 def sample_dict(g: GpuSample) -> dict[str, Any]:
