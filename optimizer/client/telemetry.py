@@ -426,7 +426,29 @@ async def _drive_async(cycle: _Cycle, post: Callable[[dict[str, Any]], Awaitable
         return
 
 
-class Reporter:
+class _CoreView:
+    """What both reporters show of their shared :class:`_Core` (read-only)."""
+
+    _core: _Core
+
+    @property
+    def service(self) -> str:
+        return self._core.service
+
+    @property
+    def url(self) -> str:
+        return self._core.url
+
+    @property
+    def gpu(self) -> int | str | None:
+        return self._core.gpu
+
+    @property
+    def stats(self) -> ReporterStats:
+        return self._core.stats
+
+
+class Reporter(_CoreView):
     """Reports a service's batches to the optimizer from a daemon thread (or by :meth:`flush`).
 
     ``url``: the optimizer's read API (default ``$VLM_OPTIMIZER_URL``, else ``http://127.0.0.1:8080``).
@@ -445,22 +467,6 @@ class Reporter:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-
-    @property
-    def service(self) -> str:
-        return self._core.service
-
-    @property
-    def url(self) -> str:
-        return self._core.url
-
-    @property
-    def gpu(self) -> int | str | None:
-        return self._core.gpu
-
-    @property
-    def stats(self) -> ReporterStats:
-        return self._core.stats
 
     @property
     def running(self) -> bool:
@@ -541,7 +547,7 @@ def _load_aiohttp() -> ModuleType | None:
     return aiohttp
 
 
-class AsyncReporter:
+class AsyncReporter(_CoreView):
     """:class:`Reporter` for asyncio services: the same arguments and behaviour, sending from a task.
 
     HTTP goes through aiohttp when it is installed, else through urllib in a worker thread.
@@ -557,22 +563,6 @@ class AsyncReporter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-
-    @property
-    def service(self) -> str:
-        return self._core.service
-
-    @property
-    def url(self) -> str:
-        return self._core.url
-
-    @property
-    def gpu(self) -> int | str | None:
-        return self._core.gpu
-
-    @property
-    def stats(self) -> ReporterStats:
-        return self._core.stats
 
     @property
     def running(self) -> bool:
