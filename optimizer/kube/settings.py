@@ -1,0 +1,145 @@
+"""Settings of Kubernetes discovery and publishing (the ``kubernetes:`` section of the config file).
+
+Environment variables are ``VLM_OPTIMIZER_KUBE_<KEY>``; ``node_name`` also falls back to ``NODE_NAME``
+(set from ``spec.nodeName`` through the Downward API in the shipped DaemonSet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Prefix of every annotation and label the optimizer reads or writes.
+PREFIX = "vlm-optimizer.io/"
+
+_DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+class KubeSettingError(ValueError):
+    """A Kubernetes setting is invalid; ``key`` names it (``kubernetes.<name>``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    """Discovery of the VLM pods on this node and publishing into their annotations.
+
+    Durations are seconds.
+    """
+
+    discovery: bool = False  # list and watch the pods on this node
+    kubeconfig: str | None = None  # a kubeconfig file (development); None: the in-cluster service account
+    node_name: str | None = None  # the node whose pods are watched (default: $NODE_NAME)
+    namespaces: tuple[str, ...] = ()  # namespaces watched; empty: all namespaces
+    label_selector: str = PREFIX + "managed=true"  # which pods are VLM services
+    service_label: str = "app.kubernetes.io/name"  # the label naming a pod's service (annotation
+    # vlm-optimizer.io/service, when present, wins)
+    publish: bool = False  # write batch size and cleanup epoch into each pod's annotations
+    publish_interval: float = 15.0  # at least this long between two patches of one pod
+    watch_timeout: float = 300.0  # a watch request ends (normally) after this long and is renewed
+    request_timeout: float = 10.0  # any one API call longer than this fails
+    backoff_max: float = 60.0  # the longest wait before retrying after API errors (doubling from 0.5 s, jittered)
+
+    @property
+    def all_namespaces(self) -> bool:
+        return not self.namespaces
+
+
+KUBE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KubeSettings))
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise KubeSettingError(key, f"must be true or false, got {value!r}")
+
+
+def _seconds(key: str, value: Any, lo: float, hi: float) -> float:
+    try:
+        f = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        f = math.nan
+    if not math.isfinite(f) or not lo <= f <= hi:
+        raise KubeSettingError(key, f"must be a number of seconds in [{lo:g}, {hi:g}], got {value!r}")
+    return f
+
+
+def coerce_kube(name: str, value: Any) -> Any:
+    """Check one setting as read from a file, the environment or a flag; raises :class:`KubeSettingError`."""
+    key = f"kubernetes.{name}"
+    if name in ("discovery", "publish"):
+        return _bool(key, value)
+    if name in ("kubeconfig", "node_name"):
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise KubeSettingError(key, "must be a non-empty string")
+        if name == "node_name" and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", value):
+            raise KubeSettingError(key, f"must be a node name (lower-case DNS subdomain), got {value!r}")
+        return value
+    if name == "namespaces":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise KubeSettingError(key, f"must be a list of namespaces (or comma-separated), got {value!r}")
+        out = tuple(str(n).strip() for n in items if str(n).strip())
+        for n in out:
+            if not _DNS1123.fullmatch(n):
+                raise KubeSettingError(key, f"{n!r} is not a namespace name (lower-case letters, digits, '-')")
+        return tuple(dict.fromkeys(out))
+    if name == "label_selector":
+        if not isinstance(value, str):
+            raise KubeSettingError(key, f"must be a label selector string, got {value!r}")
+        return value.strip()
+    if name == "service_label":
+        if not isinstance(value, str) or not _LABEL_KEY.fullmatch(value):
+            raise KubeSettingError(key, f"must be a label key such as app.kubernetes.io/name, got {value!r}")
+        return value
+    if name == "publish_interval":
+        return _seconds(key, value, 1.0, 86400.0)
+    if name == "watch_timeout":
+        return _seconds(key, value, 10.0, 3600.0)
+    if name == "request_timeout":
+        return _seconds(key, value, 0.1, 300.0)
+    if name == "backoff_max":
+        return _seconds(key, value, 1.0, 3600.0)
+    raise KubeSettingError(key, f"unknown key; allowed keys are {', '.join(KUBE_KEYS)}")
+
+
+def apply_kube(base: KubeSettings, updates: Mapping[str, Any]) -> KubeSettings:
+    """``base`` with ``updates`` applied, all-or-nothing."""
+    coerced = {k: coerce_kube(k, v) for k, v in updates.items()}
+    return dataclasses.replace(base, **coerced)
+
+
+def kube_env(environ: Mapping[str, str], env_prefix: str) -> dict[str, Any]:
+    """``<env_prefix>KUBE_<KEY>`` for every key, and ``NODE_NAME`` for ``node_name``."""
+    out: dict[str, Any] = {}
+    if environ.get("NODE_NAME"):
+        out["node_name"] = environ["NODE_NAME"]
+    for k in KUBE_KEYS:
+        v = environ.get(f"{env_prefix}KUBE_{k.upper()}")
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def finish(settings: KubeSettings) -> KubeSettings:
+    """Relations between settings, checked on the merged result."""
+    if settings.discovery and not settings.node_name:
+        raise KubeSettingError("kubernetes.node_name", "is required with discovery (set NODE_NAME from "
+                               "spec.nodeName through the Downward API, or --node-name)")
+    if settings.publish and not settings.discovery:
+        raise KubeSettingError("kubernetes.publish", "needs kubernetes.discovery: true")
+    return settings
