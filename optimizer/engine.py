@@ -8,6 +8,7 @@ Everything here is synchronous and runs on one thread (the event loop's), so no 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 from collections import defaultdict, deque
@@ -16,9 +17,11 @@ from typing import Any
 
 import structlog
 
+from optimizer import coordination
 from optimizer.config import Settings, apply_settings, settings_to_dict
 from optimizer.gpu.types import GpuSample
 from optimizer import policy
+from optimizer.kube.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
 
 log = structlog.get_logger(__name__)
@@ -96,7 +99,8 @@ class GpuCounters:
 
 class Engine:
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self._settings = settings
+        self._effective: Settings | None = None
         self.state = PolicyState()
         self.snapshot: Snapshot | None = None
         self.history: dict[int, deque[GpuSample]] = {}
@@ -105,6 +109,68 @@ class Engine:
         self.has_gpus = True  # False on backend "none"
         self.runtime: dict[str, Any] = {}  # settings changed at runtime (admin API), by key; persisted
         self.revision = 0  # rises on every change of state; the persister saves when it moved
+        # Kubernetes discovery (see optimizer.coordination): the pods on this node, by namespace/name.
+        self.discovery = False
+        self.pods: dict[str, PodInfo] = {}
+        self.ever_ready: set[str] = set()  # uids of the pods seen ready
+        self.pod_gpus: dict[str, int] = {}  # a pod's name (or namespace/name), as its polls and reports gave it
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def settings(self) -> Settings:
+        """The configured settings (file, environment, flags, admin API)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self._settings = value
+        self._effective = None
+
+    @property
+    def policy_settings(self) -> Settings:
+        """What the policy runs with: the configured settings, with the pods' declared profiles."""
+        if self._effective is None:
+            self._effective = coordination.effective_settings(self._settings, self.pods)
+        return self._effective
+
+    # ------------------------------------------------------------------ discovery
+
+    def set_pods(self, pods: dict[str, PodInfo], now: float | None = None) -> tuple[Event, ...]:
+        """Discovery's latest view of the pods on this node. Shares move at once.
+
+        Services whose batch no longer fits their (smaller) share are lowered now, not at the next sample.
+        """
+        self.discovery = True
+        self.pods = dict(pods)
+        present = {p.uid for p in pods.values()}
+        self.ever_ready = {u for u in self.ever_ready if u in present} | {p.uid for p in pods.values() if p.ready}
+        names = {p.key for p in pods.values()} | {p.name for p in pods.values()}
+        self.pod_gpus = {k: v for k, v in self.pod_gpus.items() if k in names}
+        self._effective = None
+        self._update_roster()
+        if self.snapshot is None:
+            self.revision += 1
+            return ()
+        at = now if now is not None else self.snapshot.timestamp
+        outcome = policy.rebalance(self.snapshot, self.state, self.policy_settings, at)
+        self.state = outcome.state
+        self._account(outcome.events)
+        return outcome.events
+
+    def _update_roster(self) -> None:
+        gpus = list(self.snapshot.gpus) if self.snapshot else []
+        roster = coordination.build_roster(self.pods, self.ever_ready, self.pod_gpus, gpus)
+        if roster != self.state.roster:
+            self.state = dataclasses.replace(self.state, roster=roster)
+
+    def _note_pod(self, pod: str | None, index: int) -> None:
+        """A poll or report said which pod it came from: its GPU is known from now on."""
+        if pod is None or not self.discovery or self.pod_gpus.get(pod) == index:
+            return  # (without discovery nothing would ever prune the table: not kept)
+        self.pod_gpus[pod] = index
+        if self.pods:
+            self._update_roster()
 
     # ------------------------------------------------------------------ inputs
 
@@ -120,7 +186,9 @@ class Engine:
             if h is None or h.maxlen != self.settings.history_size:
                 h = self.history[g.index] = deque(h or (), maxlen=self.settings.history_size)
             h.append(g)
-        outcome = policy.decide(snapshot, self.state, self.settings)
+        if self.pods:
+            self._update_roster()
+        outcome = policy.decide(snapshot, self.state, self.policy_settings)
         self.state = outcome.state
         self._account(outcome.events)
         return outcome.events
@@ -131,7 +199,7 @@ class Engine:
         """Run the periodic optimization on every GPU now, from the latest snapshot (none before the first)."""
         if self.snapshot is None:
             return ()
-        outcome = policy.optimize_now(self.snapshot, self.state, self.settings)
+        outcome = policy.optimize_now(self.snapshot, self.state, self.policy_settings)
         self.state = outcome.state
         self._account(outcome.events)
         return outcome.events
@@ -143,7 +211,7 @@ class Engine:
         if index is None:
             raise UnknownGpu(gpu if gpu is not None else "any", [])
         until = None if ttl_s is None else now + ttl_s
-        outcome = policy.set_override(self.state, service, index, batch, until, now, self.settings,
+        outcome = policy.set_override(self.state, service, index, batch, until, now, self.policy_settings,
                                       self.gpu_sample(index))
         self.state = outcome.state
         self._account(outcome.events)
@@ -176,30 +244,35 @@ class Engine:
                 self.optimize_now()
             else:
                 at = now if now is not None else (self.snapshot.timestamp if self.snapshot else 0.0)
-                outcome = policy.apply_disabled(self.state, new, at)
+                outcome = policy.apply_disabled(self.state, self.policy_settings, at)
                 self.state = outcome.state
                 self._account(outcome.events)
         return changed
 
-    def poll(self, service: str, gpu: int | str | None, now: float) -> Decision:
-        """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`."""
+    def poll(self, service: str, gpu: int | str | None, now: float, *, pod: str | None = None) -> Decision:
+        """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`.
+
+        ``pod`` (its pod's name) tells discovery which GPU that pod uses.
+        """
         index = self.resolve_gpu(service, gpu)
         if index is None:
             return self._cpu_decision(service, now)
-        self.state, svc = policy.touch(self.state, service, index, now, self.settings, self.gpu_sample(index))
+        self._note_pod(pod, index)
+        self.state, svc = policy.touch(self.state, service, index, now, self.policy_settings, self.gpu_sample(index))
         return self.decision_of(svc)
 
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
                peak_bytes: int | None = None, allocated_bytes: int | None = None,
-               reserved_bytes: int | None = None, oom: bool = False) -> Decision:
+               reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None) -> Decision:
         """A service's telemetry; the returned decision already reflects it (an OOM lowers the batch)."""
         index = self.resolve_gpu(service, gpu)
         if index is None:
             return self._cpu_decision(service, now)
+        self._note_pod(pod, index)
         report = ServiceReport(service=service, gpu=index, timestamp=now, batch_size=batch_size,
                                peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
                                reserved_bytes=reserved_bytes, oom=oom)
-        outcome = policy.apply_report(self.state, report, self.settings, self.gpu_sample(index))
+        outcome = policy.apply_report(self.state, report, self.policy_settings, self.gpu_sample(index))
         self.state = outcome.state  # (_account below bumps the revision)
         if oom:
             log.warning("oom_reported", service=service, gpu=index, batch_size=batch_size)
@@ -268,7 +341,8 @@ class Engine:
 
     def _cpu_decision(self, service: str, now: float) -> Decision:
         """No GPU on this host: no GPU memory constrains the batch (seed 003: CPU takes the maximum)."""
-        _, hi = self.settings.batch_limits(self.settings.profile(service))
+        s = self.policy_settings
+        _, hi = s.batch_limits(s.profile(service))
         return Decision(service=service, batch_size=hi, optimal_batch_size=hi,
                         strategy=self.settings.strategy.value, pressure=Pressure.NORMAL.value, cleanup_epoch=0,
                         reason="no GPU on this host: the maximum batch size", updated_at=now, gpu_index=None,

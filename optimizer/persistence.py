@@ -19,14 +19,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import structlog
 
 from optimizer.config import ConfigError, apply_settings
 from optimizer.engine import Engine
-from optimizer.policy.types import PolicyState, ServiceState
+from optimizer.policy.types import ServiceState
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +143,7 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
         lo, hi = engine.settings.batch_limits(engine.settings.profile(svc.service))
         svc = dataclasses.replace(svc, batch_size=max(lo, min(hi, svc.batch_size)))
         restored[(svc.gpu, svc.service)] = svc
-    engine.state = PolicyState(engine.state.gpus, MappingProxyType({**engine.state.services, **restored}))
+    engine.state = engine.state.with_(services={**engine.state.services, **restored})
     log.info("state_restored", services=len(restored), settings=sorted(runtime))
 
 

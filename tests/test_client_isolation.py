@@ -11,7 +11,7 @@ from tests.policy_helpers import ROOT
 
 CLIENT = ROOT / "optimizer/client"
 MODULES = ("optimizer.client", "optimizer.client.follow", "optimizer.client.telemetry", "optimizer.client.oom",
-           "optimizer.client.admission")
+           "optimizer.client.admission", "optimizer.client.identity")
 FORBIDDEN = ("pynvml", "kubernetes", "prometheus_client", "structlog", "torch")
 
 

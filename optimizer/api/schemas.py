@@ -36,6 +36,19 @@ def parse_service(value: Any, name: str = "service", kind: str = "parameter") ->
     return value
 
 
+POD_RE = re.compile(r"([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+POD_RULE = "a pod name (lower-case letters, digits, '-' and '.'), optionally namespace/name"
+
+
+def parse_pod(value: Any, name: str = "pod", kind: str = "parameter") -> str | None:
+    """The pod a poll or report comes from (``None`` when absent): how discovery learns its GPU."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 317 or not POD_RE.fullmatch(value):
+        raise InvalidInput(name, f"must be {POD_RULE}, got {str(value)[:64]!r}", kind=kind)
+    return value
+
+
 def parse_gpu(value: Any, name: str = "gpu", kind: str = "parameter") -> int | str | None:
     """A GPU index (non-negative integer) or UUID (``GPU-...``/``MIG-...``); ``None`` when absent."""
     if value is None or value == "":
@@ -65,7 +78,7 @@ def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     return v
 
 
-REPORT_FIELDS = ("service", "gpu", "batch_size", "peak_bytes", "allocated_bytes", "reserved_bytes",
+REPORT_FIELDS = ("service", "gpu", "pod", "batch_size", "peak_bytes", "allocated_bytes", "reserved_bytes",
                  "inactive_split_bytes", "oom")
 
 
@@ -78,6 +91,7 @@ class ReportIn:
     allocated_bytes: int | None
     reserved_bytes: int | None
     oom: bool
+    pod: str | None = None
 
 
 def parse_report(body: Any) -> ReportIn:
@@ -98,6 +112,7 @@ def parse_report(body: Any) -> ReportIn:
         allocated_bytes=_opt_int(body, "allocated_bytes", 0, MAX_BYTES_FIELD),
         reserved_bytes=_opt_int(body, "reserved_bytes", 0, MAX_BYTES_FIELD),
         oom=oom,
+        pod=parse_pod(body.get("pod"), kind="field"),
     )
     _opt_int(body, "inactive_split_bytes", 0, MAX_BYTES_FIELD)
     if oom and report.batch_size is None:

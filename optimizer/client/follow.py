@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
+from optimizer.client.identity import pod_from_env
+
 __all__ = [
     "AsyncBatchSizeClient",
     "BadAnswer",
@@ -499,6 +501,9 @@ class _Base:
         self.gpu = gpu
         self.base_url = base.rstrip("/")
         query = {"service": service} if gpu is None else {"service": service, "gpu": str(gpu)}
+        pod = pod_from_env()
+        if pod is not None:
+            query["pod"] = pod
         self.url = f"{self.base_url}/batch-size?{urllib.parse.urlencode(query)}"
         self._clock = clock
         self._core = _Follower(target=self.url, interval=self._interval, safe_batch_size=safe_batch_size,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from types import ModuleType, TracebackType
 from typing import Any, Protocol, TypeVar, cast
 
+from optimizer.client.identity import pod_from_env
 from optimizer.client.oom import is_cpu_device, is_oom_error, loaded_torch
 
 log = logging.getLogger("optimizer.client")
@@ -204,6 +205,7 @@ class _Core:
         self.endpoint = f"{base}/reports"
         self.gpu: int | str | None = gpu
         self.gpu_auto = gpu is None  # found from torch at the first report; dropped if the optimizer refuses it
+        self.pod = pod_from_env()  # tells the optimizer which GPU this pod uses (Kubernetes discovery)
         self.interval = float(interval)
         self.timeout = float(timeout)
         self.sink = sink
@@ -291,6 +293,8 @@ class _Core:
         body: dict[str, Any] = {"service": self.service, "batch_size": m.batch_size}
         if self.gpu is not None:
             body["gpu"] = self.gpu
+        if self.pod is not None:
+            body["pod"] = self.pod
         for key in ("peak_bytes", "allocated_bytes", "reserved_bytes", "inactive_split_bytes"):
             v = getattr(m, key)
             if v is not None:

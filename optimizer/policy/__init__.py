@@ -1,13 +1,14 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
 from optimizer.policy.core import apply_report, decide, initial_batch, touch
-from optimizer.policy.operator import apply_disabled, clear_override, optimize_now, set_override
+from optimizer.policy.operator import apply_disabled, clear_override, optimize_now, rebalance, set_override
 from optimizer.policy.types import (
     Event,
     GpuState,
     Outcome,
     PolicyState,
     Pressure,
+    Roster,
     ServiceReport,
     ServiceState,
     Snapshot,
@@ -19,6 +20,7 @@ __all__ = [
     "Outcome",
     "PolicyState",
     "Pressure",
+    "Roster",
     "ServiceReport",
     "ServiceState",
     "Snapshot",
@@ -28,6 +30,7 @@ __all__ = [
     "decide",
     "initial_batch",
     "optimize_now",
+    "rebalance",
     "set_override",
     "touch",
 ]

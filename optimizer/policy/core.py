@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import MappingProxyType
 
 from optimizer.config import Settings, Strategy
 from optimizer.gpu.types import GpuSample
@@ -32,6 +31,7 @@ from optimizer.policy.model import (
     expire_override,
     fragmentation,
     gib,
+    gpu_view,
     hold_optimum,
     publish,
     raise_cleanup,
@@ -48,6 +48,7 @@ from optimizer.policy.types import (
     Pending,
     PolicyState,
     Pressure,
+    Roster,
     ServiceReport,
     ServiceState,
     Snapshot,
@@ -91,7 +92,8 @@ def _window_len(s: Settings) -> int:
 
 
 def _step_gpu(
-    sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Settings, now: float, events: list[Event]
+    sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Settings, now: float, events: list[Event],
+    roster: Roster,
 ) -> tuple[GpuState, list[ServiceState]]:
     assert sample.memory_total_bytes and sample.memory_used_bytes is not None
     total, used = sample.memory_total_bytes, sample.memory_used_bytes
@@ -115,8 +117,7 @@ def _step_gpu(
     if not s.enabled:
         return gs, [disabled_decision(x, s, now, events) for x in services]
 
-    g = GpuView(total=total, used=used, peak=max(window) if window else used,
-             weights={x.service: s.profile(x.service).weight for x in services})
+    g = gpu_view(gs.index, total, used, max(window) if window else used, services, s, roster, now)
     ready = now >= gs.adopt_after
     out = list(services)
     cleaned = False
@@ -133,7 +134,7 @@ def _step_gpu(
         gs = start_pending(gs, Pending("critical", "usage", s.memory_threshold_critical, now, used, False), events)
         out = [_reduce(x, g, now, s, events, "critical", emergency=False) for x in services]
     elif ready and any(_over_safety(x, g, now, s) for x in services):
-        out = [_cap_to_safety(x, g, now, s, events) for x in services]
+        out = [cap_to_safety(x, g, now, s, events) for x in services]
     elif ready and hot and (gs.heat_step_at is None or now - gs.heat_step_at >= s.optimization_interval):
         # A heat step is a batch change, not a memory optimization: it is not counted as one.
         gs = dataclasses.replace(gs, heat_step_at=now)
@@ -169,7 +170,7 @@ def _over_safety(svc: ServiceState, g: GpuView, now: float, s: Settings) -> bool
     return svc.batch_size > max(lo, math.floor(safe))
 
 
-def _cap_to_safety(svc: ServiceState, g: GpuView, now: float, s: Settings, events: list[Event]) -> ServiceState:
+def cap_to_safety(svc: ServiceState, g: GpuView, now: float, s: Settings, events: list[Event]) -> ServiceState:
     lo, hi = s.batch_limits(s.profile(svc.service))
     _, safe, _ = continuous_optimum(svc, g, g.used, now, s)
     cap = max(lo, math.floor(safe))
@@ -252,12 +253,12 @@ def decide(snapshot: Snapshot, state: PolicyState, settings: Settings) -> Outcom
             gpus[sample.index] = gs
             continue
         mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
-        gs, updated = _step_gpu(sample, gs, mine, s, now, events)
+        gs, updated = _step_gpu(sample, gs, mine, s, now, events, state.roster)
         gpus[sample.index] = gs
         for svc in updated:
             services[(svc.gpu, svc.service)] = svc
     services = {k: v for k, v in services.items() if k[0] in gpus}
-    return Outcome(PolicyState(MappingProxyType(gpus), MappingProxyType(services)), tuple(events))
+    return Outcome(state.with_(gpus=gpus, services=services), tuple(events))
 
 
 def initial_batch(service: str, gpu: GpuSample | None, state: PolicyState, settings: Settings) -> int:
@@ -268,9 +269,10 @@ def initial_batch(service: str, gpu: GpuSample | None, state: PolicyState, setti
     batch = s.default_batch(profile)
     if gpu is None or not s.enabled or gpu.failed or not gpu.memory_total_bytes or gpu.memory_used_bytes is None:
         return batch
-    others = [v for (gi, _), v in state.services.items() if gi == gpu.index]
-    weights = sum(s.profile(v.service).weight for v in others) + profile.weight
-    head = (safety_bytes(gpu.memory_total_bytes, s) - gpu.memory_used_bytes) * profile.weight / weights
+    others = [v for (gi, name), v in state.services.items() if gi == gpu.index and name != service]
+    g = gpu_view(gpu.index, gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_used_bytes, others, s,
+                 state.roster, gpu.timestamp, newcomer=service)
+    head = (safety_bytes(g.total, s) - g.used - g.reserved) * g.share(service)
     return clamp(min(batch, math.floor(head / (profile.per_item_mb * MIB))), lo, hi)
 
 
@@ -347,5 +349,5 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
     if gs is not None:
         gpus = dict(state.gpus)
         gpus[gs.index] = gs
-        state = PolicyState(MappingProxyType(gpus), state.services)
+        state = state.with_(gpus=gpus)
     return Outcome(state, tuple(events))

@@ -1,22 +1,27 @@
 """The policy's model: the memory arithmetic and the small steps every decision is made of.
 
 For the services on one GPU, with ``peak`` the highest memory used since the batches in force were
-adopted and ``cur`` a service's batch in force, a service with weight share ``w`` and per-item
-memory ``p`` has the continuous optimum::
+adopted, ``cur`` a service's batch in force and ``p`` its per-item memory, the batch memory of the
+services holding a share is ``pool = sum(cur_j * p_j)``; the rest of ``peak`` is theirs and everyone
+else's fixed memory (weights, context, other tenants). A service with weight share ``w`` has the
+continuous optimum::
 
-    x = cur + (total * target_memory_utilization - reserve - peak) * w / p
+    x = (total * target_memory_utilization - reserve - reserved - peak + pool) * w / p
+
+so the memory for batches is divided by weight (with one service: ``cur + (target - peak) / p``).
+``reserved`` is memory that starting pods will take (see :mod:`optimizer.coordination`).
 
 The held optimum ``O`` moves only when ``x`` leaves ``[O - 0.5, O + 1.5)`` (hysteresis against
-noise); the strategy publishes a fraction of ``O`` (70 / 100 / 120 %), capped so that the
-predicted peak ``peak + (b - cur) * p`` stays within ``total * memory_threshold_oom - reserve``
-for the service's share (the safety bound), except ``min_batch_size``.
+noise); the strategy publishes a fraction of ``O`` (70 / 100 / 120 %), capped by the safety bound
+``total * memory_threshold_oom - reserve``: the service's weighted part of it, and no more than its
+share of the memory free now, ``cur + (bound - reserved - used) * w / p``, so that no order in
+which the services adopt their batches can overrun the bound. ``min_batch_size`` is exempt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from types import MappingProxyType
 
 from optimizer.config import Settings
 from optimizer.policy.strategies import per_item_bytes
@@ -27,6 +32,7 @@ from optimizer.policy.types import (
     Pending,
     PolicyState,
     Pressure,
+    Roster,
     ServiceState,
 )
 
@@ -102,25 +108,63 @@ def gib(n: float) -> str:
 
 @dataclasses.dataclass
 class GpuView:
-    """Per-sample working values of one GPU, shared by the per-service computations."""
+    """Per-sample working values of one GPU, shared by the per-service computations.
+
+    ``weights`` holds, per service registered on the GPU, the weight of ONE of its instances (0 for a
+    managed service with no pod counted here); ``total_weight`` sums every instance counted on the
+    GPU, registered or not. ``pool`` is the batch memory of the registered services holding a share,
+    ``reserved`` memory expected from starting pods (bytes).
+    """
 
     total: int
     used: int
     peak: int
     weights: dict[str, float]
+    total_weight: float
+    pool: float = 0.0
+    reserved: int = 0
 
     def share(self, service: str) -> float:
-        return self.weights[service] / sum(self.weights.values())
+        return self.weights[service] / self.total_weight if self.total_weight > 0 else 0.0
+
+
+def gpu_view(index: int, total: int, used: int, peak: int, services: list[ServiceState], s: Settings,
+             roster: Roster, now: float, newcomer: str | None = None) -> GpuView:
+    """The shares of a GPU: by weight, per instance (see :class:`Roster`).
+
+    ``newcomer`` is a service about to register (it counts, with no batch in force yet).
+    """
+    pods = roster.pods.get(index, {})
+    weights: dict[str, float] = {}
+    total_weight = 0.0
+    pool = 0.0
+    names = [x.service for x in services] + ([newcomer] if newcomer is not None else [])
+    for name in names:
+        w = s.profile(name).weight
+        n = pods.get(name, 0) if name in roster.managed else 1
+        weights[name] = w if n > 0 else 0.0
+        total_weight += w * n
+    for name, n in pods.items():
+        if name not in weights:
+            total_weight += s.profile(name).weight * n
+    for x in services:
+        if weights[x.service] > 0:
+            pool += batch_in_force(x, now, s) * per_item_bytes(s.strategy, s.profile(x.service), x)
+    return GpuView(total=total, used=used, peak=peak, weights=weights, total_weight=total_weight, pool=pool,
+                   reserved=roster.reserved_bytes.get(index, 0))
 
 
 def continuous_optimum(svc: ServiceState, g: GpuView, used: int, now: float, s: Settings) -> tuple[float, float, float]:
-    """(x, safe_max_continuous, per-item bytes) for a service given the GPU's used bytes."""
+    """(x, safe_max_continuous, per-item bytes) for a service given the GPU's used bytes (see the module doc)."""
     profile = s.profile(svc.service)
     p = per_item_bytes(s.strategy, profile, svc)
     cur = batch_in_force(svc, now, s)
     share = g.share(svc.service)
-    x = cur + (target_bytes(g.total, s) - used) * share / p
-    safe = cur + (safety_bytes(g.total, s) - used) * share / p
+    if share <= 0:
+        return float(cur), float(cur), p  # no share here (its pods are not ready): neither grows nor takes
+    x = (target_bytes(g.total, s) - used - g.reserved + g.pool) * share / p
+    bound = safety_bytes(g.total, s) - g.reserved
+    safe = min((bound - used + g.pool) * share / p, cur + (bound - used) * share / p)
     return x, safe, p
 
 
@@ -197,4 +241,4 @@ def expire_override(svc: ServiceState, now: float, events: list[Event]) -> Servi
 def with_service(state: PolicyState, svc: ServiceState) -> PolicyState:
     services = dict(state.services)
     services[(svc.gpu, svc.service)] = svc
-    return PolicyState(state.gpus, MappingProxyType(services))
+    return state.with_(services=services)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import MappingProxyType
 
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
-from optimizer.policy.core import optimize_service, touch
+from optimizer.policy.core import cap_to_safety, optimize_service, touch
 from optimizer.policy.model import (
     ADOPTION_INTERVALS,
-    GpuView,
+    gpu_view,
     continuous_optimum,
     disabled_decision,
     drop_override,
@@ -29,7 +28,7 @@ def apply_disabled(state: PolicyState, settings: Settings, now: float) -> Outcom
     """Publish the disabled decisions now (when an operator disables optimization), not at the next sample."""
     events: list[Event] = []
     services = {k: disabled_decision(v, settings, now, events) for k, v in state.services.items()}
-    return Outcome(PolicyState(state.gpus, MappingProxyType(services)), tuple(events))
+    return Outcome(state.with_(services=services), tuple(events))
 
 
 def set_override(state: PolicyState, service: str, gpu_index: int, batch: int, until: float | None, now: float,
@@ -48,10 +47,9 @@ def set_override(state: PolicyState, service: str, gpu_index: int, batch: int, u
         why = f"manual override held at {published}, within the service's batch limits [{lo}, {hi}]"
     svc = dataclasses.replace(svc, override=batch, override_until=until)
     if gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None:
-        others = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service]
-        weights = {v.service: settings.profile(v.service).weight for v in others + [svc]}
-        g = GpuView(total=gpu.memory_total_bytes, used=gpu.memory_used_bytes, peak=gpu.memory_used_bytes,
-                 weights=weights)
+        mine = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service] + [svc]
+        g = gpu_view(gpu_index, gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_used_bytes, mine,
+                     settings, state.roster, now)
         _, safe, _ = continuous_optimum(svc, g, g.used, now, settings)
         if batch > max(lo, math.floor(safe)):
             published = max(lo, math.floor(safe))
@@ -96,8 +94,8 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
             continue
         mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
         mine = [expire_override(x, now, events) for x in mine]
-        g = GpuView(total=sample.memory_total_bytes, used=sample.memory_used_bytes, peak=max(gs.window),
-                 weights={x.service: s.profile(x.service).weight for x in mine})
+        g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, max(gs.window), mine, s,
+                     state.roster, now)
         out = [optimize_service(x, g, gs, now, s, events, sample) for x in mine]
         gs = dataclasses.replace(gs, optimized_at=now)
         if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
@@ -105,4 +103,32 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
         gpus[sample.index] = gs
         for svc in out:
             services[(svc.gpu, svc.service)] = svc
-    return Outcome(PolicyState(MappingProxyType(gpus), MappingProxyType(services)), tuple(events))
+    return Outcome(state.with_(gpus=gpus, services=services), tuple(events))
+
+
+def rebalance(snapshot: Snapshot, state: PolicyState, settings: Settings, now: float) -> Outcome:
+    """The shares moved (a pod came, went or changed readiness): lower at once every batch that no
+    longer fits within the safety bound of its service's share, from the latest snapshot.
+
+    Nothing grows here: growing waits for the periodic optimization, measured from samples.
+    """
+    s = settings
+    if not s.enabled:
+        return Outcome(state, ())
+    events: list[Event] = []
+    gpus = dict(state.gpus)
+    services = dict(state.services)
+    for sample in snapshot.gpus:
+        gs = gpus.get(sample.index)
+        if gs is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
+            continue
+        mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
+        g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, sample.memory_used_bytes,
+                     mine, s, state.roster, now)
+        out = [cap_to_safety(x, g, now, s, events) for x in mine]
+        if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
+            gpus[sample.index] = dataclasses.replace(
+                gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
+        for svc in out:
+            services[(svc.gpu, svc.service)] = svc
+    return Outcome(state.with_(gpus=gpus, services=services), tuple(events))

@@ -119,9 +119,36 @@ def _frozen(d: Mapping[object, object] | None = None) -> Mapping[object, object]
 
 
 @dataclass(frozen=True, slots=True)
+class Roster:
+    """Who shares each GPU, as Kubernetes discovery sees it. Empty (the default): no discovery.
+
+    ``managed`` are the services that have pods in discovery: their weight on a GPU counts once per
+    pod counted there in ``pods`` (a service with none there gets no share of that GPU's headroom).
+    Services not managed (they only poll and report) count once on each GPU they are registered on.
+    ``pods`` also holds managed services that have not polled yet: they count against the others.
+    ``reserved_bytes`` is memory that starting pods are expected to take (their declared
+    ``gpu_mem_typ``) and that the samples do not show yet.
+    """
+
+    managed: frozenset[str] = frozenset()
+    pods: Mapping[int, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))
+    reserved_bytes: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyState:
     gpus: Mapping[int, GpuState] = field(default_factory=lambda: MappingProxyType({}))
     services: Mapping[tuple[int, str], ServiceState] = field(default_factory=lambda: MappingProxyType({}))
+    roster: Roster = field(default_factory=Roster)  # an input from discovery, kept here so every path sees it
+
+    def with_(self, gpus: Mapping[int, GpuState] | None = None,
+              services: Mapping[tuple[int, str], ServiceState] | None = None) -> "PolicyState":
+        """A copy with ``gpus`` and/or ``services`` replaced (frozen), the roster kept."""
+        return PolicyState(
+            self.gpus if gpus is None else MappingProxyType(dict(gpus)),
+            self.services if services is None else MappingProxyType(dict(services)),
+            self.roster,
+        )
 
 
 @dataclass(frozen=True, slots=True)
