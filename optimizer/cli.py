@@ -1,4 +1,4 @@
-"""The ``vlm-gpu-optimizer`` command: ``serve``, ``simulate``, and the management commands
+"""The ``vlm-gpu-optimizer`` command: ``serve``, ``simulate``, ``benchmark``, and the management commands
 (``status``, ``monitor``, ``optimize``, ``set-batch-size``, ... in :mod:`optimizer.manage`), which
 steer a running service through its admin API."""
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--interval", dest="monitoring_interval", type=float, metavar="SECONDS",
                      help="the services' polling and the optimizer's sampling interval "
                           "(the same as --monitoring-interval)")
+    from optimizer.benchmark import command as benchmark  # no matplotlib: plot.py is imported only to plot
+
+    benchmark.add_parser(sub)
     _admin_commands(sub)
     return parser
 
@@ -328,6 +331,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Strategies against baselines on scenarios (optimizer.benchmark); 2 on a bad flag, like simulate."""
+    from optimizer.benchmark.command import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = time.sleep) -> int:
     """The entry point. ``sleep`` is what ``monitor`` waits with between polls (tests pass a fake)."""
     args = build_parser().parse_args(argv)
@@ -335,4 +345,6 @@ def main(argv: Sequence[str] | None = None, *, sleep: Callable[[float], None] = 
         return cmd_serve(args)
     if args.command == "simulate":
         return cmd_simulate(args)
+    if args.command == "benchmark":
+        return cmd_benchmark(args)
     return manage.run(args, sleep=sleep)

@@ -12,6 +12,7 @@ from optimizer.gpu.simulated import SimulatedBackend
 from optimizer.policy.types import Snapshot
 from optimizer.simulation.link import EngineLink
 from optimizer.simulation.scenario import Scenario
+from optimizer.simulation.world import Trace, World
 
 MEASURES = ("items", "oracle_items", "safe_oracle_items", "ratio", "safe_ratio", "ooms", "batch_changes",
             "seconds_above_critical")
@@ -60,6 +61,7 @@ class SimulationResult:
     duration_s: float
     services: tuple[ServiceResult, ...]
     engine: Engine
+    trace: Trace | None = None  # memory used and OOMs over time, when simulate(record=True)
 
 
 def with_scenario_profiles(settings: Settings, scenario: Scenario) -> Settings:
@@ -69,9 +71,26 @@ def with_scenario_profiles(settings: Settings, scenario: Scenario) -> Settings:
     return dataclasses.replace(settings, profiles=settings.profiles + extra)
 
 
+def service_results(world: World) -> tuple[ServiceResult, ...]:
+    """The measures of every service of a world that has run."""
+    return tuple(
+        ServiceResult(service=r.spec.name, gpu=r.spec.gpu, items=r.items, oracle_items=r.oracle_items,
+                      safe_oracle_items=r.safe_oracle_items, ooms=r.ooms,
+                      batch_changes=max(0, len(r.batches) - 1), seconds_above_critical=r.seconds_above_critical,
+                      final_batch_size=r.batch, batches=tuple(r.batches))
+        for r in world.runs
+    )
+
+
 def simulate(scenario: Scenario, settings: Settings, *, strategy: Strategy | None = None,
-             duration_s: float | None = None, interval_s: float | None = None) -> SimulationResult:
-    """Run ``scenario`` in virtual time; one sample per monitoring interval, the world stepped in between."""
+             duration_s: float | None = None, interval_s: float | None = None,
+             record: bool = False) -> SimulationResult:
+    """Run ``scenario`` in virtual time; one sample per monitoring interval, the world stepped in between.
+
+    ``duration_s`` and ``interval_s`` (seconds) override the scenario's length and the monitoring
+    interval. ``record`` keeps the memory used per GPU at every step and the OOMs (``trace``).
+    Raises :class:`~optimizer.config.ConfigError` when ``interval_s`` makes the settings invalid.
+    """
     s = settings
     if strategy is not None:
         s = dataclasses.replace(s, strategy=strategy)
@@ -81,6 +100,7 @@ def simulate(scenario: Scenario, settings: Settings, *, strategy: Strategy | Non
     engine = Engine(s)
     backend = SimulatedBackend(scenario, s, origin=0.0)
     backend.attach(EngineLink(engine, origin=0.0))
+    trace = backend.world.record() if record else None
     duration = scenario.duration_s if duration_s is None else duration_s
     t = 0.0
     k = 0
@@ -88,12 +108,5 @@ def simulate(scenario: Scenario, settings: Settings, *, strategy: Strategy | Non
         k += 1
         t = min(duration, k * s.monitoring_interval)
         engine.observe(Snapshot(t, tuple(backend.sample(t))))
-    results = tuple(
-        ServiceResult(service=r.spec.name, gpu=r.spec.gpu, items=r.items, oracle_items=r.oracle_items,
-                      safe_oracle_items=r.safe_oracle_items, ooms=r.ooms,
-                      batch_changes=max(0, len(r.batches) - 1), seconds_above_critical=r.seconds_above_critical,
-                      final_batch_size=r.batch, batches=tuple(r.batches))
-        for r in backend.world.runs
-    )
     return SimulationResult(scenario=scenario.name, strategy=s.strategy.value, duration_s=duration,
-                            services=results, engine=engine)
+                            services=service_results(backend.world), engine=engine, trace=trace)

@@ -59,6 +59,18 @@ def throughput_per_ms(b: int, spec: SimService) -> float:
     return b / (spec.overhead_ms + b * spec.item_ms) if b > 0 else 0.0
 
 
+@dataclass
+class Trace:
+    """What a run looked like over time, for plots (recorded only when asked: ``World.record()``).
+
+    ``used_mb`` holds, per GPU index, ``(t, used)`` after every step: scenario seconds and MiB.
+    ``ooms`` holds ``(t, gpu, service)`` for every batch lost to an OOM.
+    """
+
+    used_mb: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    ooms: list[tuple[float, int, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What the oracle measures need from the settings."""
@@ -80,6 +92,12 @@ class World:
         self.runs = [ServiceRun(spec=s, batch=initial_batch, next_poll=s.start_s) for s in scenario.services]
         self.used_mb = {g.index: 0.0 for g in scenario.gpus}
         self.util = {g.index: 0.0 for g in scenario.gpus}
+        self.trace: Trace | None = None
+
+    def record(self) -> Trace:
+        """Start recording memory used per GPU and OOMs at every step (unbounded: for finite runs only)."""
+        self.trace = Trace(used_mb={g.index: [] for g in self.scenario.gpus})
+        return self.trace
 
     # ------------------------------------------------------------------ the world's physics
 
@@ -89,16 +107,31 @@ class World:
     def _thermal(self, gpu: int, t: float) -> float:
         return sum(x.level(t) for x in self.scenario.thermal if x.gpu == gpu)
 
-    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float) -> dict[str, int]:
-        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight)."""
+    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float,
+                fragmentation: float | None = None) -> dict[str, int]:
+        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
+
+        ``fragmentation`` (a fraction) replaces every service's own when given.
+        """
         avail = total_mb - background - sum(r.spec.base_mb for r in runs)
         weights = sum(r.spec.weight for r in runs)
         out = {}
         for r in runs:
-            worst_item = r.spec.per_item_mb * (1 + r.spec.noise) / (1 - r.fragmentation)
+            frag = r.fragmentation if fragmentation is None else fragmentation
+            worst_item = r.spec.per_item_mb * (1 + r.spec.noise) / (1 - frag)
             b = math.floor(avail * r.spec.weight / weights / worst_item) if avail > 0 else 0
             out[r.spec.name] = max(0, min(self.limits.max_batch_size, b))
         return out
+
+    def oracle_batch(self, service: str, gpu: int, t: float, *, fragmentation: float | None = None) -> int:
+        """The batch the ``oracle_items`` measure credits ``service`` with in the step starting at ``t``.
+
+        The same computation as the measure (the GPU's total memory, the other tenants' memory at
+        ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
+        """
+        g = self.scenario.gpu(gpu)
+        runs = [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s]
+        return self._oracle(runs, g.total_mb, self._background(gpu, t), fragmentation).get(service, 0)
 
     def _step(self, t: float, dt: float, link: ServiceLink | None) -> None:
         for gpu in self.scenario.gpus:
@@ -121,12 +154,16 @@ class World:
                 failed.add(name)
                 need[name] = alloc[name] = victim.spec.base_mb
                 victim.ooms += 1
+                if self.trace is not None:
+                    self.trace.ooms.append((t, gpu.index, name))
                 if link is not None:
                     new = link.report(name, gpu.index, t, batch_size=victim.batch, peak_bytes=None,
                                       allocated_bytes=None, reserved_bytes=None, oom=True)
                     self._adopt(victim, new, t)
             used = bg + sum(need.values())
             self.used_mb[gpu.index] = used
+            if self.trace is not None:
+                self.trace.used_mb[gpu.index].append((t, used))
             busy = 0.0
             oracle = self._oracle(runs, gpu.total_mb, bg)
             safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb

@@ -1,0 +1,238 @@
+"""The benchmark: each baseline's behaviour in the simulated world, the runner, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimizer.benchmark.baselines import (
+    ACCELERATE_FACTOR,
+    BASELINES,
+    FIXED_BATCH,
+    LIGHTNING_MARGIN,
+    LightningLink,
+    make_link,
+)
+from optimizer.benchmark.command import default_scenarios
+from optimizer.benchmark.report import COLUMNS, scenario_document
+from optimizer.benchmark.run import STRATEGIES, Run, run_baseline, run_scenario
+from optimizer.cli import main
+from optimizer.config import Settings, Strategy
+from optimizer.gpu.simulated import limits_from
+from optimizer.simulation.run import simulate
+from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService
+from optimizer.simulation.world import World
+from tests.policy_helpers import ROOT
+
+BASE_MB = 18000.0
+PER_ITEM_MB = 3200.0
+COTENANT = str(ROOT / "examples/scenarios/cotenant-spike.yaml")
+
+
+def scenario(*, total_mb: float = 60000, noise: float = 0.0, background: tuple[Background, ...] = (),
+             duration_s: float = 900, fragmentation: float = 0.0, services: int = 1) -> Scenario:
+    """One GPU, ``services`` VLM services of BASE_MB + PER_ITEM_MB per item (no jitter by default)."""
+    return Scenario(
+        name="bench-test", seed=5, duration_s=duration_s, step_s=1.0,
+        gpus=(SimGpu(index=0, name="Simulated GPU", total_mb=total_mb),),
+        services=tuple(SimService(name=f"vlm{i}" if i else "vlm", gpu=0, base_mb=BASE_MB, per_item_mb=PER_ITEM_MB,
+                                  item_ms=45, overhead_ms=120, noise=noise,
+                                  fragmentation_growth_per_min=fragmentation) for i in range(services)),
+        background=background,
+    )
+
+
+def largest_fit(total_mb: float, background_mb: float = 0.0) -> int:
+    """The largest batch of the noiseless service that fits the GPU (what the world's OOM rule allows)."""
+    return math.floor((total_mb - background_mb - BASE_MB) / PER_ITEM_MB)
+
+
+def sizes(run: Run, service: str = "vlm") -> list[int]:
+    (svc,) = [s for s in run.services if s.service == service]
+    return [b for _, b in svc.batches]
+
+
+# --------------------------------------------------------------------------- fixed
+
+
+def test_fixed_baselines_never_change_their_batch() -> None:
+    settings = Settings(max_batch_size=10)
+    sc = scenario(background=(Background(gpu=0, at_s=300, mb=20000, for_s=300),))
+    four = run_baseline("fixed-4", sc, settings, 900)
+    most = run_baseline("fixed-max", sc, settings, 900)
+    assert sizes(four) == [FIXED_BATCH]
+    assert sizes(most) == [settings.max_batch_size]
+    assert four.services[0].batch_changes == most.services[0].batch_changes == 0
+    # 10 items fit alone (60000 - 18000 >= 32000) but not next to the co-tenant: every step of it is an OOM.
+    assert largest_fit(60000) >= 10 > largest_fit(60000, 20000)
+    assert most.services[0].ooms == 300 and four.services[0].ooms == 0
+
+
+# --------------------------------------------------------------------------- accelerate
+
+
+def test_accelerate_shrinks_by_a_tenth_on_each_oom_and_never_grows() -> None:
+    settings = Settings()  # starts at max_batch_size, 16
+    sc = scenario(background=(Background(gpu=0, at_s=300, mb=10000, for_s=300),))
+    run = run_baseline("accelerate", sc, settings, 900)
+    expected = [settings.max_batch_size]
+    for fit in (largest_fit(60000), largest_fit(60000, 10000)):  # alone, then next to the co-tenant
+        while expected[-1] > fit:
+            expected.append(int(expected[-1] * ACCELERATE_FACTOR))
+    assert sizes(run) == expected  # 16, 14, 12, then 10 when the co-tenant comes
+    assert run.services[0].ooms == len(expected) - 1
+    assert run.services[0].final_batch_size == expected[-1] < largest_fit(60000)  # it left: no growth
+
+
+def test_accelerate_gives_up_at_zero() -> None:
+    run = run_baseline("accelerate", scenario(total_mb=BASE_MB + PER_ITEM_MB / 2), Settings(), 120)
+    assert sizes(run)[-1] == 0 and run.services[0].items == 0.0
+    assert run.services[0].ooms == len(sizes(run)) - 1  # one OOM per reduction, none at 0
+
+
+# --------------------------------------------------------------------------- lightning
+
+
+def test_lightning_binsearch_finds_the_largest_fit_then_keeps_it_with_a_margin() -> None:
+    settings = Settings()
+    late = Background(gpu=0, at_s=600, mb=12000)  # after the search, for good
+    sc = scenario(background=(late,))
+    world = World(sc, limits=limits_from(settings), poll_interval=settings.monitoring_interval)
+    link = make_link("lightning", settings, world)
+    world.advance_to(900, link)
+    assert isinstance(link, LightningLink)
+    search = link.searches[(0, "vlm")]
+    fit = largest_fit(60000)
+    tried = [size for _, size, _ in search.trials]
+    assert tried[:4] == [2, 4, 8, 16]  # doubles from init_val 2 until the OOM
+    assert all(ok == (size <= fit) for _, size, ok in search.trials)  # trials fail exactly when they do not fit
+    assert search.found == int(fit * (1 - LIGHTNING_MARGIN))
+    (run,) = world.runs
+    trial_ooms = sum(1 for _, _, ok in search.trials if not ok)
+    assert run.batch == search.found  # it did not adapt to the co-tenant ...
+    assert run.ooms == trial_ooms + 300  # ... which turned every step after 600 s into an OOM
+    assert search.found > largest_fit(60000, late.mb)
+
+
+def test_lightning_searched_next_to_a_cotenant_stays_small_after_it_leaves() -> None:
+    sc = scenario(background=(Background(gpu=0, at_s=0, mb=20000, for_s=120),))
+    run = run_baseline("lightning", sc, Settings(), 900)
+    kept = int(largest_fit(60000, 20000) * (1 - LIGHTNING_MARGIN))
+    assert run.services[0].final_batch_size == kept < largest_fit(60000)
+    assert "kept" in run.notes["vlm"]
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def test_oracle_items_equal_the_worlds_oracle_measure() -> None:
+    sc = scenario(noise=0.05, fragmentation=0.5, services=2,
+                  background=(Background(gpu=0, at_s=200, mb=15000, ramp_s=30, for_s=300),))
+    run = run_baseline("oracle", sc, Settings(), 900)
+    for svc in run.services:
+        assert svc.items == pytest.approx(svc.oracle_items, rel=1e-12)
+        assert svc.ooms == 0
+    assert run.poll_interval_s == sc.step_s
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def test_strategies_run_through_simulate_unchanged() -> None:
+    sc = scenario(noise=0.05, background=(Background(gpu=0, at_s=200, mb=15000, for_s=300),))
+    bench = run_scenario(sc, Settings(), strategies=("balanced",), baselines=())
+    direct = simulate(sc, Settings(), strategy=Strategy.BALANCED, duration_s=900)
+    assert bench.runs[0].services[0].items == direct.services[0].items
+    assert bench.runs[0].services[0].batches == direct.services[0].batches
+    assert len(bench.runs[0].trace.used_mb[0]) == 900  # one memory sample per step, for the plot
+
+
+def test_the_same_scenario_and_seed_give_the_same_numbers() -> None:
+    sc = scenario(noise=0.05, fragmentation=0.01, background=(Background(gpu=0, at_s=100, mb=15000, for_s=200),))
+    first = scenario_document(run_scenario(sc, Settings(), duration_s=400))
+    second = scenario_document(run_scenario(sc, Settings(), duration_s=400))
+    assert first == second
+    assert [r["name"] for r in first["runs"]] == [*STRATEGIES, *BASELINES]
+
+
+def test_default_scenarios_are_the_examples() -> None:
+    assert default_scenarios() == sorted((ROOT / "examples" / "scenarios").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_benchmark_cli_prints_tables_and_writes_json_and_png(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out, plots = tmp_path / "results.json", tmp_path / "plots"
+    assert main(["benchmark", "--scenario", COTENANT, "--duration", "1200", "--interval", "10",
+                 "--output", str(out), "--plots", str(plots)]) == 0
+    text = capsys.readouterr().out
+    assert "scenario cotenant-spike (seed 23): 1200 s virtual, services poll every 10 s" in text
+    for name in (*STRATEGIES, *BASELINES):
+        assert f"\n{name} " in text
+
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "vlm-gpu-optimizer-benchmark" and doc["measures"] == list(COLUMNS)
+    assert "--duration 1200" in doc["command"] and "--interval 10" in doc["command"]
+    (sc,) = doc["scenarios"]
+    assert (sc["scenario"], sc["duration_s"], sc["interval_s"], sc["seed"]) == ("cotenant-spike", 1200.0, 10.0, 23)
+    runs = {r["name"]: r for r in sc["runs"]}
+    assert list(runs) == [*STRATEGIES, *BASELINES]
+    assert {runs[n]["kind"] for n in STRATEGIES} == {"strategy"}
+    oracle = runs["oracle"]["services"][0]
+    assert oracle["vs_oracle"] == 1.0 and oracle["ooms"] == 0
+    for run in runs.values():
+        (svc,) = run["services"]
+        assert set(COLUMNS) <= set(svc) and svc["service"] == "vlm"
+        assert svc["ratio"] == pytest.approx(svc["items"] / svc["oracle_items"], abs=1e-4)
+        assert svc["vs_oracle"] == pytest.approx(svc["items"] / oracle["items"], abs=1e-4)
+    assert runs["fixed-4"]["services"][0]["final_batch_size"] == FIXED_BATCH
+    # The co-tenant (22 GB from 900 s) makes max_batch_size overflow the GPU: fixed-max loses batches.
+    assert runs["fixed-max"]["services"][0]["ooms"] > 0 == runs["balanced"]["services"][0]["ooms"]
+
+    png = plots / "cotenant-spike.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(png)).shape
+    assert width > 400 and height > 200
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--duration", "0"], "--duration"),
+    (["--duration", "soon"], "--duration"),
+    (["--interval", "120"], "--interval"),  # above optimization_interval (60 s)
+    (["--strategies", "balanced,greedy"], "--strategies"),
+    (["--baselines", "oracle,deepspeed"], "--baselines"),
+    (["--strategies", "none", "--baselines", "none"], "--strategies"),
+    (["--scenario", "missing.yaml"], "scenario"),
+])
+def test_bad_flags_exit_2_naming_the_flag(flags: list[str], named: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["benchmark", "--scenario", COTENANT, "--plots", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    if named in ("--strategies", "--baselines") and "none" not in flags:
+        assert "conservative, balanced" in err or "fixed-4, fixed-max" in err  # the allowed values
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_no_plots_and_a_selection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plots = tmp_path / "plots"
+    assert main(["benchmark", "--scenario", COTENANT, "--duration", "60", "--strategies", "adaptive",
+                 "--baselines", "none", "--plots", str(plots), "--no-plots"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()]
+    assert rows == ["adaptive"] and not plots.exists()
+
+
+def test_the_cli_does_not_import_matplotlib() -> None:
+    code = "import sys, optimizer.cli as c; c.build_parser(); print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"
