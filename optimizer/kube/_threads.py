@@ -4,8 +4,8 @@ The official client is synchronous (urllib3). Each call runs in a dedicated daem
 result (or exception) comes back to the loop through ``call_soon_threadsafe``. Cancelling the
 awaiting task calls ``interrupt`` (for a watch: shut the socket down, so the blocked read returns
 at once) and then waits, at most ``grace`` seconds, for the thread to finish before the
-``CancelledError`` goes on: when the caller has been cancelled, its thread is done too (or is
-reported stuck). Threads are named ``kube-<what>`` so that tests can check that none is left.
+``CancelledError`` goes on (further cancellations meanwhile do not cut that wait short): when the
+caller has been cancelled, its thread is done too (or is reported stuck). Threads are named ``kube-<what>`` so that tests can check that none is left.
 """
 
 from __future__ import annotations
@@ -66,8 +66,13 @@ async def run_blocking(fn: Callable[[], T], *, name: str, grace: float,
     except asyncio.CancelledError:
         if interrupt is not None:
             interrupt()
-        done, _ = await asyncio.wait({fut}, timeout=grace)
-        if not done:
+        deadline = loop.time() + grace
+        while not fut.done() and loop.time() < deadline:
+            try:
+                await asyncio.wait({fut}, timeout=deadline - loop.time())
+            except asyncio.CancelledError:
+                pass  # cancelled again: we are already on our way out, still let the thread finish
+        if not fut.done():
             log.warning("kube_thread_stuck", thread=name, waited_s=grace)
         else:
             if not fut.cancelled():

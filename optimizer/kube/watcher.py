@@ -176,7 +176,8 @@ class PodWatcher:
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
-                t.cancel()
+                if not t.done() and not t.cancelling():  # gather may have cancelled them already
+                    t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._set_synced(None, False)
