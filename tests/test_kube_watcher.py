@@ -211,6 +211,20 @@ async def test_cancel_interrupts_a_connected_watch_at_once(kube: FakeKube, kubec
     assert not watcher.stats.synced
 
 
+async def test_cancel_during_a_list_ends_within_the_request_timeout(kube: FakeKube, kubeconfig: str) -> None:
+    kube.gate.clear()  # the list is never answered
+    watcher = PodWatcher(kube_settings(kubeconfig, request_timeout=0.3), on_change=Changes())
+    with capture_logs() as logs:
+        async with running(watcher) as task:
+            await kube.wait_for(lambda k: k.held == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert kube_threads() == []  # the read timed out; run() waited for it
+    assert not [e for e in logs if e["event"] == "kube_thread_stuck"]
+    kube.gate.set()
+
+
 async def test_one_scope_per_namespace(kube: FakeKube, kubeconfig: str) -> None:
     for ns in ("ns-1", "ns-2", "ns-3"):
         kube.add_pod(make_pod("p", namespace=ns, labels=MANAGED))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -84,3 +85,29 @@ async def run_blocking(fn: Callable[[], T], *, name: str, grace: float,
         raise
     thread.join(_JOIN_S)  # it has handed its result over; only its return is left
     return result
+
+
+class Stream:
+    """The watch response a thread is reading; ``stop()`` (any thread) makes the read return."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resp: Any = None
+        self.stopped = False
+
+    def attach(self, resp: Any) -> bool:
+        with self._lock:
+            self._resp = resp
+            return not self.stopped
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            resp = self._resp
+        conn = getattr(resp, "connection", None)  # urllib3's HTTPConnection, while the body is read
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # as Watch.stop() does: the blocked recv returns now
+            except OSError:
+                pass

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import random
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from optimizer.kube._threads import post, run_blocking
+from optimizer.kube._threads import Stream, post, run_blocking
 from optimizer.kube.client import ApiFactory, core_v1, default_api_factory
 from optimizer.kube.errors import KubeError, KubeGone, KubeProtocolError, from_status, wrap
 from optimizer.kube.pods import AnnotationProblem, PodInfo, pod_from_object
@@ -62,7 +61,7 @@ class WatcherStats:
     synced: bool = False  # every scope has listed and its watch is connected
     lists_total: int = 0  # successful lists
     watch_restarts_total: dict[str, int] = field(default_factory=dict)  # by reason: timeout, expired, error
-    api_errors_total: dict[str, int] = field(default_factory=dict)  # by KubeError.reason
+    api_errors_total: dict[str, int] = field(default_factory=dict)  # by KubeError.reason (410: a restart, not here)
     events_total: dict[str, int] = field(default_factory=dict)  # by type: ADDED ... BOOKMARK, ERROR
     last_error: str | None = None
     last_sync_at: float | None = None  # Unix seconds of the last successful list
@@ -89,34 +88,6 @@ def _parse(obj: Any, service_label: str) -> Parsed:
     except (ValueError, TypeError, AttributeError) as e:
         return None, [], str(e)
     return pod, problems, None
-
-
-class _Stream:
-    """The watch response a thread is reading; ``stop()`` (any thread) makes the read return."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._resp: Any = None
-        self.stopped = False
-
-    def attach(self, resp: Any) -> bool:
-        with self._lock:
-            self._resp = resp
-            return not self.stopped
-
-    def stop(self) -> None:
-        import socket
-
-        with self._lock:
-            self.stopped = True
-            resp = self._resp
-        conn = getattr(resp, "connection", None)  # urllib3's HTTPConnection, while the body is read
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # as Watch.stop() does: the blocked recv returns now
-            except OSError:
-                pass
 
 
 @dataclass
@@ -320,7 +291,7 @@ class PodWatcher:
 
     # -- watch ------------------------------------------------------------------------------------
 
-    def _watch_blocking(self, scope: _Scope, rv: str, stream: _Stream,
+    def _watch_blocking(self, scope: _Scope, rv: str, stream: Stream,
                         deliver: Callable[[str, Parsed, str | None], None], connected: Callable[[], None]) -> bool:
         """Read one watch until it ends; True when it ended normally. Raises our KubeError."""
         from kubernetes.watch.watch import iter_resp_lines
@@ -367,7 +338,7 @@ class PodWatcher:
         Raises :class:`KubeGone` on 410, another :class:`KubeError` on any other failure.
         """
         loop = asyncio.get_running_loop()
-        stream = _Stream()
+        stream = Stream()
         seen = [0]
 
         def deliver(kind: str, parsed: Parsed, rv: str | None) -> None:
