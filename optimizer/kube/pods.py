@@ -112,8 +112,15 @@ class PodInfo:
         return "starting" if self.phase == "Pending" else "unready"
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _number(raw: str, lo: float, hi: float, *, integer: bool, lo_open: bool = False) -> float | int | None:
     text = raw.strip()
+    # plain ASCII numbers only: int() and float() also take "1_000" and non-ASCII digits
+    if not (_INT_TEXT if integer else _FLOAT_TEXT).fullmatch(text):
+        return None
     try:
         v: float | int = int(text) if integer else float(text)
     except ValueError:
