@@ -49,7 +49,8 @@ def test_an_error_without_a_status_body() -> None:
 
 def test_transport_errors() -> None:
     refused = urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
-    assert errors.wrap(urllib3.exceptions.MaxRetryError(None, "/", refused)).reason == "unavailable"  # type: ignore[arg-type]
+    gave_up = urllib3.exceptions.MaxRetryError(None, "/", refused)  # type: ignore[arg-type]
+    assert errors.wrap(gave_up).reason == "unavailable"
     slow = urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out")  # type: ignore[arg-type]
     assert isinstance(errors.wrap(slow), errors.KubeTimeout)
     assert errors.wrap(urllib3.exceptions.ProtocolError("cut")).reason == "unavailable"

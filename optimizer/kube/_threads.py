@@ -5,7 +5,8 @@ result (or exception) comes back to the loop through ``call_soon_threadsafe``. C
 awaiting task calls ``interrupt`` (for a watch: shut the socket down, so the blocked read returns
 at once) and then waits, at most ``grace`` seconds, for the thread to finish before the
 ``CancelledError`` goes on (further cancellations meanwhile do not cut that wait short): when the
-caller has been cancelled, its thread is done too (or is reported stuck). Threads are named ``kube-<what>`` so that tests can check that none is left.
+caller has been cancelled, its thread is done too (or is reported stuck). Threads are named
+``kube-<what>`` so that tests can check that none is left.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ import structlog
 T = TypeVar("T")
 _JOIN_S = 1.0  # a thread that has handed its result over ends at once; this only guards against surprises
 log = structlog.get_logger("optimizer.kube")
+
+
+def grace_for(request_timeout: float) -> float:
+    """How long a cancelled call's thread is waited for: its own timeout, and a second for the rest (s)."""
+    return request_timeout + 1.0
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def post(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
@@ -75,6 +86,7 @@ async def run_blocking(fn: Callable[[], T], *, name: str, grace: float,
                 pass  # cancelled again: we are already on our way out, still let the thread finish
         if not fut.done():
             log.warning("kube_thread_stuck", thread=name, waited_s=grace)
+            fut.add_done_callback(_retrieve)  # whatever it ends with, nobody waits for it any more
         else:
             if not fut.cancelled():
                 fut.exception()  # retrieved: the caller was cancelled, nobody else will look at it

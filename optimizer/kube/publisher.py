@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from optimizer.kube._threads import run_blocking
+from optimizer.kube._threads import grace_for, run_blocking
 from optimizer.kube.client import FIELD_MANAGER, ApiFactory, core_v1, default_api_factory
 from optimizer.kube.errors import KubeError, KubeForbidden, KubeNotFound, wrap
 from optimizer.kube.pods import PUBLISHED, PodInfo
@@ -113,9 +113,9 @@ class AnnotationPublisher:
         try:
             if self._api is None:
                 self._api = await run_blocking(lambda: self._api_factory(self.settings), name="kube-client",
-                                               grace=self.settings.request_timeout)
+                                               grace=grace_for(self.settings.request_timeout))
             await run_blocking(lambda: self._patch_blocking(pod, diff), name=f"kube-patch:{pod.key}",
-                               grace=self.settings.request_timeout)
+                               grace=grace_for(self.settings.request_timeout))
         except KubeNotFound:
             self.stats.pods_gone_total += 1
             log.debug("kube_publish_pod_gone", pod=pod.key)

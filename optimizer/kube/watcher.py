@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from optimizer.kube._threads import Stream, post, run_blocking
+from optimizer.kube._threads import Stream, grace_for, post, run_blocking
 from optimizer.kube.client import ApiFactory, core_v1, default_api_factory
 from optimizer.kube.errors import KubeError, KubeGone, KubeProtocolError, from_status, wrap
 from optimizer.kube.pods import AnnotationProblem, PodInfo, pod_from_object
@@ -163,7 +163,7 @@ class PodWatcher:
         while True:
             try:
                 return await run_blocking(lambda: self._api_factory(self.settings), name="kube-client",
-                                          grace=self.settings.request_timeout)
+                                          grace=grace_for(self.settings.request_timeout))
             except Exception as e:  # the factory may raise anything; ours are KubeConfigError
                 err = wrap(e)
                 await self._failed(None, "client", err, attempt)
@@ -273,7 +273,7 @@ class PodWatcher:
 
     async def _list(self, scope: _Scope) -> None:
         rv, parsed = await run_blocking(lambda: self._list_blocking(scope), name=f"kube-list:{scope.label or '*'}",
-                                        grace=self.settings.request_timeout)
+                                        grace=grace_for(self.settings.request_timeout))
         listed: dict[str, PodInfo] = {}
         for pod, problems, skipped in parsed:
             if pod is not None:
@@ -354,7 +354,7 @@ class PodWatcher:
         rv = self.stats.resource_versions[scope.label]
         try:
             await run_blocking(lambda: self._watch_blocking(scope, rv, stream, deliver, connected),
-                               name=f"kube-watch:{scope.label or '*'}", grace=self.settings.request_timeout,
+                               name=f"kube-watch:{scope.label or '*'}", grace=grace_for(self.settings.request_timeout),
                                interrupt=stream.stop)
         finally:
             stream.stopped = True
