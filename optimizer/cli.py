@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-path", metavar="FILE",
                        help="durable state (overrides, runtime settings, what the policy learned); "
                             "default: none, nothing survives a restart")
+    kube = serve.add_argument_group(
+        "Kubernetes discovery", "list and watch the VLM pods on this node, share each GPU among them by weight, and "
+                                "optionally publish decisions into their annotations (see docs/kubernetes.md)")
+    kube.add_argument("--kube-discovery", dest="kube_discovery", action="store_const", const=True,
+                      help="turn discovery on (default: off; needs a node name)")
+    kube.add_argument("--kubeconfig", dest="kube_kubeconfig", metavar="FILE",
+                      help="kubeconfig file (development); default: the in-cluster service account")
+    kube.add_argument("--node-name", dest="kube_node_name", metavar="NODE",
+                      help="the node whose pods are watched (default: $NODE_NAME)")
+    kube.add_argument("--kube-namespace", dest="kube_namespaces", action="append", metavar="NAMESPACE",
+                      help="a namespace to watch (repeatable; default: all namespaces)")
+    kube.add_argument("--kube-selector", dest="kube_label_selector", metavar="SELECTOR",
+                      help="label selector of the VLM pods (default: vlm-gpu-optimizer/client=true)")
+    kube.add_argument("--kube-publish", dest="kube_publish", action="store_const", const=True,
+                      help="write each pod's batch size and cleanup epoch into its annotations (needs RBAC "
+                           "permission to patch pods; default: off)")
     _policy_flags(serve)
 
     sim = sub.add_parser("simulate", help="replay a scenario in virtual time and print per-service measures",
@@ -206,7 +222,8 @@ def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, server: dict[str, Any] | None = None) -> Config:
-    return load_config(args.config, cli_settings=_cli_settings(args), cli_server=server or {})
+    kube = {k[len("kube_"):]: v for k, v in vars(args).items() if k.startswith("kube_") and v is not None}
+    return load_config(args.config, cli_settings=_cli_settings(args), cli_server=server or {}, cli_kube=kube)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -267,7 +284,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         persister = Persister(engine, StateFile(cfg.server.state_path))
         persister.load(time.time())
     sampler = Sampler(backend, engine)
-    app = build_app(engine, sampler, persister=persister)
+    discovery = None
+    if cfg.kube.discovery:
+        from optimizer.kube.discovery import Discovery
+
+        discovery = Discovery(engine, cfg.kube, clock=sampler.clock)
+    app = build_app(engine, sampler, persister=persister, discovery=discovery)
     admin = build_admin_app(app, token)
     admin_host = cfg.server.admin_host
     if token is None:

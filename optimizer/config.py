@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
+
 ENV_PREFIX = "VLM_OPTIMIZER_"
 DEFAULT_BATCH_SIZE = 4
 
@@ -128,6 +130,7 @@ class ServerSettings:
 class Config:
     settings: Settings = field(default_factory=Settings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    kube: KubeSettings = field(default_factory=KubeSettings)
 
 
 # --------------------------------------------------------------------------- validation
@@ -330,7 +333,10 @@ def apply_server(base: ServerSettings, updates: Mapping[str, Any]) -> ServerSett
 
 
 def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a YAML config file; returns (policy settings, server settings) as raw mappings."""
+    """Read a YAML config file; returns (policy settings, server settings) as raw mappings.
+
+    The ``kubernetes:`` section, if any, is returned inside the server mapping under ``kubernetes``.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -351,6 +357,11 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, A
         server = {}
     if not isinstance(server, dict):
         raise ConfigError("server", "must be a mapping")
+    kube = data.pop("kubernetes", None)
+    if kube is not None:
+        if not isinstance(kube, dict):
+            raise ConfigError("kubernetes", "must be a mapping")
+        server = {**server, "kubernetes": kube}
     return data, server
 
 
@@ -377,10 +388,13 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     cli_settings: Mapping[str, Any] | None = None,
     cli_server: Mapping[str, Any] | None = None,
+    cli_kube: Mapping[str, Any] | None = None,
 ) -> Config:
     """Build the effective configuration: defaults < file < environment < CLI flags."""
     file_settings, file_server = load_file(path) if path is not None else ({}, {})
-    env_settings, env_server = env_overrides(os.environ if environ is None else environ)
+    file_kube = file_server.pop("kubernetes", {})
+    env = os.environ if environ is None else environ
+    env_settings, env_server = env_overrides(env)
     merged: dict[str, Any] = {}
     for layer in (file_settings, env_settings, dict(cli_settings or {})):
         merged.update((k, _coerce_setting(k, v)) for k, v in layer.items())
@@ -388,7 +402,14 @@ def load_config(
     server = ServerSettings()
     for slayer in (file_server, env_server, dict(cli_server or {})):
         server = apply_server(server, slayer)
-    return Config(settings=settings, server=server)
+    kube = KubeSettings()
+    try:
+        for klayer in (file_kube, kube_env(env, ENV_PREFIX), dict(cli_kube or {})):
+            kube = apply_kube(kube, klayer)
+        kube = finish(kube)
+    except KubeSettingError as exc:
+        raise ConfigError(exc.key, str(exc).split(": ", 1)[1]) from exc
+    return Config(settings=settings, server=server, kube=kube)
 
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Pure functions; the engine calls them whenever the pods, the samples or the reports move.
 
-- **Which GPU a pod uses**: its ``vlm-optimizer.io/gpu`` annotation; else the GPU its own polls or
+- **Which GPU a pod uses**: its ``vlm-gpu-optimizer/gpu`` annotation; else the GPU its own polls or
   reports named (they carry the pod's name); else the node's only GPU; else unknown, and the pod
   is counted on every GPU of the node (conservative: its share is held back everywhere until it
   says where it runs).

@@ -7,7 +7,8 @@ passed in; nothing is registered on the global one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -42,10 +43,26 @@ SEED_METRICS = (
 )
 
 
+#: Pod states of Kubernetes discovery (``PodInfo.state``), each exported even at 0.
+POD_STATES = ("ready", "starting", "unready", "terminating", "finished")
+
+
+@dataclass(frozen=True)
+class KubeCounts:
+    """What Kubernetes discovery counted (its watcher's and publisher's totals)."""
+
+    synced: bool
+    watch_restarts: Mapping[str, int]  # by reason
+    api_errors: Mapping[str, int]  # by reason
+    patches: int
+
+
 class OptimizerCollector(Collector):
-    def __init__(self, engine: Engine, sampler: Sampler | None = None) -> None:
+    def __init__(self, engine: Engine, sampler: Sampler | None = None,
+                 kube: Callable[[], KubeCounts] | None = None) -> None:
         self.engine = engine
         self.sampler = sampler
+        self.kube = kube
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()
@@ -53,6 +70,34 @@ class OptimizerCollector(Collector):
         yield from self._counters()
         if self.sampler is not None:
             yield from self._self_health(self.sampler)
+        if self.kube is not None:
+            yield from self._discovery(self.kube())
+
+    def _discovery(self, k: KubeCounts) -> Iterator[Metric]:
+        pods = GaugeMetricFamily("vlm_optimizer_discovered_pods", "VLM pods on this node matching the selector, "
+                                 "by state", labels=["state"])
+        counts = {state: 0 for state in POD_STATES}
+        for pod in self.engine.pods.values():
+            counts[pod.state] = counts.get(pod.state, 0) + 1
+        for state, n in counts.items():
+            pods.add_metric([state], float(n))
+        yield pods
+        yield GaugeMetricFamily("vlm_optimizer_kube_synced", "1 while the pod list is current (listed, watch "
+                                "running), 0 while retrying after errors", value=1.0 if k.synced else 0.0)
+        restarts = CounterMetricFamily("vlm_optimizer_kube_watch_restarts", "Pod watches renewed, by reason "
+                                       "(timeout is normal; expired: 410 Gone, listed again)", labels=["reason"])
+        for reason in sorted({"timeout", "expired", "error"} | set(k.watch_restarts)):
+            restarts.add_metric([reason], float(k.watch_restarts.get(reason, 0)))
+        yield restarts
+        errors = CounterMetricFamily("vlm_optimizer_kube_api_errors", "Failed Kubernetes API calls, by reason",
+                                     labels=["reason"])
+        for reason in sorted(set(k.api_errors) | {"forbidden", "unavailable", "timeout"}):
+            errors.add_metric([reason], float(k.api_errors.get(reason, 0)))
+        yield errors
+        patches = CounterMetricFamily("vlm_optimizer_kube_annotation_patches", "Pods patched with their batch size "
+                                      "and cleanup epoch")
+        patches.add_metric([], float(k.patches))
+        yield patches
 
     def _gpu_gauges(self) -> Iterator[Metric]:
         e = self.engine
@@ -179,9 +224,10 @@ class OptimizerCollector(Collector):
                                 value=sampler.interval)
 
 
-def build_registry(engine: Engine, sampler: Sampler | None = None) -> CollectorRegistry:
+def build_registry(engine: Engine, sampler: Sampler | None = None,
+                   kube: Callable[[], KubeCounts] | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(OptimizerCollector(engine, sampler))
+    registry.register(OptimizerCollector(engine, sampler, kube))
     return registry
 
 

@@ -45,7 +45,7 @@ def make_pod(name: str, namespace: str = "default", node: str = "node-a", labels
     return {
         "kind": "Pod", "apiVersion": "v1",
         "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
-                     "labels": dict(labels if labels is not None else {"vlm-optimizer.io/managed": "true"}),
+                     "labels": dict(labels if labels is not None else {"vlm-gpu-optimizer/client": "true"}),
                      "annotations": dict(annotations or {}), "creationTimestamp": "2026-11-22T00:00:00Z"},
         "spec": {"nodeName": node, "containers": [{"name": "main", "image": "vlm:latest"}]},
         "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},

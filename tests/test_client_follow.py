@@ -747,4 +747,5 @@ def test_importable_without_the_server_dependencies() -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["optimizer", "optimizer.client", "optimizer.client.follow", "optimizer.client.identity"]
+    assert out.stdout.split() == ["optimizer", "optimizer.client", "optimizer.client.follow",
+                                  "optimizer.client.identity"]

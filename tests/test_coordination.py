@@ -96,7 +96,8 @@ class SharedGpu:
     def predicted_gib(self) -> float:
         """Memory if every loaded service ran what it was told, plus what starting pods will load."""
         return (FIXED_GIB + sum(self.base_gib.values()) + self.starting_gib
-                + sum(self.batch(n) * self.per_item_gib[n] for n in self.base_gib if (0, n) in self.engine.state.services))
+                + sum(self.batch(n) * self.per_item_gib[n] for n in self.base_gib
+                      if (0, n) in self.engine.state.services))
 
     def check(self) -> None:
         self.worst_gib = max(self.worst_gib, self.predicted_gib())

@@ -15,6 +15,7 @@ import yaml
 from optimizer.api.app import build_app
 from optimizer.config import BackendName, ServerSettings, Settings, load_config
 from optimizer.engine import Engine
+from optimizer.kube.settings import KubeSettings
 from optimizer.gpu.none import NoGpuBackend
 from optimizer.sampler import Sampler
 from tests.policy_helpers import ROOT
@@ -59,7 +60,7 @@ def test_one_object_per_source_file() -> None:
 
 
 @pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "DaemonSet", "Service",
-                                  "NetworkPolicy"])
+                                  "NetworkPolicy", "ClusterRole", "ClusterRoleBinding"])
 def test_every_object_is_valid_for_a_current_kubernetes(objects: dict[str, Obj], kind: str) -> None:
     version = kubernetes_validate.latest_version()
     kubernetes_validate.validate(objects[kind], version, strict=True)  # raises ValidationError
@@ -70,6 +71,26 @@ def test_the_single_file_manifest_is_kustomize_output() -> None:
     rendered = subprocess.run([kubectl, "kustomize", str(K8S)], check=True, capture_output=True, text=True).stdout
     committed = "".join(line for line in BUNDLE.read_text().splitlines(keepends=True) if not line.startswith("#"))
     assert committed == rendered, "regenerate: kubectl kustomize ops/k8s > ops/k8s/vlm-gpu-memory-optimizer.yaml"
+
+
+def test_rbac_is_read_only_pods_and_the_publish_overlay_adds_patch_in_one_namespace(objects: dict[str, Obj]) -> None:
+    role, binding = objects["ClusterRole"], objects["ClusterRoleBinding"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = objects["ServiceAccount"]["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+    kubectl = require("kubectl", optional_in_ci=True)
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "publish")], check=True, capture_output=True,
+                         text=True).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    assert set(docs) == {"Role", "RoleBinding"}
+    version = kubernetes_validate.latest_version()
+    for d in docs.values():
+        kubernetes_validate.validate(d, version, strict=True)
+    assert docs["Role"]["metadata"]["namespace"] == NAMESPACE
+    assert docs["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    assert docs["RoleBinding"]["subjects"] == binding["subjects"]
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
 
 
 def test_the_monitoring_overlay_renders() -> None:
@@ -85,7 +106,10 @@ def test_namespace_and_label_everywhere(objects: dict[str, Obj]) -> None:
         if kind == "Namespace":
             assert obj["metadata"]["name"] == NAMESPACE
             continue
-        assert obj["metadata"]["namespace"] == NAMESPACE, kind
+        if kind.startswith("Cluster"):
+            assert "namespace" not in obj["metadata"], kind  # cluster-scoped
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, kind
         assert obj["metadata"]["labels"]["app"] == APP, kind
 
 
@@ -155,7 +179,8 @@ def test_pod_security(objects: dict[str, Obj]) -> None:
     spec = pod(objects)
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert spec["automountServiceAccountToken"] is False
+    assert spec["automountServiceAccountToken"] is True  # discovery reads pods with the account's token
+    assert objects["ServiceAccount"]["automountServiceAccountToken"] is False  # other pods using it get none
     assert spec["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
     c = container(objects)
     sc = c["securityContext"]
@@ -185,8 +210,14 @@ def test_config_map_is_the_full_configuration(objects: dict[str, Obj], tmp_path:
     assert text == (K8S / "config.yaml").read_text()
     f = tmp_path / "config.yaml"
     f.write_text(text)
-    cfg = load_config(f, environ={})
+    env = {e["name"] for e in c["env"]}
+    assert "NODE_NAME" in env
+    cfg = load_config(f, environ={"NODE_NAME": "gpu-node-1"})
     assert cfg.settings == Settings()  # every policy key at its default
+    assert cfg.kube == KubeSettings(discovery=True, node_name="gpu-node-1")
+    # the label discovery selects the VLM pods by is the one the NetworkPolicy admits to the read API
+    policy = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert cfg.kube.label_selector == ",".join(f"{k}={v}" for k, v in policy.items())
     expected = ServerSettings(backend=BackendName.NVML, log_format="json",
                               state_path="/var/lib/vlm-gpu-optimizer/state.json")
     assert cfg.server == expected

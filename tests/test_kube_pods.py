@@ -9,7 +9,7 @@ import pytest
 from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, DeclaredProfile, parse_profile, pod_from_object
 from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
 
-P = "vlm-optimizer.io/"
+P = "vlm-gpu-optimizer/"
 
 
 def pod(annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None, **extra: Any) -> Any:

@@ -140,8 +140,8 @@ async def test_a_pod_gone_is_ignored_and_errors_are_retried(kube: FakeKube, publ
 
 
 async def test_only_published_keys(publisher: AnnotationPublisher, kube: FakeKube) -> None:
-    with pytest.raises(ValueError, match="vlm-optimizer.io/per_item_mb"):
-        await publisher.sync({"default/a": {"vlm-optimizer.io/per_item_mb": "3"}}, pods_of(kube))
+    with pytest.raises(ValueError, match="vlm-gpu-optimizer/per_item_mb"):
+        await publisher.sync({"default/a": {"vlm-gpu-optimizer/per_item_mb": "3"}}, pods_of(kube))
     assert patches(kube) == 0
 
 

@@ -14,7 +14,7 @@ from optimizer.kube.watcher import PodWatcher
 from tests.fake_kube import FakeKube, Obj, make_pod
 from tests.kube_helpers import Changes, FixedRng, RecordingSleep, kube_settings, kube_threads, running
 
-MANAGED = {"vlm-optimizer.io/managed": "true", "app.kubernetes.io/name": "captioner"}
+MANAGED = {"vlm-gpu-optimizer/client": "true", "app.kubernetes.io/name": "captioner"}
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ async def test_sees_only_the_matching_pods_on_this_node(kube: FakeKube, kubeconf
     first = kube.list_requests()[0]
     assert first.path == "/api/v1/pods"
     assert first.query["fieldSelector"] == "spec.nodeName=node-a"
-    assert first.query["labelSelector"] == "vlm-optimizer.io/managed=true"
+    assert first.query["labelSelector"] == "vlm-gpu-optimizer/client=true"
     watch = kube.watch_requests()[0]
     assert watch.query["allowWatchBookmarks"] == "true" and watch.query["timeoutSeconds"] == "60"
     assert watch.query["resourceVersion"] == "1004"  # the list's
@@ -76,7 +76,7 @@ async def test_readiness_arrivals_departures_and_selector_changes(kube: FakeKube
         await changes.wait_for(lambda p: "default/a" not in p)
 
         def unmanage(pod: Obj) -> None:
-            pod["metadata"]["labels"].pop("vlm-optimizer.io/managed")
+            pod["metadata"]["labels"].pop("vlm-gpu-optimizer/client")
         kube.update_pod("default", "b", unmanage)  # leaves the selection: the server sends DELETED
         await changes.wait_for(lambda p: p == {})
         assert watcher.stats.events_total == {"ADDED": 1, "MODIFIED": 1, "DELETED": 2}
@@ -243,7 +243,7 @@ async def test_one_scope_per_namespace(kube: FakeKube, kubeconfig: str) -> None:
 
 
 async def test_invalid_annotations_are_logged_once_per_pod_key_and_value(kube: FakeKube, kubeconfig: str) -> None:
-    bad = {"vlm-optimizer.io/per_item_mb": "lots", "vlm-optimizer.io/max_batch_size": "16"}
+    bad = {"vlm-gpu-optimizer/per_item_mb": "lots", "vlm-gpu-optimizer/max_batch_size": "16"}
     kube.add_pod(make_pod("a", labels=MANAGED, annotations=bad))
     changes = Changes()
     watcher = PodWatcher(kube_settings(kubeconfig), on_change=changes)
@@ -257,7 +257,7 @@ async def test_invalid_annotations_are_logged_once_per_pod_key_and_value(kube: F
             await changes.wait_for(lambda p: "default/b" in p)
     invalid = [e for e in logs if e["event"] == "pod_annotation_invalid"]
     assert [(e["pod"], e["key"], e["value"]) for e in invalid] == [
-        ("default/a", "vlm-optimizer.io/per_item_mb", "lots"), ("default/b", "vlm-optimizer.io/per_item_mb", "lots")]
+        ("default/a", "vlm-gpu-optimizer/per_item_mb", "lots"), ("default/b", "vlm-gpu-optimizer/per_item_mb", "lots")]
     assert invalid[0]["log_level"] == "warning" and "MiB" in invalid[0]["problem"]
 
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
-from optimizer.api.keys import ENGINE, PERSISTER, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.routes import routes
 from optimizer.api.schemas import MAX_REPORT_BYTES
 from optimizer.engine import Engine
 from optimizer.metrics import build_registry
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
+
+if TYPE_CHECKING:
+    from optimizer.kube.discovery import Discovery
 
 log = structlog.get_logger(__name__)
 
@@ -40,15 +44,17 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
-              persister: Persister | None = None) -> web.Application:
+              persister: Persister | None = None, discovery: Discovery | None = None) -> web.Application:
     """The read API. With ``run_sampler`` the sampling loop starts and stops with the application;
-    with a ``persister`` the state is saved every optimization interval when it changed, and at exit.
+    with a ``persister`` the state is saved every optimization interval when it changed, and at exit;
+    with ``discovery`` the Kubernetes pod watcher (and publisher) run for the application's lifetime.
     """
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
     app[ENGINE] = engine
     app[SAMPLER] = sampler
-    app[REGISTRY] = build_registry(engine, sampler)
+    app[REGISTRY] = build_registry(engine, sampler, discovery.counts if discovery is not None else None)
     app[PERSISTER] = persister
+    app[DISCOVERY] = discovery
     app.add_routes(routes)
 
     async def persisting(app: web.Application) -> AsyncIterator[None]:
@@ -76,8 +82,19 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
         sampler.close()
         log.info("sampler_stopped", samples=sampler.stats.samples)
 
+    async def discovering(app: web.Application) -> AsyncIterator[None]:
+        assert discovery is not None
+        task = asyncio.create_task(discovery.run(), name="discovery")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("discovery_stopped")
+
     if run_sampler:
         app.cleanup_ctx.append(sampling)
+    if discovery is not None:
+        app.cleanup_ctx.append(discovering)
     if persister is not None:
         app.cleanup_ctx.append(persisting)
     return app

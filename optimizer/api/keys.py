@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -9,8 +11,12 @@ from optimizer.engine import Engine
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
 
+if TYPE_CHECKING:
+    from optimizer.kube.discovery import Discovery
+
 ENGINE = web.AppKey("engine", Engine)
 SAMPLER = web.AppKey("sampler", Sampler)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 PERSISTER: web.AppKey[Persister | None] = web.AppKey("persister")
 ADMIN_TOKEN: web.AppKey[bytes | None] = web.AppKey("admin_token")
+DISCOVERY: web.AppKey[Discovery | None] = web.AppKey("discovery")

@@ -8,19 +8,21 @@ from typing import Any
 
 from aiohttp import web
 
-from optimizer.api.keys import ENGINE, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENGINE, REGISTRY, SAMPLER
 from optimizer.api.schemas import (
     MAX_REPORT_BYTES,
     InvalidInput,
     event_dict,
     parse_gpu,
     parse_limit,
+    parse_pod,
     parse_positive,
     parse_report,
     parse_service,
     read_limited,
     sample_dict,
 )
+from optimizer.api.services import services_body
 from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, UnknownGpu
@@ -59,7 +61,8 @@ async def batch_size(request: web.Request) -> web.Response:
     try:
         service = parse_service(request.query.get("service"))
         gpu = parse_gpu(request.query.get("gpu"))
-        d = engine.poll(service, gpu, request.app[SAMPLER].clock())
+        pod = parse_pod(request.query.get("pod"))
+        d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod)
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
@@ -82,7 +85,7 @@ async def reports(request: web.Request) -> web.Response:
         r = parse_report(body)
         d = request.app[ENGINE].report(r.service, r.gpu, request.app[SAMPLER].clock(), batch_size=r.batch_size,
                                        peak_bytes=r.peak_bytes, allocated_bytes=r.allocated_bytes,
-                                       reserved_bytes=r.reserved_bytes, oom=r.oom)
+                                       reserved_bytes=r.reserved_bytes, oom=r.oom, pod=r.pod)
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
@@ -117,6 +120,13 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
 @routes.get("/status")
 async def status(request: web.Request) -> web.Response:
     return _json(status_body(request.app[ENGINE], request.app[SAMPLER]))
+
+
+@routes.get("/services")
+async def services(request: web.Request) -> web.Response:
+    """The pods discovery found on this node, their GPU, share and batch; and the services known only from reports."""
+    discovery = request.app[DISCOVERY]
+    return _json(services_body(request.app[ENGINE], discovery.status() if discovery is not None else None))
 
 
 @routes.get("/history")

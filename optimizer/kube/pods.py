@@ -1,7 +1,7 @@
 """What the optimizer reads from a pod: its service, readiness, declared profile and GPU.
 
 Pods arrive as plain JSON objects (``dict``), exactly as the API server sends them; nothing here
-imports the Kubernetes client. Annotations (all under ``vlm-optimizer.io/``) declare a profile:
+imports the Kubernetes client. Annotations (all under ``vlm-gpu-optimizer/``) declare a profile:
 
 =========================== ======================================================= ==========
 annotation                  meaning                                                 values

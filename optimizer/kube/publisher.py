@@ -1,4 +1,4 @@
-"""Publish decisions into the pods' annotations (``vlm-optimizer.io/batch_size``, ``.../cleanup_epoch``).
+"""Publish decisions into the pods' annotations (``vlm-gpu-optimizer/batch_size``, ``.../cleanup_epoch``).
 
 One JSON merge patch (``application/merge-patch+json``) on ``metadata.annotations`` per pod that
 needs it, through ``patch_namespaced_pod``, each in its own worker thread with the request

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Prefix of every annotation and label the optimizer reads or writes.
-PREFIX = "vlm-optimizer.io/"
+PREFIX = "vlm-gpu-optimizer/"
 
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -39,9 +39,9 @@ class KubeSettings:
     kubeconfig: str | None = None  # a kubeconfig file (development); None: the in-cluster service account
     node_name: str | None = None  # the node whose pods are watched (default: $NODE_NAME)
     namespaces: tuple[str, ...] = ()  # namespaces watched; empty: all namespaces
-    label_selector: str = PREFIX + "managed=true"  # which pods are VLM services
+    label_selector: str = PREFIX + "client=true"  # which pods are VLM services (the label the NetworkPolicy admits)
     service_label: str = "app.kubernetes.io/name"  # the label naming a pod's service (annotation
-    # vlm-optimizer.io/service, when present, wins)
+    # vlm-gpu-optimizer/service, when present, wins)
     publish: bool = False  # write batch size and cleanup epoch into each pod's annotations
     publish_interval: float = 15.0  # at least this long between two patches of one pod
     watch_timeout: float = 300.0  # a watch request ends (normally) after this long and is renewed
