@@ -40,6 +40,8 @@ class Discovery:
         self.watcher = PodWatcher(settings, on_change=self._on_change, api_factory=api_factory)
         self.publisher = AnnotationPublisher(settings, api_factory=api_factory) if settings.publish else None
         self._changed = asyncio.Event()
+        self.publish_rounds = 0  # publishing passes completed (successful or not)
+        self._round = asyncio.Condition()
         engine.discovery = True
 
     def _on_change(self, pods: Mapping[str, PodInfo]) -> None:
@@ -81,8 +83,16 @@ class Discovery:
                 raise
             except Exception:  # noqa: BLE001 - publishing is best effort; the API keeps serving
                 log.exception("publish_failed")
+            async with self._round:
+                self.publish_rounds += 1
+                self._round.notify_all()
             self._changed.clear()
             await self._wait(interval)
+
+    async def wait_publish_rounds(self, n: int) -> None:
+        """Until ``n`` publishing passes have completed (for tests and tools; no timeout of its own)."""
+        async with self._round:
+            await self._round.wait_for(lambda: self.publish_rounds >= n)
 
     async def _wait(self, seconds: float) -> None:
         """Until the pods change or ``seconds`` pass on the injected clock, whichever is first."""
