@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from optimizer.api.keys import ENGINE, PERSISTER, REGISTRY, SAMPLER
+from optimizer.api.encoded import EncodedDecisions
+from optimizer.api.keys import ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.routes import routes
 from optimizer.api.schemas import MAX_REPORT_BYTES
 from optimizer.engine import Engine
@@ -49,6 +50,7 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     app[SAMPLER] = sampler
     app[REGISTRY] = build_registry(engine, sampler)
     app[PERSISTER] = persister
+    app[ENCODED] = EncodedDecisions()
     app.add_routes(routes)
 
     async def persisting(app: web.Application) -> AsyncIterator[None]:
