@@ -24,7 +24,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from optimizer.api import build_app
 from optimizer.api.admin import build_admin_app
-from optimizer.api.encoded import Encoded, EncodedDecisions
+from optimizer.api.encoded import SLACK, Encoded, EncodedDecisions
 from optimizer.api.keys import ENCODED
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
@@ -307,7 +307,7 @@ def test_if_none_match_is_compared_weakly(header: str, matches: bool) -> None:
 
 
 def test_an_equal_decision_reuses_the_bytes_and_a_different_one_does_not() -> None:
-    store = EncodedDecisions()
+    store = EncodedDecisions(lambda: {(0, "svc")})
     first = store.get(decision())
     assert store.get(decision()) is first
     moved = store.get(decision(used=21 * GIB))
@@ -320,7 +320,8 @@ def test_an_equal_decision_reuses_the_bytes_and_a_different_one_does_not() -> No
 
 
 def test_the_store_is_bounded_dropping_the_oldest_encoding() -> None:
-    store = EncodedDecisions(entries=2)
+    names = ["a", "b", "c"]
+    store = EncodedDecisions(lambda: {(0, n) for n in names}, entries=2)
     a = store.get(decision("a"))
     store.get(decision("b"))
     store.get(decision("a", batch=5))  # re-encoded: now the newest
@@ -332,4 +333,34 @@ def test_the_store_is_bounded_dropping_the_oldest_encoding() -> None:
     assert store.misses == misses + 1
     assert len(store) == 2
     with pytest.raises(ValueError, match="entries"):
-        EncodedDecisions(entries=0)
+        EncodedDecisions(lambda: (), entries=0)
+
+
+def test_services_the_engine_forgot_are_dropped() -> None:
+    live = {(0, f"old-{i}") for i in range(100)}
+    store = EncodedDecisions(lambda: live)
+    for i in range(100):
+        store.get(decision(f"old-{i}"))
+    assert len(store) == 100
+    live = {(0, "new")}  # the old services expired
+    store.get(decision("new"))
+    assert len(store) <= 2 * len(live) + SLACK
+    kept = store.get(decision("new"))
+    assert store.get(decision("new")) is kept
+    for i in range(1000):  # names polled once each, never live long: the store stays small
+        store.get(decision(f"once-{i}"))
+        assert len(store) <= 2 * len(live) + SLACK + 1
+
+
+async def test_the_answers_store_follows_the_engines_services(make_rig: MakeRig) -> None:
+    r = await make_rig(settings=Settings(service_expiry=30.0))
+    await r.tick()
+    for i in range(2 * SLACK):
+        await r.poll(f"gone-{i}")
+    assert len(r.encoded) == 2 * SLACK
+    for _ in range(7):  # 35 s: past the expiry, the engine forgets them
+        await r.tick()
+    assert r.engine.state.services == {}
+    await r.poll("new")
+    assert len(r.encoded) == 1
+    assert (await r.body("new"))["service"] == "new"

@@ -50,7 +50,7 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     app[SAMPLER] = sampler
     app[REGISTRY] = build_registry(engine, sampler)
     app[PERSISTER] = persister
-    app[ENCODED] = EncodedDecisions()
+    app[ENCODED] = EncodedDecisions(lambda: engine.state.services.keys())
     app.add_routes(routes)
 
     async def persisting(app: web.Application) -> AsyncIterator[None]:

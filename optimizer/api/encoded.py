@@ -14,11 +14,15 @@ values per poll.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from optimizer.engine import Decision
 
-DEFAULT_ENTRIES = 4096  # (service, GPU) pairs kept; about 1 KiB each
+DEFAULT_ENTRIES = 4096  # (GPU, service) pairs kept at most; about 1 KiB each
+SLACK = 64  # pairs kept beyond twice the live ones before those no longer live are dropped
+
+Key = tuple[int | None, str]  # (GPU index, service), as the engine keys its services
 
 
 def _opaque(tag: str) -> str:
@@ -51,17 +55,20 @@ class Encoded:
 
 
 class EncodedDecisions:
-    """The last encoded decision per (service, GPU index), at most ``entries`` of them.
+    """The last encoded decision per (GPU index, service), at most ``entries`` of them.
 
-    When full, the pair encoded longest ago is dropped first, so services that went away (and
-    names polled once) cannot grow it without bound.
+    ``live`` returns the pairs the engine still knows (``engine.state.services``). When the store
+    holds more than twice as many pairs as are live (plus a little slack), the pairs no longer live
+    are dropped: services that expired take their bytes with them. Past ``entries`` (more live
+    pairs than that), the pair encoded longest ago goes first.
     """
 
-    def __init__(self, entries: int = DEFAULT_ENTRIES) -> None:
+    def __init__(self, live: Callable[[], Collection[Key]], entries: int = DEFAULT_ENTRIES) -> None:
         if entries < 1:
             raise ValueError(f"entries must be at least 1, got {entries}")
+        self.live = live
         self.entries = entries
-        self._by_key: dict[tuple[str, int | None], Encoded] = {}
+        self._by_key: dict[Key, Encoded] = {}
         self.hits = 0
         self.misses = 0
 
@@ -70,7 +77,7 @@ class EncodedDecisions:
 
     def get(self, d: Decision) -> Encoded:
         """``d`` encoded: the kept bytes when ``d`` equals the decision they came from, else fresh ones."""
-        key = (d.service, d.gpu_index)
+        key = (d.gpu_index, d.service)
         kept = self._by_key.get(key)
         if kept is not None and kept.decision == d:
             self.hits += 1
@@ -79,7 +86,14 @@ class EncodedDecisions:
         fresh = Encoded.of(d)
         if kept is not None:
             del self._by_key[key]  # re-inserted last: the order is the order of encoding
-        elif len(self._by_key) >= self.entries:
-            del self._by_key[next(iter(self._by_key))]
+        else:
+            self._make_room()
         self._by_key[key] = fresh
         return fresh
+
+    def _make_room(self) -> None:
+        live = self.live()
+        if len(self._by_key) >= 2 * len(live) + SLACK:
+            self._by_key = {k: v for k, v in self._by_key.items() if k in live}
+        if len(self._by_key) >= self.entries:
+            del self._by_key[next(iter(self._by_key))]
