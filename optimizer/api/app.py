@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from optimizer.api.keys import DISCOVERY, ENGINE, PERSISTER, REGISTRY, SAMPLER
+from optimizer.api.encoded import EncodedDecisions
+from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.routes import routes
 from optimizer.api.schemas import MAX_REPORT_BYTES
 from optimizer.engine import Engine
@@ -55,6 +56,7 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     app[REGISTRY] = build_registry(engine, sampler, discovery.counts if discovery is not None else None)
     app[PERSISTER] = persister
     app[DISCOVERY] = discovery
+    app[ENCODED] = EncodedDecisions(lambda: engine.state.services.keys())
     app.add_routes(routes)
 
     async def persisting(app: web.Application) -> AsyncIterator[None]:

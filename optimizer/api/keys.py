@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from optimizer.api.encoded import EncodedDecisions
 from optimizer.engine import Engine
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
@@ -20,3 +21,4 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 PERSISTER: web.AppKey[Persister | None] = web.AppKey("persister")
 ADMIN_TOKEN: web.AppKey[bytes | None] = web.AppKey("admin_token")
 DISCOVERY: web.AppKey[Discovery | None] = web.AppKey("discovery")
+ENCODED = web.AppKey("encoded_decisions", EncodedDecisions)

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from optimizer.api.keys import DISCOVERY, ENGINE, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, REGISTRY, SAMPLER
 from optimizer.api.schemas import (
     MAX_REPORT_BYTES,
     InvalidInput,
@@ -40,19 +40,15 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
     return _json({"error": f"gpu: {exc}", kind: "gpu", "available": exc.available}, status=400)
 
 
-def _opaque(tag: str) -> str:
-    """An entity tag without its weakness prefix: If-None-Match compares weakly (RFC 9110, 13.1.2)."""
-    tag = tag.strip()
-    return tag[2:] if tag.startswith("W/") else tag
-
-
 def _decision_response(request: web.Request, d: Decision) -> web.Response:
+    """The decision's body and ETag, encoded once per change of the decision (not once per poll)."""
+    encoded = request.app[ENCODED].get(d)
     interval = request.app[ENGINE].settings.monitoring_interval
-    headers = {"ETag": d.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
+    headers = {"ETag": encoded.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
     inm = request.headers.get("If-None-Match")
-    if inm is not None and (inm.strip() == "*" or _opaque(d.etag) in [_opaque(t) for t in inm.split(",")]):
+    if inm is not None and encoded.matches(inm):
         return web.Response(status=304, headers=headers)
-    return _json(d.to_dict(), headers=headers)
+    return web.Response(body=encoded.body, headers=headers, content_type="application/json", charset="utf-8")
 
 
 @routes.get("/batch-size")

@@ -1,0 +1,99 @@
+"""Ready-encoded decisions: the JSON body and ETag of ``GET /batch-size``, encoded once per change.
+
+Services poll far more often than their decision changes (the memory figures move once a sample,
+the batch size more rarely), so serialising the decision and hashing its ETag on every poll is
+wasted work. Here each (service, GPU) keeps the bytes of its last decision.
+
+An entry is reused only for a decision *equal* to the one it was encoded from. The body is a pure
+function of the :class:`~optimizer.engine.Decision` (a frozen value), so a reused body is the body
+that would have been encoded, whatever changed the engine's state in between: a sample, a report,
+an override, a settings change, a restore at start-up. The price is one comparison of two small
+values per poll.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from optimizer.engine import Decision
+
+DEFAULT_ENTRIES = 4096  # (GPU, service) pairs kept at most; about 1 KiB each
+SLACK = 64  # pairs kept beyond twice the live ones before those no longer live are dropped
+
+Key = tuple[int | None, str]  # (GPU index, service), as the engine keys its services
+
+
+def _opaque(tag: str) -> str:
+    """An entity tag without its weakness prefix: If-None-Match compares weakly (RFC 9110, 13.1.2)."""
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One decision, encoded: ``body`` is its compact JSON (UTF-8), ``etag`` its weak validator."""
+
+    decision: Decision
+    body: bytes
+    etag: str
+    opaque_etag: str
+
+    @classmethod
+    def of(cls, d: Decision) -> Encoded:
+        etag = d.etag
+        return cls(d, json.dumps(d.to_dict(), separators=(",", ":")).encode("utf-8"), etag, _opaque(etag))
+
+    def matches(self, if_none_match: str) -> bool:
+        """Whether an ``If-None-Match`` header value names this entity (weak comparison, ``*``, lists)."""
+        if if_none_match == self.etag:  # what a following client sends: the tag it was given
+            return True
+        if if_none_match.strip() == "*":
+            return True
+        return self.opaque_etag in [_opaque(t) for t in if_none_match.split(",")]
+
+
+class EncodedDecisions:
+    """The last encoded decision per (GPU index, service), at most ``entries`` of them.
+
+    ``live`` returns the pairs the engine still knows (``engine.state.services``). When the store
+    holds more than twice as many pairs as are live (plus a little slack), the pairs no longer live
+    are dropped: services that expired take their bytes with them. Past ``entries`` (more live
+    pairs than that), the pair encoded longest ago goes first.
+    """
+
+    def __init__(self, live: Callable[[], Collection[Key]], entries: int = DEFAULT_ENTRIES) -> None:
+        if entries < 1:
+            raise ValueError(f"entries must be at least 1, got {entries}")
+        self.live = live
+        self.entries = entries
+        self._by_key: dict[Key, Encoded] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, d: Decision) -> Encoded:
+        """``d`` encoded: the kept bytes when ``d`` equals the decision they came from, else fresh ones."""
+        key = (d.gpu_index, d.service)
+        kept = self._by_key.get(key)
+        if kept is not None and kept.decision == d:
+            self.hits += 1
+            return kept
+        self.misses += 1
+        fresh = Encoded.of(d)
+        if kept is not None:
+            del self._by_key[key]  # re-inserted last: the order is the order of encoding
+        else:
+            self._make_room()
+        self._by_key[key] = fresh
+        return fresh
+
+    def _make_room(self) -> None:
+        live = self.live()
+        if len(self._by_key) >= 2 * len(live) + SLACK:
+            self._by_key = {k: v for k, v in self._by_key.items() if k in live}
+        if len(self._by_key) >= self.entries:
+            del self._by_key[next(iter(self._by_key))]
