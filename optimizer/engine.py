@@ -191,6 +191,9 @@ class Engine:
         outcome = policy.decide(snapshot, self.state, self.policy_settings)
         self.state = outcome.state
         self._account(outcome.events)
+        for index, c in self.counters.items():  # forgotten services' counts go with them (names may churn)
+            for name in [n for n in c.batch_changes if (index, n) not in self.state.services]:
+                del c.batch_changes[name]
         return outcome.events
 
     # ------------------------------------------------------------------ operator actions (admin API)
@@ -258,7 +261,10 @@ class Engine:
         if index is None:
             return self._cpu_decision(service, now)
         self._note_pod(pod, index)
+        new = (index, service) not in self.state.services
         self.state, svc = policy.touch(self.state, service, index, now, self.policy_settings, self.gpu_sample(index))
+        if new:
+            self.revision += 1  # a new service is state worth saving
         return self.decision_of(svc)
 
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,

@@ -229,3 +229,17 @@ def test_a_poll_naming_its_pod_pins_the_pod_to_that_gpu(ident: str) -> None:
     assert {i: dict(c) for i, c in h.engine.state.roster.pods.items()} == {1: {"b": 1}}
     h.engine.set_pods({})
     assert h.engine.pod_gpus == {}
+
+
+def test_a_first_poll_is_state_worth_saving_and_forgotten_services_leave_no_counts() -> None:
+    h = Harness(dataclasses.replace(S, service_expiry=60.0))
+    h.tick(gpu(22))
+    before = h.engine.revision
+    h.engine.poll("pod-name-churn-1", 0, h.t)
+    assert h.engine.revision > before
+    h.engine.set_override("pod-name-churn-1", 0, 2, None, h.t)  # one batch change, counted
+    assert h.engine.counters[0].batch_changes["pod-name-churn-1"] == 1
+    for _ in range(20):  # 100 s without a poll: forgotten, and so are its counts
+        h.tick(gpu(22))
+    assert (0, "pod-name-churn-1") not in h.engine.state.services
+    assert "pod-name-churn-1" not in h.engine.counters[0].batch_changes
