@@ -671,3 +671,36 @@ def test_settings_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
     loaded = load_config(write(tmp_path, FULL_YAML), environ={}).settings
     dumped = write(tmp_path, yaml.safe_dump(settings_to_dict(loaded)), "dumped.yaml")
     assert load_config(dumped, environ={}).settings == loaded
+
+
+# --------------------------------------------------------------------------- the kubernetes: section
+
+
+def test_kubernetes_section_layers_file_environment_and_flags(tmp_path: Path) -> None:
+    from optimizer.kube.settings import KubeSettings
+
+    f = tmp_path / "c.yaml"
+    f.write_text("kubernetes:\n  discovery: true\n  namespaces: [vlm, batch]\n  publish_interval: 30\n")
+    cfg = load_config(f, environ={"NODE_NAME": "gpu-1", "VLM_OPTIMIZER_KUBE_PUBLISH": "true"},
+                      cli_kube={"label_selector": "team=vision"})
+    assert cfg.kube == KubeSettings(discovery=True, node_name="gpu-1", namespaces=("vlm", "batch"),
+                                    publish=True, publish_interval=30.0, label_selector="team=vision")
+    env_ns = load_config(f, environ={"NODE_NAME": "gpu-1", "VLM_OPTIMIZER_KUBE_NAMESPACES": "a, b,a"})
+    assert env_ns.kube.namespaces == ("a", "b")
+    assert load_config(environ={}).kube == KubeSettings()
+
+
+@pytest.mark.parametrize(("text", "key", "allowed"), [
+    ("kubernetes:\n  discovery: maybe\n", "kubernetes.discovery", "true or false"),
+    ("kubernetes:\n  namespaces: [Bad_NS]\n", "kubernetes.namespaces", "not a namespace name"),
+    ("kubernetes:\n  publish_interval: 0\n", "kubernetes.publish_interval", "[1, 86400]"),
+    ("kubernetes:\n  watch: true\n", "kubernetes.watch", "allowed keys are discovery, kubeconfig"),
+    ("kubernetes: [1]\n", "kubernetes", "mapping"),
+    ("kubernetes:\n  publish: true\n", "kubernetes.publish", "needs kubernetes.discovery"),
+])
+def test_bad_kubernetes_settings_name_the_key(tmp_path: Path, text: str, key: str, allowed: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, environ={"NODE_NAME": "gpu-1"})
+    assert e.value.key == key and allowed in str(e.value)

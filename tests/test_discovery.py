@@ -6,17 +6,22 @@ publishing on, the pods' annotations.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from optimizer.api import build_app
+from optimizer.cli import main
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.kube.discovery import Discovery
@@ -25,6 +30,7 @@ from optimizer.sampler import Sampler
 from tests.fake_kube import FakeKube, make_pod
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep
 from tests.kube_helpers import kube_settings
+from tests.policy_helpers import ROOT
 
 Client = TestClient[web.Request, web.Application]
 
@@ -226,3 +232,52 @@ async def test_publishing_without_permission_is_counted_and_serving_goes_on(kube
     assert status["forbidden_namespaces"] == ["default"] and status["patches"] == 0
     assert 'vlm_optimizer_kube_api_errors_total{reason="forbidden"} 1.0' in await node.metrics()
     assert (await node.get("/batch-size?service=captioner"))["batch_size"] == 4
+
+
+# --------------------------------------------------------------------------- serve, as a real process
+
+
+async def test_serve_with_discovery_reads_the_pods_through_a_kubeconfig(kube: FakeKube, tmp_path: Path) -> None:
+    """``serve --kube-discovery --kubeconfig`` as a separate process, against the fake API server."""
+    kube.add_pod(make_pod("cap-1", labels=labels("captioner")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_") and k != "NODE_NAME"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host", "127.0.0.1", "--port",
+        str(port), "--log-format", "json", "--kube-discovery", "--kubeconfig",
+        kube.write_kubeconfig(str(tmp_path / "kubeconfig")), "--node-name", "node-a", "--admin-port", "0",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+            while True:  # until the process answers and has listed the pods; the back-off is not the sync
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/services") as resp:
+                        body = await resp.json()
+                        if body["pods"]:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert [p["pod"] for p in body["pods"]] == ["default/cap-1"]
+        assert body["discovery"]["node"] == "node-a"
+    finally:
+        proc.terminate()
+        _, err = await proc.communicate()
+    assert proc.returncode in (0, -15), err.decode()
+    assert b'"event": "discovery_stopped"' in err
+
+
+@pytest.mark.parametrize(("flags", "key"), [
+    (["--kube-discovery"], "kubernetes.node_name"),
+    (["--kube-publish"], "kubernetes.publish"),
+    (["--kube-discovery", "--node-name", "Not_A_Node"], "kubernetes.node_name"),
+])
+def test_bad_kubernetes_settings_exit_2_naming_the_key(flags: list[str], key: str,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    assert main(["serve", "--backend", "none", *flags]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
