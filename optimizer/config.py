@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
+from optimizer.values import BOOL_RULE, parse_bool
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
 DEFAULT_BATCH_SIZE = 4
@@ -148,13 +149,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(key, f"must be true or false, got {value!r}")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise ConfigError(key, f"must be {BOOL_RULE}, got {value!r}")
+    return parsed
 
 
 def _as_float(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:

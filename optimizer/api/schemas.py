@@ -8,10 +8,9 @@ from typing import Any, Protocol
 
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.types import Event
+from optimizer.values import SERVICE_RE, SERVICE_RULE
 
 MAX_REPORT_BYTES = 64 * 1024
-SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # used with fullmatch
-SERVICE_RULE = "1-128 characters: letters, digits and . _ : / - (starting with a letter or digit)"
 MAX_BYTES_FIELD = 1 << 50  # 1 PiB: anything above is a client bug, not a GPU
 
 

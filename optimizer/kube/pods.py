@@ -32,8 +32,8 @@ from types import MappingProxyType
 from typing import Any
 
 from optimizer.kube.settings import PREFIX
+from optimizer.values import SERVICE_RE, SERVICE_RULE
 
-SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # the same rule as the HTTP API's service names
 GPU_RE = re.compile(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}")
 
 #: Annotations the optimizer writes when publishing is on.
@@ -218,7 +218,7 @@ def pod_from_object(obj: Mapping[str, Any], service_label: str) -> tuple[PodInfo
             service = declared
         else:
             problems.append(AnnotationProblem(key, PREFIX + "service", declared[:64],
-                                              "must be 1-128 characters: letters, digits and . _ : / -"))
+                                              f"must be {SERVICE_RULE}"))
     if service is None and SERVICE_RE.fullmatch(labels.get(service_label, "")):
         service = labels[service_label]
     profile, more = parse_profile(key, annotations)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from optimizer.values import BOOL_RULE, parse_bool
+
 #: Prefix of every annotation and label the optimizer reads or writes.
 PREFIX = "vlm-gpu-optimizer/"
 
@@ -57,13 +59,10 @@ KUBE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KubeSettin
 
 
 def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise KubeSettingError(key, f"must be true or false, got {value!r}")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise KubeSettingError(key, f"must be {BOOL_RULE}, got {value!r}")
+    return parsed
 
 
 def _seconds(key: str, value: Any, lo: float, hi: float) -> float:
