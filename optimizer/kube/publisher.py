@@ -79,16 +79,16 @@ class AnnotationPublisher:
         before anything is sent); annotations not named are left alone. Pods not in ``pods`` are
         skipped. Raises nothing else (``CancelledError`` aside).
         """
-        for key, annotations in desired.items():
-            bad = [k for k in annotations if k not in PUBLISHED]
+        for key, wanted in desired.items():
+            bad = [k for k in wanted if k not in PUBLISHED]
             if bad:
                 raise ValueError(f"desired annotations of {key}: {bad} not publishable; allowed: {list(PUBLISHED)}")
         self._sent = {k: s for k, s in self._sent.items() if k in pods}
-        for key, annotations in desired.items():
+        for key, wanted in desired.items():
             pod = pods.get(key)
             if pod is None:
                 continue
-            diff = {k: str(v) for k, v in annotations.items() if pod.published.get(k) != str(v)}
+            diff = {k: str(v) for k, v in wanted.items() if pod.published.get(k) != str(v)}
             if diff and self._due(pod):
                 await self._patch(pod, diff)
 
