@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from optimizer.gpu.types import GpuSample
 
@@ -76,3 +79,18 @@ class ScriptedBackend:
 
 async def no_sleep(delay: float) -> None:
     raise AssertionError("the tests drive ticks explicitly")
+
+
+@dataclass
+class Sink:
+    """A DecisionSink that records the decisions it gets."""
+
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    received: threading.Event = field(default_factory=threading.Event)
+
+    def apply_decision(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        self.received.set()
+
+    async def wait(self) -> bool:
+        return await asyncio.to_thread(self.received.wait, 10)

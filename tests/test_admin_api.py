@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -19,17 +18,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Iterator, MutableMapping
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
-from structlog.testing import capture_logs
 
 from optimizer.api import build_app
 from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
@@ -40,6 +37,7 @@ from optimizer.persistence import Persister, StateFile
 from optimizer.policy.types import PolicyState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, uuid_of
+from tests.logcapture import LogList, events_named
 
 GIB = 1024**3
 TOTAL = 80 * GIB
@@ -48,7 +46,6 @@ OPT_INTERVAL = Settings().optimization_interval  # 60 s
 TOKEN = "tok"
 ROOT = Path(__file__).resolve().parent.parent
 Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
 
 
 async def park(delay: float) -> None:
@@ -131,22 +128,6 @@ async def adm(make_admin: MakeAdmin) -> Admin:
     a = await make_admin()
     await a.tick()
     return a
-
-
-@pytest.fixture
-def logs() -> Iterator[LogList]:
-    """Every structlog event, whatever level another test configured (``serve`` filters below warning)."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as captured:
-            yield captured
-    finally:
-        structlog.configure(**saved)
-
-
-def events_named(logs: LogList, name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == name]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import asyncio
 import importlib
 import logging
 import sys
-import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from optimizer.client.telemetry import Reporter
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler
-from tests.fakes import FakeClock, ScriptedBackend, no_sleep
+from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep
 
 OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -502,16 +501,6 @@ def test_a_failed_attempts_frames_are_freed_before_the_cleanup() -> None:
 
 
 # --------------------------------------------------------------------------- against a real optimizer
-
-
-@dataclass
-class Sink:
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    received: threading.Event = field(default_factory=threading.Event)
-
-    def apply_decision(self, decision: dict[str, Any]) -> None:
-        self.decisions.append(decision)
-        self.received.set()
 
 
 @pytest.fixture

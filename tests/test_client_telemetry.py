@@ -14,7 +14,6 @@ import json
 import logging
 import socket
 import sys
-import threading
 import types
 import uuid as pyuuid
 from collections.abc import AsyncIterator, Awaitable
@@ -33,7 +32,7 @@ from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.policy.types import ServiceState
 from optimizer.sampler import Sampler
-from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep, uuid_of
 from tests.test_client_oom import OOM_ERROR, oom
 
 GIB = 1024**3
@@ -101,21 +100,6 @@ async def reporters(start_optimizer: StartOptimizer) -> AsyncIterator[list[Repor
     yield made
     for r in made:
         await asyncio.to_thread(r.stop)
-
-
-@dataclass
-class Sink:
-    """A DecisionSink that records the decisions it gets."""
-
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    received: threading.Event = field(default_factory=threading.Event)
-
-    def apply_decision(self, decision: dict[str, Any]) -> None:
-        self.decisions.append(decision)
-        self.received.set()
-
-    async def wait(self) -> bool:
-        return await asyncio.to_thread(self.received.wait, 10)
 
 
 @dataclass

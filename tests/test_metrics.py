@@ -8,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from optimizer.config import Settings
 from optimizer.engine import Engine
-from optimizer.gpu.types import GpuSample
 from optimizer.metrics import SEED_METRICS, build_registry, render
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, uuid_of, no_sleep

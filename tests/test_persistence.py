@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import random
 import re
@@ -14,14 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from pytest_aiohttp import AiohttpClient
-from structlog.testing import capture_logs
 
 from optimizer.api import build_app
 from optimizer.config import Settings, Strategy
@@ -31,27 +27,11 @@ from optimizer.policy.types import Snapshot
 from optimizer.sampler import Sampler
 from tests import state_writer
 from tests.fakes import FakeClock, ScriptedBackend
+from tests.logcapture import LogList, events_named
 from tests.policy_helpers import GIB, ROOT, gpu
 
-LogList = list[MutableMapping[str, Any]]
 T0 = 1_000.0
 ASIDE_RE = re.compile(r"state\.json\.corrupt-\d{8}T\d{6}Z")
-
-
-@pytest.fixture
-def logs() -> Iterator[LogList]:
-    """Every structlog event, whatever level another test configured (``simulate`` filters below warning)."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as captured:
-            yield captured
-    finally:
-        structlog.configure(**saved)
-
-
-def named(logs: LogList, name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == name]
 
 
 def snap(t: float, used_gib: float = 20.0) -> Snapshot:
@@ -87,7 +67,7 @@ def test_an_unreadable_path_is_none_and_not_moved(tmp_path: Path, logs: LogList)
     (tmp_path / "state.json").mkdir()
     assert StateFile(tmp_path / "state.json").load() is None
     assert listing(tmp_path) == ["state.json"]
-    assert len(named(logs, "state_unreadable")) == 1
+    assert len(events_named(logs, "state_unreadable")) == 1
 
 
 def test_save_creates_the_parent_directories(tmp_path: Path) -> None:
@@ -152,7 +132,7 @@ def test_state_survives_a_restart_through_the_engine(tmp_path: Path, logs: LogLi
         after = fresh.state.services[key]
         assert {f: getattr(after, f) for f in LEARNED_FIELDS} == {f: getattr(before, f) for f in LEARNED_FIELDS}
         assert after.reason == "restored from the state file"
-    [restored] = named(logs, "state_restored")
+    [restored] = events_named(logs, "state_restored")
     assert restored["services"] == 2 and restored["settings"] == ["max_batch_size", "optimization_interval"]
 
     # the restored engine decides with what it restored; a control without the state file does not
@@ -236,7 +216,7 @@ def test_a_corrupt_file_is_moved_aside_and_the_service_starts_from_its_config(tm
     [aside] = [p for p in tmp_path.iterdir() if p.name != "state.json"]
     assert ASIDE_RE.fullmatch(aside.name), aside.name
     assert aside.read_bytes() == raw
-    [warning] = named(logs, "state_corrupt_moved_aside")
+    [warning] = events_named(logs, "state_corrupt_moved_aside")
     assert warning["log_level"] == "warning"
     assert warning["path"] == str(path) and warning["moved_to"] == str(aside)
     assert warning["error"]
@@ -301,7 +281,7 @@ def test_bad_entries_are_skipped_and_the_rest_restored(tmp_path: Path, logs: Log
     assert set(engine.state.services) == {(0, "svc-a"), (0, "svc-b")}
     assert engine.state.services[(0, "svc-a")].ceiling == 7
     assert engine.state.services[(0, "svc-b")].override == 5
-    skipped = named(logs, "state_service_ignored")
+    skipped = events_named(logs, "state_service_ignored")
     assert len(skipped) == 4 and all(e["log_level"] == "warning" for e in skipped)
     assert engine.settings.max_batch_size == 12  # the valid runtime settings were applied
     assert path.exists() and listing(tmp_path) == ["state.json"]  # a partly bad file is not corrupt
@@ -320,7 +300,7 @@ def test_invalid_runtime_settings_are_ignored_with_a_warning(tmp_path: Path, log
     assert Persister(engine, StateFile(path)).load(T0 + 10) is True
     assert engine.settings == config  # all or nothing: not even the valid keys
     assert engine.runtime == {}
-    [warning] = named(logs, "state_settings_ignored")
+    [warning] = events_named(logs, "state_settings_ignored")
     assert warning["log_level"] == "warning"
     assert set(engine.state.services) == {(0, "svc-a"), (0, "svc-b")}  # the services are restored all the same
 
@@ -333,7 +313,7 @@ def test_runtime_settings_that_are_not_an_object_are_ignored_with_a_warning(tmp_
     engine = Engine(Settings())
     Persister(engine, StateFile(path)).load(T0)
     assert engine.settings == Settings()
-    assert len(named(logs, "state_settings_ignored")) == 1
+    assert len(events_named(logs, "state_settings_ignored")) == 1
 
 
 # --------------------------------------------------------------------------- saving
@@ -347,7 +327,7 @@ def test_a_failed_save_is_logged_and_never_raises(tmp_path: Path, logs: LogList)
     persister = Persister(engine, StateFile(path))
     assert persister.save() is False
     assert persister.save(force=True) is False
-    failed = named(logs, "state_save_failed")
+    failed = events_named(logs, "state_save_failed")
     assert len(failed) == 2
     assert all(e["log_level"] == "error" and e["path"] == str(path) and e["error"] for e in failed)
     assert blocker.read_bytes() == b"a file where the state directory should be"
@@ -362,7 +342,7 @@ def test_a_save_onto_a_directory_fails_cleanly(tmp_path: Path, logs: LogList) ->
     (tmp_path / "state.json").mkdir()
     persister = Persister(learned_engine(), StateFile(tmp_path / "state.json"))
     assert persister.save() is False
-    assert len(named(logs, "state_save_failed")) == 1
+    assert len(events_named(logs, "state_save_failed")) == 1
     assert listing(tmp_path) == ["state.json"]  # no temporary file left behind
 
 
@@ -450,7 +430,7 @@ async def test_the_app_saves_every_optimization_interval_when_changed_and_at_exi
     await client.close()  # the exit save
     saved = StateFile(path).load() or {}
     assert saved["services"][0]["ceiling"] == 8
-    assert len(named(logs, "state_saved_at_exit")) == 1
+    assert len(events_named(logs, "state_saved_at_exit")) == 1
 
 
 # --------------------------------------------------------------------------- kill -9 at random points

@@ -10,7 +10,7 @@ import pytest
 
 from optimizer.kube.pods import DeclaredProfile, PodInfo
 from tests.fakes import uuid_of
-from tests.test_api import Api, MakeApi, api, make_api  # noqa: F401 (fixtures)
+from tests.api_harness import Api, MakeApi
 
 
 def pod(name: str, service: str, *, ready: bool = True, phase: str = "Running", **declared: object) -> PodInfo:
