@@ -406,7 +406,7 @@ def load_config(
             kube = apply_kube(kube, klayer)
         kube = finish(kube)
     except KubeSettingError as exc:
-        raise ConfigError(exc.key, str(exc).split(": ", 1)[1]) from exc
+        raise ConfigError(exc.key, exc.message) from exc
     return Config(settings=settings, server=server, kube=kube)
 
 

@@ -28,6 +28,7 @@ class KubeSettingError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
 
 
 @dataclass(frozen=True)
