@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--scenario", metavar="FILE", required=True, help="scenario YAML (see docs/scenarios.md)")
     sim.add_argument("--config", metavar="FILE", help="YAML configuration")
     sim.add_argument("--duration", type=float, metavar="SECONDS", help="override the scenario's duration_s")
-    sim.add_argument("--json", action="store_true", help="print JSON: an object per service under the measures")
+    sim.add_argument("--json", action="store_true", help="print JSON: per GPU index its measures and, per service name, the service's")
     _policy_flags(sim)
     sim.add_argument("--interval", dest="monitoring_interval", type=float, metavar="SECONDS",
                      help="the services' polling and the optimizer's sampling interval "
@@ -321,15 +321,18 @@ def _admin_token(path: str | None) -> bytes | None:
 
 
 def _table(result: SimulationResult) -> str:
-    head = ["service", *MEASURES]
+    head = ["gpu", "service", *MEASURES]
     rows = [head]
     for s in result.services:
         d = s.to_dict()
-        rows.append([s.service, *(f"{d[m]:.4f}" if m.endswith("ratio") else str(d[m]) for m in MEASURES)])
+        rows.append([str(s.gpu), s.service,
+                     *(f"{d[m]:.4f}" if m.endswith("ratio") else str(d[m]) for m in MEASURES)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"scenario {result.scenario}, strategy {result.strategy}, {result.duration_s:g} s (virtual)"]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in rows]
+    lines += [f"GPU {g.gpu}: {g.cotenant_failures} co-tenant arrivals failed, {g.seconds_throttled:g} s throttled"
+              for g in result.gpus]
     return "\n".join(lines)
 
 
@@ -345,9 +348,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     configure_logging(cfg.server.log_format, "warning")
     result = simulate(scenario, cfg.settings, duration_s=args.duration)
     if args.json:
-        out = {"scenario": result.scenario, "strategy": result.strategy, "duration_s": result.duration_s,
-               "services": {s.service: s.to_dict() for s in result.services}}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
         print(_table(result))
     return 0

@@ -27,8 +27,9 @@ def test_simulate_prints_a_table_with_every_measure(capsys: pytest.CaptureFixtur
     assert main(["simulate", "--scenario", STEADY, "--duration", "600"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[1].split()
-    assert header == ["service", *MEASURES]
-    assert out.splitlines()[2].split()[0] == "vlm"
+    assert header == ["gpu", "service", *MEASURES]
+    assert out.splitlines()[2].split()[:2] == ["0", "vlm"]
+    assert out.splitlines()[-1].startswith("GPU 0: 0 co-tenant arrivals failed")
 
 
 def test_simulate_json_has_an_object_per_service(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,11 +37,26 @@ def test_simulate_json_has_an_object_per_service(capsys: pytest.CaptureFixture[s
     assert main(["simulate", "--scenario", two, "--strategy", "conservative", "--json", "--duration", "900"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["strategy"] == "conservative"
-    assert set(data["services"]) == {"captioner", "vqa"}
-    for measures in data["services"].values():
+    assert set(data["gpus"]) == {"0"}
+    assert data["gpus"]["0"]["cotenant_failures"] == 0
+    assert set(data["gpus"]["0"]["services"]) == {"captioner", "vqa"}
+    for measures in data["gpus"]["0"]["services"].values():
         assert set(MEASURES) <= set(measures)
         assert 0 < measures["ratio"] <= 1
         assert measures["ooms"] == 0
+
+
+def test_simulate_json_keeps_one_name_on_two_gpus_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sc = tmp_path / "two-gpus.yaml"
+    sc.write_text("name: two-gpus\nduration_s: 300\ngpus:\n  - {index: 0, total_mb: 81559}\n"
+                  "  - {index: 1, total_mb: 24564}\nservices:\n"
+                  "  - {name: vlm, gpu: 0, base_mb: 18000, per_item_mb: 3200, item_ms: 45}\n"
+                  "  - {name: vlm, gpu: 1, base_mb: 7000, per_item_mb: 1100, item_ms: 35}\n")
+    assert main(["simulate", "--scenario", str(sc), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    big, small = data["gpus"]["0"]["services"]["vlm"], data["gpus"]["1"]["services"]["vlm"]
+    assert big["gpu"] == 0 and small["gpu"] == 1
+    assert big["safe_oracle_items"] != small["safe_oracle_items"]  # two services, not one counted twice
 
 
 def test_simulate_takes_the_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,7 @@ from optimizer.simulation.scenario import (
     load_scenario,
     parse_scenario,
     ramped,
+    scenario_to_dict,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -502,3 +503,66 @@ def test_default_scenario_contents() -> None:
     assert sc.name == "default-h100"
     assert [s.name for s in sc.services] == ["vlm"]
     assert sc.gpu(0).total_mb == 81559
+
+
+# --------------------------------------------------------------------------- the world's costs and drift
+
+
+def test_costs_drift_and_bursts_parse() -> None:
+    raw = minimal()
+    raw.update(oom_mode="crash", oom_recovery_s=2, restart_s=45, cleanup_stall_s=0.5)
+    raw["gpus"][0].update(slowdown_temperature_c=87, min_clock_fraction=0.4)
+    raw["services"][0].update(max_batch_size=64, leak_mb_per_min=5,
+                              per_item_changes=[{"at_s": 600, "per_item_mb": 150}])
+    raw["background"] = [{"gpu": 0, "at_s": 60, "mb": 4000, "for_s": 20, "every_s": 90}]
+    sc = parse_scenario(raw)
+    assert (sc.oom_mode, sc.oom_recovery_s, sc.restart_s, sc.cleanup_stall_s) == ("crash", 2, 45, 0.5)
+    assert (sc.gpus[0].slowdown_temperature_c, sc.gpus[0].min_clock_fraction) == (87, 0.4)
+    a = sc.services[0]
+    assert (a.max_batch_size, a.leak_mb_per_min, a.per_item_changes) == (64, 5, ((600.0, 150.0),))
+    assert sc.profiles()[0].max_batch_size == 64
+    assert sc.background[0].every_s == 90
+
+
+def test_defaults_of_the_costs() -> None:
+    sc = parse_scenario(minimal())
+    assert (sc.oom_mode, sc.oom_recovery_s, sc.restart_s, sc.cleanup_stall_s) == ("recover", 3.0, 60.0, 1.0)
+    assert (sc.gpus[0].slowdown_temperature_c, sc.gpus[0].min_clock_fraction) == (90.0, 0.5)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda r: r.update(oom_mode="explode"), "oom_mode"),
+    (lambda r: r.update(restart_s=-1), "restart_s"),
+    (lambda r: r["services"][0].update(max_batch_size=0), "services[0].max_batch_size"),
+    (lambda r: r["services"][0].update(per_item_changes=[{"at_s": 5, "per_item_mb": 0}]),
+     "services[0].per_item_changes[0].per_item_mb"),
+    (lambda r: r["services"][0].update(per_item_changes=[{"at_s": 5, "mb": 3}]), "services[0].per_item_changes[0].mb"),
+    (lambda r: r["services"][0].update(per_item_changes=[{"at_s": 9, "per_item_mb": 3},
+                                                         {"at_s": 5, "per_item_mb": 3}]),
+     "services[0].per_item_changes"),
+    (lambda r: r.update(background=[{"gpu": 0, "mb": 1, "every_s": 10}]), "background[0].every_s"),
+    (lambda r: r.update(background=[{"gpu": 0, "mb": 1, "for_s": 10, "every_s": 10}]), "background[0].every_s"),
+    (lambda r: r["gpus"][0].update(min_clock_fraction=0), "gpus[0].min_clock_fraction"),
+])
+def test_bad_cost_and_drift_fields_are_named(change: Any, field: str) -> None:
+    raw = minimal()
+    change(raw)
+    err = error_for(raw)
+    assert err.field == field, str(err)
+
+
+@pytest.mark.parametrize("path", shipped_scenarios(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_a_scenario_written_out_reads_back_equal(path: Path) -> None:
+    sc = load_scenario(path)
+    assert parse_scenario(scenario_to_dict(sc)) == sc
+
+
+def test_a_scenario_with_every_field_reads_back_equal() -> None:
+    raw = minimal()
+    raw.update(oom_mode="crash", cleanup_stall_s=0.5)
+    raw["services"][0].update(max_batch_size=64, leak_mb_per_min=5, noise=0.1,
+                              per_item_changes=[{"at_s": 600, "per_item_mb": 150}])
+    raw["background"] = [{"gpu": 1, "at_s": 60, "mb": 4000, "for_s": 20, "every_s": 90, "ramp_s": 3}]
+    raw["thermal"] = [{"gpu": 0, "at_s": 6, "celsius": 20}]
+    sc = parse_scenario(raw)
+    assert parse_scenario(scenario_to_dict(sc)) == sc

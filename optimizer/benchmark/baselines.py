@@ -3,37 +3,51 @@
 A baseline stands where the optimizer stands: the simulated services poll it for their batch size
 and report their OOMs to it, in the same world (:mod:`optimizer.simulation.world`) as the
 strategies, so items, OOMs and the oracle measures are computed the same way for both. Each keeps
-a small state machine per (GPU, service). None of them looks at the telemetry reports.
+a small state machine per (GPU, service), which is lost when the service's process restarts
+(``started``: a crash in ``oom_mode: crash``, or a start-up that failed). None of them looks at the
+telemetry reports.
 
 Cleanups: every baseline empties the allocator cache after an OOM (it raises the service's
-cleanup epoch, which frees the fragmentation waste in the world). accelerate and Lightning do
-it explicitly (``clear_device_cache(garbage_collection=True)``, ``garbage_collection_cuda()``);
-for a plain fixed-size service it stands for PyTorch's caching allocator, which releases its
-cached blocks and retries before it raises an OOM. No baseline cleans up otherwise.
+cleanup epoch, which frees the fragmentation waste in the world, at the world's cleanup stall).
+accelerate and Lightning do it explicitly (``clear_device_cache(garbage_collection=True)``,
+``garbage_collection_cuda()``); for a plain fixed-size service it stands for PyTorch's caching
+allocator, which releases its cached blocks and retries before it raises an OOM. No baseline
+cleans up otherwise.
 
 - ``fixed-4`` / ``fixed-max``: one batch size for good (4 is seed 003's baseline; max is the
   service's ``max_batch_size``). An OOM loses the batch; the next one has the same size.
 - ``accelerate``: HuggingFace accelerate's ``find_executable_batch_size``
-  (``accelerate/utils/memory.py``): start at ``starting_batch_size`` (here the service's
-  ``max_batch_size``), and on each OOM empty the cache and go on with
-  ``int(batch_size * 0.9)`` (the default ``reduce_batch_size_fn`` since accelerate 1.x;
-  earlier releases halved). It never grows again. At 0 accelerate raises "No executable batch
-  size found, reached zero": the service stops (batch 0, no items).
-- ``lightning``: PyTorch Lightning's ``BatchSizeFinder(mode="binsearch")``
-  (``lightning/pytorch/tuner/batch_size_scaling.py``, ``_run_binary_scaling``), run once when the
-  service starts, in the live world (Lightning runs real trial steps, so its trial OOMs count):
-  start at ``init_val`` = 2 (Lightning's default), double after each successful trial until
-  an OOM or ``max_val`` (here ``max_batch_size``), then bisect between the last success and the
-  failure until they are 1 apart, then keep ``int(found * (1 - margin))`` with ``margin`` = 0.05
-  (Lightning 2.6's default; at least 1 here, Lightning has no such floor) for good. A trial
-  runs ``steps_per_trial`` = 3 world steps; the service's polls are where it is judged, so a
-  trial that does not fail lasts until the first poll at least 3 steps after it began (one
-  polling interval with the defaults). An OOM during a trial fails it at once.
+  (``src/accelerate/utils/memory.py``): start at ``starting_batch_size`` (its default 128, here at
+  most the service's ``max_batch_size``), and on each OOM empty the cache and go on with
+  ``int(batch_size * 0.9)`` (the default ``reduce_batch_size_fn`` since accelerate 1.x; earlier
+  releases halved). It never grows again. At 0 accelerate raises "No executable batch size found,
+  reached zero": the service stops (batch 0, no items). A restarted process starts at 128 again.
+- ``lightning`` and ``lightning-binsearch``: PyTorch Lightning's ``BatchSizeFinder`` in its
+  default ``mode="power"`` and in ``mode="binsearch"`` (``src/lightning/pytorch/tuner/
+  batch_size_scaling.py``, ``_run_power_scaling`` and ``_run_binary_scaling``), run when the
+  service starts, in the live world (Lightning runs real trial steps, so its trial OOMs count).
+  Both start at ``init_val`` = 2 and double after each successful trial, up to ``max_val`` (here
+  ``max_batch_size``). ``power`` stops at the first OOM and keeps half the size that failed (the
+  last success). ``binsearch`` bisects between the last success and the failure until they are 1
+  apart, then keeps ``int(found * (1 - margin))`` with ``margin`` = 0.05 (Lightning 2.6; the
+  margin applies to binsearch only; at least 1 here, Lightning has no such floor). A trial runs
+  ``steps_per_trial`` = 3 world steps; the service's polls are where it is judged, so a trial that
+  does not fail lasts until the first poll at least 3 steps after it began. An OOM during a trial
+  fails it at once. The size found is kept for good; a restarted process searches again.
+- ``vllm``: a vLLM-style static reservation (``gpu_memory_utilization`` = 0.9, vLLM's default:
+  ``determine_available_memory`` in ``vllm/v1/worker/gpu_worker.py`` sizes the KV cache to
+  ``total * gpu_memory_utilization`` minus the profiled peak, and the engine refuses to start when
+  less than that is free: "Free memory on device ... on startup is less than desired GPU memory
+  utilization"). At start the service reserves 0.9 of the whole GPU's memory (split by weight
+  when several services share the GPU, as their operator would configure them), holds it for
+  good, and runs as many items as fit in it (up to ``max_batch_size``, its ``max_num_seqs``):
+  paged attention preempts instead of running out of memory, so it never OOMs at run time. If
+  less than its reservation is free at start, the start fails and is retried after the back-off.
 - ``oracle``: each step, the largest batch that fits (the world's own ``oracle_items``
   computation, :meth:`~optimizer.simulation.world.World.oracle_batch`), with a cleanup at every
-  poll (cleanups cost nothing in the world model, so the ceiling takes them). It needs the world
-  to poll every step (``World(poll_interval=scenario.step_s)``); its ``items`` then equal its
-  own ``oracle_items`` exactly.
+  poll that costs nothing (the benchmark runs it with ``cleanup_stall_s`` 0: it is a ceiling, not a
+  policy). It needs the world to poll every step (``World(poll_interval=scenario.step_s)``); its
+  ``items`` then equal its own ``oracle_items`` exactly.
 """
 
 from __future__ import annotations
@@ -42,13 +56,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from optimizer.config import Settings
-from optimizer.simulation.world import World
+from optimizer.simulation.world import Start, World
 
 #: Baseline names, in the order tables list them.
-BASELINES: tuple[str, ...] = ("fixed-4", "fixed-max", "accelerate", "lightning", "oracle")
+BASELINES: tuple[str, ...] = ("fixed-4", "fixed-max", "accelerate", "lightning", "lightning-binsearch", "vllm",
+                              "oracle")
 
 FIXED_BATCH = 4  # seed 003's baseline: "Fixed batch size 4"
+ACCELERATE_START = 128  # find_executable_batch_size(starting_batch_size=128)
 ACCELERATE_FACTOR = 0.9  # accelerate's default reduce_batch_size_fn: int(batch_size * 0.9)
+VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
 LIGHTNING_INIT_VAL = 2  # BatchSizeFinder(init_val=2)
 LIGHTNING_MAX_TRIALS = 25  # BatchSizeFinder(max_trials=25)
 LIGHTNING_STEPS_PER_TRIAL = 3  # BatchSizeFinder(steps_per_trial=3)
@@ -74,6 +91,14 @@ class _PerService:
     def epoch(self, key: Key) -> int:
         return self.epochs.get(key, 0)
 
+    def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
+        """A (re)started process: what it kept in memory is gone."""
+        self.forget((gpu, service))
+        return None
+
+    def forget(self, key: Key) -> None:
+        """Drop what the service's process decided (nothing for a fixed batch)."""
+
 
 class FixedLink(_PerService):
     """A fixed batch size: ``size`` items, or the service's ``max_batch_size`` when ``size`` is ``None``."""
@@ -96,14 +121,17 @@ class FixedLink(_PerService):
 
 
 class AccelerateLink(_PerService):
-    """accelerate's ``find_executable_batch_size``: from ``max_batch_size``, ``int(b * 0.9)`` per OOM, never up."""
+    """accelerate's ``find_executable_batch_size``: from 128 (at most ``max_batch_size``), ``int(b * 0.9)`` per OOM."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.batch: dict[Key, int] = {}
 
     def _current(self, key: Key) -> int:
-        return self.batch.setdefault(key, self.max_batch(key[1]))
+        return self.batch.setdefault(key, min(ACCELERATE_START, self.max_batch(key[1])))
+
+    def forget(self, key: Key) -> None:
+        self.batch.pop(key, None)
 
     def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
         key = (gpu, service)
@@ -120,10 +148,11 @@ class AccelerateLink(_PerService):
 
 @dataclass
 class _Search:
-    """One service's binsearch, as in Lightning's ``_run_binary_scaling`` (sizes in items, times in s)."""
+    """One service's search, as in Lightning's ``_run_power_scaling`` / ``_run_binary_scaling`` (items, s)."""
 
     size: int
     started_at: float
+    any_success: bool = False  # power mode: a trial succeeded before
     low: int = 1
     high: int | None = None
     count: int = 0
@@ -132,20 +161,37 @@ class _Search:
 
 
 class LightningLink(_PerService):
-    """Lightning's ``BatchSizeFinder(mode="binsearch")``, searched once at the service's start, then fixed."""
+    """Lightning's ``BatchSizeFinder`` (``mode`` ``power`` or ``binsearch``), searched at the service's start, then fixed."""
 
-    def __init__(self, settings: Settings, *, step_s: float) -> None:
+    def __init__(self, settings: Settings, *, step_s: float, mode: str = "power") -> None:
         super().__init__(settings)
+        if mode not in ("power", "binsearch"):
+            raise ValueError(f"mode must be power or binsearch, got {mode!r}")
+        self.mode = mode
         self.trial_s = LIGHTNING_STEPS_PER_TRIAL * step_s
         self.searches: dict[Key, _Search] = {}
 
+    def forget(self, key: Key) -> None:
+        self.searches.pop(key, None)
+
     def _finish(self, s: _Search, found: int) -> None:
-        s.found = max(1, int(found * (1 - LIGHTNING_MARGIN)))
+        margin = LIGHTNING_MARGIN if self.mode == "binsearch" else 0.0
+        s.found = max(1, int(found * (1 - margin)))
 
     def _succeeded(self, s: _Search, service: str, t: float) -> None:
         s.trials.append((t, s.size, True))
         s.count += 1
-        if s.count > LIGHTNING_MAX_TRIALS:
+        if self.mode == "power":  # _run_power_scaling: double until an OOM, at most max_trials trials
+            new = min(s.size * 2, self.max_batch(service))  # max_val
+            if new == s.size:  # not changed: at max_val
+                self._finish(s, s.size)
+                return
+            s.any_success = True
+            s.size, s.started_at = new, t
+            if s.count >= LIGHTNING_MAX_TRIALS:
+                self._finish(s, s.size)
+            return
+        if s.count > LIGHTNING_MAX_TRIALS:  # _run_binary_scaling
             self._finish(s, s.size)
             return
         s.low = s.size
@@ -163,6 +209,14 @@ class LightningLink(_PerService):
 
     def _failed(self, s: _Search, t: float) -> None:
         s.trials.append((t, s.size, False))
+        if self.mode == "power":  # half the size that failed; stop if anything succeeded before
+            s.count += 1
+            half = max(1, int(s.size * 0.5))
+            if s.any_success or s.count >= LIGHTNING_MAX_TRIALS or half == s.size:
+                self._finish(s, half)
+            else:
+                s.size, s.started_at = half, t
+            return
         s.high = s.size
         s.size, s.started_at = (s.high + s.low) // 2, t
         if s.high - s.low <= 1:
@@ -188,6 +242,34 @@ class LightningLink(_PerService):
         return s.size if s.found is None else s.found
 
 
+class VllmLink(_PerService):
+    """A vLLM-style static reservation: 0.9 of the GPU's memory reserved at start, as many items as fit in it."""
+
+    def __init__(self, settings: Settings, world: World) -> None:
+        super().__init__(settings)
+        self.world = world
+
+    def _share(self, service: str, gpu: int) -> float:
+        on_gpu = [s for s in self.world.scenario.services if s.gpu == gpu]
+        mine = sum(s.weight for s in on_gpu if s.name == service)
+        return mine / sum(s.weight for s in on_gpu) if on_gpu else 1.0
+
+    def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
+        pool = total_mb * VLLM_GPU_MEMORY_UTILIZATION * self._share(service, gpu)
+        if free_mb < pool:  # "Free memory on device ... on startup is less than desired GPU memory utilization"
+            return Start(failed=True)
+        return Start(pool_mb=pool)
+
+    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
+        return self.max_batch(service), self.epoch((gpu, service))
+
+    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+        if oom:
+            self.empty_cache((gpu, service))
+        return self.max_batch(service)
+
+
 class OracleLink(_PerService):
     """The ceiling: at every poll, the largest batch that fits, after a cleanup (see the module docstring)."""
 
@@ -207,7 +289,7 @@ class OracleLink(_PerService):
         return self.world.oracle_batch(service, gpu, t)
 
 
-Link = FixedLink | AccelerateLink | LightningLink | OracleLink
+Link = FixedLink | AccelerateLink | LightningLink | VllmLink | OracleLink
 
 
 def make_link(name: str, settings: Settings, world: World) -> Link:
@@ -216,7 +298,9 @@ def make_link(name: str, settings: Settings, world: World) -> Link:
         "fixed-4": lambda: FixedLink(settings, FIXED_BATCH),
         "fixed-max": lambda: FixedLink(settings, None),
         "accelerate": lambda: AccelerateLink(settings),
-        "lightning": lambda: LightningLink(settings, step_s=world.scenario.step_s),
+        "lightning": lambda: LightningLink(settings, step_s=world.scenario.step_s, mode="power"),
+        "lightning-binsearch": lambda: LightningLink(settings, step_s=world.scenario.step_s, mode="binsearch"),
+        "vllm": lambda: VllmLink(settings, world),
         "oracle": lambda: OracleLink(settings, world),
     }
     return makers[name]()

@@ -43,6 +43,7 @@ def scenario_document(bench: ScenarioBenchmark) -> dict[str, Any]:
                 "name": run.name,
                 "kind": run.kind,
                 "poll_interval_s": run.poll_interval_s,
+                "gpus": [{"gpu": g.gpu, **g.to_dict()} for g in run.gpus],
                 "services": [
                     {"service": s.service, **service_row(s, None if oracle is None else oracle.get((s.gpu, s.service))),
                      **({"note": run.notes[s.service]} if s.service in run.notes else {})}
@@ -87,7 +88,9 @@ def table(bench: ScenarioBenchmark) -> str:
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in rows]
     notes = [f"  {run.name} {svc}: {note}" for run in bench.runs for svc, note in run.notes.items()]
-    return "\n".join(lines + notes)
+    failures = [f"  {run.name} GPU {g.gpu}: {g.cotenant_failures} co-tenant arrival(s) did not fit"
+                for run in bench.runs for g in run.gpus if g.cotenant_failures]
+    return "\n".join(lines + notes + failures)
 
 
 def _total(services: Sequence[ServiceResult], oracle: dict[tuple[int, str], float] | None) -> dict[str, Any]:
@@ -99,7 +102,9 @@ def _total(services: Sequence[ServiceResult], oracle: dict[tuple[int, str], floa
     return {
         "items": round(items, 1), "oracle_items": round(o, 1), "safe_oracle_items": round(so, 1),
         "ratio": round(items / o, 4) if o else 0.0, "safe_ratio": round(items / so, 4) if so else 0.0,
-        "ooms": sum(s.ooms for s in services), "batch_changes": sum(s.batch_changes for s in services),
+        "ooms": sum(s.ooms for s in services), "restarts": sum(s.restarts for s in services),
+        "cleanups": sum(s.cleanups for s in services), "seconds_down": round(sum(s.seconds_down for s in services), 1),
+        "batch_changes": sum(s.batch_changes for s in services),
         "seconds_above_critical": round(max(s.seconds_above_critical for s in services), 1),
         "vs_oracle": round(items / ceiling, 4) if ceiling else None,
     }

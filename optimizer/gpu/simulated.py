@@ -7,6 +7,8 @@ decisions over HTTP. Sampling advances the world to the sampler's clock; it does
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
 from optimizer.simulation.scenario import Scenario
@@ -14,8 +16,11 @@ from optimizer.simulation.world import Limits, ServiceLink, World
 
 
 def limits_from(settings: Settings) -> Limits:
+    """The oracle measures' limits from the settings: the thresholds, and every profile's largest batch."""
+    service_max = {p.name: settings.batch_limits(p)[1] for p in settings.profiles}
     return Limits(max_batch_size=settings.max_batch_size, safe_fraction=settings.memory_threshold_oom,
-                  reserve_mb=settings.memory_reserve_mb, critical_fraction=settings.memory_threshold_critical)
+                  reserve_mb=settings.memory_reserve_mb, critical_fraction=settings.memory_threshold_critical,
+                  service_max=MappingProxyType(service_max))
 
 
 class SimulatedBackend:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from optimizer.engine import Engine
+from optimizer.simulation.world import Start
 
 
 class EngineLink:
@@ -21,3 +22,7 @@ class EngineLink:
         d = self.engine.report(service, gpu, self.origin + t, batch_size=batch_size, peak_bytes=peak_bytes,
                                allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom)
         return d.batch_size
+
+    def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
+        """A service's process (re)started: the optimizer keeps what it knows of it (its state is the server's)."""
+        return None

@@ -14,8 +14,8 @@ from optimizer.simulation.link import EngineLink
 from optimizer.simulation.scenario import Scenario
 from optimizer.simulation.world import Trace, World
 
-MEASURES = ("items", "oracle_items", "safe_oracle_items", "ratio", "safe_ratio", "ooms", "batch_changes",
-            "seconds_above_critical")
+MEASURES = ("items", "oracle_items", "safe_oracle_items", "ratio", "safe_ratio", "ooms", "restarts", "cleanups",
+            "seconds_down", "batch_changes", "seconds_above_critical")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class ServiceResult:
     seconds_above_critical: float
     final_batch_size: int
     batches: tuple[tuple[float, int], ...]
+    restarts: int = 0
+    cleanups: int = 0
+    seconds_down: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -47,11 +50,26 @@ class ServiceResult:
             "ratio": round(self.ratio, 4),
             "safe_ratio": round(self.safe_ratio, 4),
             "ooms": self.ooms,
+            "restarts": self.restarts,
+            "cleanups": self.cleanups,
+            "seconds_down": round(self.seconds_down, 1),
             "batch_changes": self.batch_changes,
             "seconds_above_critical": round(self.seconds_above_critical, 1),
             "gpu": self.gpu,
             "final_batch_size": self.final_batch_size,
         }
+
+
+@dataclass(frozen=True)
+class GpuResult:
+    """Per GPU: co-tenant arrivals that did not fit (each attempt counts), seconds throttled by heat."""
+
+    gpu: int
+    cotenant_failures: int
+    seconds_throttled: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cotenant_failures": self.cotenant_failures, "seconds_throttled": round(self.seconds_throttled, 1)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,16 @@ class SimulationResult:
     services: tuple[ServiceResult, ...]
     engine: Engine
     trace: Trace | None = None  # memory used and OOMs over time, when simulate(record=True)
+    gpus: tuple[GpuResult, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """``simulate --json``: the measures per GPU index, then per service name (one name may run on two GPUs)."""
+        gpus: dict[str, Any] = {}
+        for g in self.gpus:
+            gpus[str(g.gpu)] = {**g.to_dict(), "services": {}}
+        for s in self.services:
+            gpus.setdefault(str(s.gpu), {"services": {}})["services"][s.service] = s.to_dict()
+        return {"scenario": self.scenario, "strategy": self.strategy, "duration_s": self.duration_s, "gpus": gpus}
 
 
 def with_scenario_profiles(settings: Settings, scenario: Scenario) -> Settings:
@@ -77,9 +105,16 @@ def service_results(world: World) -> tuple[ServiceResult, ...]:
         ServiceResult(service=r.spec.name, gpu=r.spec.gpu, items=r.items, oracle_items=r.oracle_items,
                       safe_oracle_items=r.safe_oracle_items, ooms=r.ooms,
                       batch_changes=max(0, len(r.batches) - 1), seconds_above_critical=r.seconds_above_critical,
-                      final_batch_size=r.batch, batches=tuple(r.batches))
+                      final_batch_size=r.batch, batches=tuple(r.batches), restarts=r.restarts,
+                      cleanups=r.cleanups, seconds_down=r.seconds_down)
         for r in world.runs
     )
+
+
+def gpu_results(world: World) -> tuple[GpuResult, ...]:
+    """The per-GPU measures of a world that has run."""
+    return tuple(GpuResult(gpu=i, cotenant_failures=g.cotenant_failures, seconds_throttled=g.seconds_throttled)
+                 for i, g in sorted(world.gpu_runs.items()))
 
 
 def simulate(scenario: Scenario, settings: Settings, *, strategy: Strategy | None = None,
@@ -109,4 +144,5 @@ def simulate(scenario: Scenario, settings: Settings, *, strategy: Strategy | Non
         t = min(duration, k * s.monitoring_interval)
         engine.observe(Snapshot(t, tuple(backend.sample(t))))
     return SimulationResult(scenario=scenario.name, strategy=s.strategy.value, duration_s=duration,
-                            services=service_results(backend.world), engine=engine, trace=trace)
+                            services=service_results(backend.world), engine=engine, trace=trace,
+                            gpus=gpu_results(backend.world))

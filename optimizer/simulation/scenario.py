@@ -13,6 +13,9 @@ import yaml
 from optimizer.config import ServiceProfile
 
 
+OOM_MODES = ("recover", "crash")
+
+
 class ScenarioError(ValueError):
     """A scenario file is invalid; ``field`` names the offending field (e.g. ``services[0].per_item_mb``)."""
 
@@ -30,6 +33,8 @@ class SimGpu:
     power_limit_w: float = 700.0
     load_temperature_rise_c: float = 30.0  # added at 100 % utilisation
     uuid: str | None = None
+    slowdown_temperature_c: float = 90.0  # above it the clocks drop (thermal throttling)
+    min_clock_fraction: float = 0.5  # the lowest clock throttling goes to, as a fraction of the full clock
 
 
 @dataclass(frozen=True)
@@ -45,24 +50,56 @@ class SimService:
     declared_per_item_mb: float | None = None  # what the service tells the optimizer; default: the truth
     start_s: float = 0.0
     weight: float = 1.0
+    max_batch_size: int | None = None  # declared to the optimizer (its profile); default: the settings'
+    leak_mb_per_min: float = 0.0  # fixed memory that grows while the process runs (a slow leak)
+    per_item_changes: tuple[tuple[float, float], ...] = ()  # (at_s, per_item_mb): the real per-item memory from then
 
     @property
     def declared(self) -> float:
         return self.per_item_mb if self.declared_per_item_mb is None else self.declared_per_item_mb
 
+    def per_item_at(self, t: float) -> float:
+        """The real per-item memory at scenario time ``t`` (MiB): ``per_item_mb``, or the latest change."""
+        p = self.per_item_mb
+        for at, mb in self.per_item_changes:
+            if t >= at:
+                p = mb
+        return p
+
 
 @dataclass(frozen=True)
 class Background:
-    """Another tenant's memory on a GPU: ``mb`` from ``at_s`` (ramping over ``ramp_s``) for ``for_s``."""
+    """Another tenant's memory on a GPU: ``mb`` from ``at_s`` (ramping over ``ramp_s``) for ``for_s``.
+
+    With ``every_s`` it comes back: an arrival every ``every_s`` seconds from ``at_s``, each staying
+    ``for_s`` (a bursting tenant). :meth:`level` is what it asks for when nothing stops it; in the world
+    an arrival that does not fit in the free memory fails and retries later.
+    """
 
     gpu: int
     at_s: float
     mb: float
     for_s: float | None = None
     ramp_s: float = 0.0
+    every_s: float | None = None
+
+    def occurrence(self, t: float) -> tuple[float, float | None] | None:
+        """The (start, end) of the stay that covers ``t`` (end ``None``: for good), or ``None``."""
+        if t < self.at_s:
+            return None
+        start = self.at_s
+        if self.every_s is not None:
+            start += math.floor((t - self.at_s) / self.every_s) * self.every_s
+        end = None if self.for_s is None else start + self.for_s
+        if end is not None and t >= end:
+            return None
+        return start, end
 
     def level(self, t: float) -> float:
-        return ramped(t, self.at_s, self.for_s, self.ramp_s, self.mb)
+        stay = self.occurrence(t)
+        if stay is None:
+            return 0.0
+        return ramped(t, stay[0], self.for_s, self.ramp_s, self.mb)
 
 
 @dataclass(frozen=True)
@@ -98,12 +135,17 @@ class Scenario:
     services: tuple[SimService, ...]
     background: tuple[Background, ...] = ()
     thermal: tuple[Thermal, ...] = ()
+    oom_mode: str = "recover"  # recover: the service goes on after an OOM; crash: the process dies and restarts
+    oom_recovery_s: float = 3.0  # recover mode: seconds without items after the lost batch
+    restart_s: float = 60.0  # crash mode: seconds to start again (load the model) after the back-off
+    cleanup_stall_s: float = 1.0  # seconds without items while a service empties its allocator cache
 
     def profiles(self) -> tuple[ServiceProfile, ...]:
         """What the simulated services declare to the optimizer (their declared per-item memory)."""
         seen: dict[str, ServiceProfile] = {}
         for s in self.services:  # one profile per name: a name on two GPUs declares what its first entry says
-            seen.setdefault(s.name, ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight))
+            seen.setdefault(s.name, ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight,
+                                                   max_batch_size=s.max_batch_size))
         return tuple(seen.values())
 
     def gpu(self, index: int) -> SimGpu:
@@ -135,11 +177,32 @@ def _index(field: str, v: Any) -> int:
     return v
 
 
-def _mapping_list(raw: Any, key: str) -> list[dict[str, Any]]:
+def _mapping_list(raw: Any, key: str, field: str | None = None) -> list[dict[str, Any]]:
     items = raw.get(key) or []
     if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-        raise ScenarioError(key, "must be a list of mappings")
+        raise ScenarioError(field or key, "must be a list of mappings")
     return items
+
+
+def _batch_limit(field: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+        raise ScenarioError(field, f"must be an integer in [1, 4096], got {v!r}")
+    return v
+
+
+def _per_item_changes(field: str, raw: dict[str, Any]) -> tuple[tuple[float, float], ...]:
+    changes = []
+    for i, c in enumerate(_mapping_list(raw, "per_item_changes", f"{field}.per_item_changes")):
+        f = f"{field}.per_item_changes[{i}]"
+        unknown = sorted(set(c) - {"at_s", "per_item_mb"})
+        if unknown:
+            raise ScenarioError(f"{f}.{unknown[0]}", "unknown field; allowed: at_s, per_item_mb")
+        changes.append((float(_num(f, c, "at_s")), float(_num(f, c, "per_item_mb", lo_open=True))))
+    if [at for at, _ in changes] != sorted(at for at, _ in changes):
+        raise ScenarioError(f"{field}.per_item_changes", "must be in increasing order of at_s")
+    return tuple(changes)
 
 
 def _check_keys(field: str, raw: dict[str, Any], cls: type) -> None:
@@ -161,6 +224,12 @@ def parse_scenario(raw: Any) -> Scenario:
         raise ScenarioError("seed", f"must be an integer, got {seed!r}")
     duration = _num("", raw, "duration_s", lo=0, hi=30 * 86400, lo_open=True)
     step = _num("", raw, "step_s", lo=0, hi=60, lo_open=True, default=1.0)
+    oom_mode = raw.get("oom_mode", "recover")
+    if oom_mode not in OOM_MODES:
+        raise ScenarioError("oom_mode", f"must be one of {', '.join(OOM_MODES)}, got {oom_mode!r}")
+    oom_recovery = _num("", raw, "oom_recovery_s", hi=3600, default=3.0)
+    restart = _num("", raw, "restart_s", hi=3600, default=60.0)
+    stall = _num("", raw, "cleanup_stall_s", hi=600, default=1.0)
     gpus = []
     for i, g in enumerate(_mapping_list(raw, "gpus")):
         f = f"gpus[{i}]"
@@ -173,6 +242,8 @@ def parse_scenario(raw: Any) -> Scenario:
             power_limit_w=_num(f, g, "power_limit_w", lo=0, hi=5000, lo_open=True, default=700.0),
             load_temperature_rise_c=_num(f, g, "load_temperature_rise_c", hi=100, default=30.0),
             uuid=g.get("uuid"),
+            slowdown_temperature_c=_num(f, g, "slowdown_temperature_c", lo=0, hi=150, lo_open=True, default=90.0),
+            min_clock_fraction=_num(f, g, "min_clock_fraction", lo=0, hi=1, lo_open=True, default=0.5),
         ))
     if not gpus:
         raise ScenarioError("gpus", "at least one GPU is required")
@@ -204,6 +275,9 @@ def parse_scenario(raw: Any) -> Scenario:
             declared_per_item_mb=None if declared is None else _num(f, s, "declared_per_item_mb", lo_open=True),
             start_s=_num(f, s, "start_s", default=0.0),
             weight=_num(f, s, "weight", lo_open=True, default=1.0),
+            max_batch_size=_batch_limit(f"{f}.max_batch_size", s.get("max_batch_size")),
+            leak_mb_per_min=_num(f, s, "leak_mb_per_min", hi=1 << 20, default=0.0),
+            per_item_changes=_per_item_changes(f, s),
         ))
     names = [(s.gpu, s.name) for s in services]
     if len(set(names)) != len(names):
@@ -213,10 +287,15 @@ def parse_scenario(raw: Any) -> Scenario:
         f = f"background[{i}]"
         _check_keys(f, b, Background)
         for_s = b.get("for_s")
-        background.append(Background(gpu=gpu_ref(f, b), at_s=_num(f, b, "at_s", default=0.0),
-                                     mb=_num(f, b, "mb"),
-                                     for_s=None if for_s is None else _num(f, b, "for_s", lo_open=True),
-                                     ramp_s=_num(f, b, "ramp_s", default=0.0)))
+        every = b.get("every_s")
+        bg = Background(gpu=gpu_ref(f, b), at_s=_num(f, b, "at_s", default=0.0), mb=_num(f, b, "mb"),
+                        for_s=None if for_s is None else _num(f, b, "for_s", lo_open=True),
+                        ramp_s=_num(f, b, "ramp_s", default=0.0),
+                        every_s=None if every is None else _num(f, b, "every_s", lo_open=True))
+        if bg.every_s is not None and (bg.for_s is None or bg.for_s >= bg.every_s):
+            raise ScenarioError(f"{f}.every_s", f"needs for_s shorter than every_s (got for_s {bg.for_s!r}, "
+                                                f"every_s {bg.every_s!r})")
+        background.append(bg)
     thermal = []
     for i, t in enumerate(_mapping_list(raw, "thermal")):
         f = f"thermal[{i}]"
@@ -227,7 +306,9 @@ def parse_scenario(raw: Any) -> Scenario:
                                for_s=None if for_s is None else _num(f, t, "for_s", lo_open=True),
                                ramp_s=_num(f, t, "ramp_s", default=0.0)))
     return Scenario(name=name, seed=seed, duration_s=float(duration), step_s=float(step), gpus=tuple(gpus),
-                    services=tuple(services), background=tuple(background), thermal=tuple(thermal))
+                    services=tuple(services), background=tuple(background), thermal=tuple(thermal),
+                    oom_mode=oom_mode, oom_recovery_s=float(oom_recovery), restart_s=float(restart),
+                    cleanup_stall_s=float(stall))
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -244,3 +325,36 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
+
+
+def scenario_to_dict(sc: Scenario) -> dict[str, Any]:
+    """The scenario in the file format (what :func:`parse_scenario` reads back to an equal value).
+
+    Fields at their defaults are left out, so a written file shows what is particular to it.
+    """
+    def fields(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name in skip or v == f.default:
+                continue
+            out[f.name] = v
+        return out
+
+    doc: dict[str, Any] = {"name": sc.name, "seed": sc.seed, "duration_s": sc.duration_s, "step_s": sc.step_s}
+    doc.update(fields(sc, skip=("name", "seed", "duration_s", "step_s", "gpus", "services", "background",
+                                "thermal")))
+    doc["gpus"] = [fields(g) | {"index": g.index, "total_mb": g.total_mb} for g in sc.gpus]
+    services = []
+    for s in sc.services:
+        d = fields(s, skip=("per_item_changes",)) | {"name": s.name, "gpu": s.gpu, "base_mb": s.base_mb,
+                                                     "per_item_mb": s.per_item_mb, "item_ms": s.item_ms}
+        if s.per_item_changes:
+            d["per_item_changes"] = [{"at_s": at, "per_item_mb": mb} for at, mb in s.per_item_changes]
+        services.append(d)
+    doc["services"] = services
+    if sc.background:
+        doc["background"] = [fields(b) | {"gpu": b.gpu, "mb": b.mb} for b in sc.background]
+    if sc.thermal:
+        doc["thermal"] = [fields(t) | {"gpu": t.gpu, "celsius": t.celsius} for t in sc.thermal]
+    return doc

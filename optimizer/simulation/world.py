@@ -1,11 +1,19 @@
 """A deterministic model of GPUs and the VLM services on them, stepped in scenario time.
 
 Each service runs batches back to back at the batch size it last polled. A batch needs
-``base_mb + b * per_item_mb * (1 + jitter)`` plus fragmentation waste; with the other tenants'
-memory, above the GPU's total it is an OOM: the batch is lost, the service reports it and goes on
-with the batch size the reply carries. Every poll interval a service polls (adopting the batch
-size and acting on a raised ``cleanup_epoch``: its fragmentation waste is freed) and reports its
-telemetry. Throughput is ``b / (overhead_ms + b * item_ms)`` items per ms.
+``base_mb + b * per_item_mb * (1 + jitter)`` plus fragmentation waste. Memory held stays held; what a
+party asks for beyond it is served from the free memory, arriving memory (a co-tenant, a starting
+service's weights) first, and whatever does not fit fails (:func:`~optimizer.simulation.physics.allocate`):
+
+- a service whose batch does not fit loses it (an OOM): it reports it and, in ``oom_mode: recover``,
+  goes on after ``oom_recovery_s`` with the batch size the reply carries; in ``oom_mode: crash`` its
+  process dies and restarts after a Kubernetes-style back-off and ``restart_s`` of start-up;
+- a co-tenant whose memory does not fit fails (counted) and retries after a back-off.
+
+Every poll interval a service reports its telemetry and polls (adopting the batch size; a raised
+``cleanup_epoch`` makes it empty its cache: its fragmentation waste is freed, at the cost of
+``cleanup_stall_s`` without items). Throughput is ``b / (overhead_ms + b * item_ms)`` items per ms at
+full clocks; a GPU above its slowdown temperature runs slower (:mod:`optimizer.simulation.physics`).
 
 The same seed gives the same run: jitter comes from one ``random.Random(seed)``.
 """
@@ -14,13 +22,41 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from optimizer.gpu.types import GpuProcess, GpuSample
-from optimizer.simulation.scenario import Scenario, SimService
+from optimizer.simulation.physics import (
+    BACKOFF_RESET_S,
+    Demand,
+    allocate,
+    backoff_s,
+    clock_fraction,
+    compute_share,
+    fits,
+    temperature_c,
+    throughput_per_ms,
+)
+from optimizer.simulation.scenario import Background, Scenario, SimService, ramped
 
 MIB = 1024 * 1024
+
+__all__ = ["Limits", "ServiceLink", "ServiceRun", "Start", "Trace", "World", "throughput_per_ms"]
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a starting service process does besides polling (a baseline's behaviour; the optimizer's need none).
+
+    ``pool_mb``: memory it reserves at start and holds for good, running as many items as fit in it
+    (a vLLM-style static reservation). ``failed``: its start-up check failed; it exits and is
+    restarted after the back-off.
+    """
+
+    pool_mb: float | None = None
+    failed: bool = False
 
 
 class ServiceLink(Protocol):
@@ -35,9 +71,18 @@ class ServiceLink(Protocol):
         """Send telemetry; return the batch size the reply carries."""
         ...
 
+    def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
+        """The service's process (re)starts at ``t`` with ``free_mb`` of the GPU's ``total_mb`` free.
+
+        What the process kept in memory is gone. ``None``: nothing besides polling.
+        """
+        ...
+
 
 @dataclass
 class ServiceRun:
+    """One service in the world: its process, its measures, and what it last reported."""
+
     spec: SimService
     batch: int
     epoch: int = 0
@@ -47,16 +92,57 @@ class ServiceRun:
     oracle_items: float = 0.0
     safe_oracle_items: float = 0.0
     ooms: int = 0
-    batch_changes: int = 0
+    restarts: int = 0  # process restarts (crash mode, or a start-up that failed)
+    cleanups: int = 0  # cleanups acted on
+    seconds_down: float = 0.0  # time without items: OOM recovery, cleanup stalls, restarts
     seconds_above_critical: float = 0.0
     allocated_mb: float = 0.0
     reserved_mb: float = 0.0
     peak_mb: float = 0.0  # since the last report
     batches: list[tuple[float, int]] = field(default_factory=list)  # (t, batch) at every change
+    # The process.
+    alive: bool = False
+    start_at: float | None = 0.0  # when the process (re)starts; None while it runs
+    busy_until: float = float("-inf")  # no items before this (OOM recovery, a cleanup stall)
+    failures: int = 0  # consecutive failures, for the back-off
+    up_since: float = 0.0
+    leak_mb: float = 0.0
+    pool_mb: float | None = None
+    held_base_mb: float = 0.0  # memory held in the step before: weights (or the static pool) ...
+    held_act_mb: float = 0.0  # ... and batch
 
 
-def throughput_per_ms(b: int, spec: SimService) -> float:
-    return b / (spec.overhead_ms + b * spec.item_ms) if b > 0 else 0.0
+@dataclass
+class BackgroundRun:
+    """A co-tenant in the world: its arrivals, the ones that failed, and the memory it holds."""
+
+    spec: Background
+    held_mb: float = 0.0
+    attempt_at: float | None = None  # the start of the current attempt to arrive (its ramp starts there)
+    blocked_until: float = float("-inf")  # after a failure: back off until then
+    failures: int = 0
+    stay: float | None = None  # start of the stay the attempt belongs to
+    up_since: float = 0.0
+
+    def wants(self, t: float) -> float:
+        """The memory it asks for at ``t`` (MiB): 0 outside its stays and while it backs off."""
+        occurrence = self.spec.occurrence(t)
+        if occurrence is None:
+            return 0.0
+        start, end = occurrence
+        if self.stay != start:  # a new stay: a fresh arrival
+            self.stay, self.attempt_at, self.blocked_until, self.failures = start, start, float("-inf"), 0
+        if t < self.blocked_until:
+            return 0.0
+        origin = self.attempt_at if self.attempt_at is not None else start
+        return ramped(t, origin, None if end is None else end - origin, self.spec.ramp_s, self.spec.mb)
+
+    def failed(self, t: float, dt: float) -> None:
+        if self.held_mb > 0 and t - self.up_since >= BACKOFF_RESET_S:
+            self.failures = 0
+        self.failures += 1
+        self.blocked_until = t + dt + backoff_s(self.failures)
+        self.attempt_at = self.blocked_until
 
 
 @dataclass
@@ -64,21 +150,38 @@ class Trace:
     """What a run looked like over time, for plots (recorded only when asked: ``World.record()``).
 
     ``used_mb`` holds, per GPU index, ``(t, used)`` after every step: scenario seconds and MiB.
-    ``ooms`` holds ``(t, gpu, service)`` for every batch lost to an OOM.
+    ``ooms`` holds ``(t, gpu, service)`` for every batch lost to an OOM, ``cotenant_failures``
+    ``(t, gpu)`` for every co-tenant arrival that did not fit.
     """
 
     used_mb: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     ooms: list[tuple[float, int, str]] = field(default_factory=list)
+    cotenant_failures: list[tuple[float, int]] = field(default_factory=list)
+
+
+@dataclass
+class GpuRun:
+    """Per GPU measures: co-tenant arrivals that failed, time throttled by heat (seconds)."""
+
+    cotenant_failures: int = 0
+    seconds_throttled: float = 0.0
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the oracle measures need from the settings."""
+    """What the oracle measures need from the settings.
+
+    ``service_max`` holds the services' own ``max_batch_size`` where their profile sets one.
+    """
 
     max_batch_size: int = 16
     safe_fraction: float = 0.95
     reserve_mb: float = 1024.0
     critical_fraction: float = 0.9
+    service_max: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def max_batch(self, service: str) -> int:
+        return self.service_max.get(service, self.max_batch_size)
 
 
 class World:
@@ -89,9 +192,14 @@ class World:
         self.poll_interval = poll_interval
         self.t = 0.0
         self.rng = random.Random(scenario.seed)
-        self.runs = [ServiceRun(spec=s, batch=initial_batch, next_poll=s.start_s) for s in scenario.services]
+        self.runs = [ServiceRun(spec=s, batch=initial_batch, next_poll=s.start_s, start_at=s.start_s)
+                     for s in scenario.services]
+        self.backgrounds = [BackgroundRun(spec=b) for b in scenario.background]
+        self.gpu_runs = {g.index: GpuRun() for g in scenario.gpus}
         self.used_mb = {g.index: 0.0 for g in scenario.gpus}
         self.util = {g.index: 0.0 for g in scenario.gpus}
+        self.temperature = {g.index: g.idle_temperature_c for g in scenario.gpus}
+        self.clock = {g.index: 1.0 for g in scenario.gpus}
         self.trace: Trace | None = None
 
     def record(self) -> Trace:
@@ -99,99 +207,216 @@ class World:
         self.trace = Trace(used_mb={g.index: [] for g in self.scenario.gpus})
         return self.trace
 
-    # ------------------------------------------------------------------ the world's physics
-
-    def _background(self, gpu: int, t: float) -> float:
-        return sum(b.level(t) for b in self.scenario.background if b.gpu == gpu)
+    # ------------------------------------------------------------------ what the oracle measures see
 
     def _thermal(self, gpu: int, t: float) -> float:
         return sum(x.level(t) for x in self.scenario.thermal if x.gpu == gpu)
 
-    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float,
+    def _base(self, r: ServiceRun) -> float:
+        return r.spec.base_mb + r.leak_mb
+
+    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float, t: float,
                 fragmentation: float | None = None) -> dict[str, int]:
         """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
 
         ``fragmentation`` (a fraction) replaces every service's own when given.
         """
-        avail = total_mb - background - sum(r.spec.base_mb for r in runs)
+        avail = total_mb - background - sum(self._base(r) for r in runs)
         weights = sum(r.spec.weight for r in runs)
         out = {}
         for r in runs:
-            frag = r.fragmentation if fragmentation is None else fragmentation
-            worst_item = r.spec.per_item_mb * (1 + r.spec.noise) / (1 - frag)
-            b = math.floor(avail * r.spec.weight / weights / worst_item) if avail > 0 else 0
-            out[r.spec.name] = max(0, min(self.limits.max_batch_size, b))
+            frag = (0.0 if r.pool_mb is not None else r.fragmentation) if fragmentation is None else fragmentation
+            worst_item = r.spec.per_item_at(t) * (1 + r.spec.noise) / (1 - frag)
+            out[r.spec.name] = fits(avail * r.spec.weight / weights, worst_item, self.limits.max_batch(r.spec.name))
         return out
+
+    def _started(self, gpu: int, t: float) -> list[ServiceRun]:
+        return [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s]
 
     def oracle_batch(self, service: str, gpu: int, t: float, *, fragmentation: float | None = None) -> int:
         """The batch the ``oracle_items`` measure credits ``service`` with in the step starting at ``t``.
 
-        The same computation as the measure (the GPU's total memory, the other tenants' memory at
+        The same computation as the measure (the GPU's total memory, the co-tenants' memory at
         ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
         """
         g = self.scenario.gpu(gpu)
-        runs = [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s]
-        return self._oracle(runs, g.total_mb, self._background(gpu, t), fragmentation).get(service, 0)
+        background = sum(b.wants(t) for b in self.backgrounds if b.spec.gpu == gpu)
+        return self._oracle(self._started(gpu, t), g.total_mb, background, t, fragmentation).get(service, 0)
+
+    # ------------------------------------------------------------------ the world's physics
+
+    def _productive(self, r: ServiceRun, t: float, dt: float) -> float:
+        """The fraction of the step ``[t, t + dt)`` the service runs batches in."""
+        return max(0.0, min(1.0, (t + dt - max(t, r.busy_until)) / dt))
 
     def _step(self, t: float, dt: float, link: ServiceLink | None) -> None:
         for gpu in self.scenario.gpus:
-            runs = [r for r in self.runs if r.spec.gpu == gpu.index and t >= r.spec.start_s]
-            bg = self._background(gpu.index, t)
-            need: dict[str, float] = {}
+            runs = [r for r in self._started(gpu.index, t) if r.alive]
+            bgs = [b for b in self.backgrounds if b.spec.gpu == gpu.index]
+            demands: list[Demand] = []
             alloc: dict[str, float] = {}
+            need_act: dict[str, float] = {}
+            running: dict[str, int] = {}
+            productive: dict[str, float] = {}
+            fresh: dict[str, bool] = {}
+            held_before: dict[str, float] = {}
             for r in runs:
+                name = r.spec.name
                 jitter = self.rng.uniform(-r.spec.noise, r.spec.noise) if r.spec.noise else 0.0
-                act = r.batch * r.spec.per_item_mb * (1 + jitter)
-                alloc[r.spec.name] = r.spec.base_mb + act
-                need[r.spec.name] = r.spec.base_mb + act / (1 - r.fragmentation)
-            failed: set[str] = set()
-            while bg + sum(need.values()) > gpu.total_mb:
-                victims = [r for r in runs if r.spec.name not in failed]
-                if not victims:
-                    break
-                victim = max(victims, key=lambda r: (need[r.spec.name] - r.spec.base_mb, r.spec.name))
-                name = victim.spec.name
-                failed.add(name)
-                need[name] = alloc[name] = victim.spec.base_mb
-                victim.ooms += 1
-                if self.trace is not None:
-                    self.trace.ooms.append((t, gpu.index, name))
-                if link is not None:
-                    new = link.report(name, gpu.index, t, batch_size=victim.batch, peak_bytes=None,
-                                      allocated_bytes=None, reserved_bytes=None, oom=True)
-                    self._adopt(victim, new, t)
-            used = bg + sum(need.values())
+                per_item = r.spec.per_item_at(t) * (1 + jitter)
+                base = self._base(r)
+                productive[name] = self._productive(r, t, dt)
+                weights = r.pool_mb if r.pool_mb is not None else base
+                if productive[name] <= 0:
+                    n, act = 0, 0.0
+                elif r.pool_mb is not None:  # a static pool: as many items as fit in it run
+                    n, act = min(r.batch, fits(r.pool_mb - base, per_item, r.batch)), 0.0
+                else:
+                    n = r.batch
+                    act = n * per_item
+                running[name] = n
+                alloc[name] = base + (n * per_item if r.pool_mb is not None else act)
+                need_act[name] = act / (1 - r.fragmentation)
+                fresh[name] = r.held_base_mb == 0
+                held_before[name] = r.held_base_mb
+                demands.append(Demand(f"s:{name}:base", r.held_base_mb, weights, arriving=fresh[name]))
+                demands.append(Demand(f"s:{name}:act", r.held_act_mb, need_act[name], arriving=False,
+                                      needs=f"s:{name}:base"))
+                r.held_base_mb = weights
+            wants = [b.wants(t) for b in bgs]
+            for i, b in enumerate(bgs):
+                demands.append(Demand(f"b:{i}", b.held_mb, wants[i], arriving=True))
+            failed = set(allocate(gpu.total_mb, demands))
+            for i, b in enumerate(bgs):
+                if f"b:{i}" in failed:
+                    self.gpu_runs[gpu.index].cotenant_failures += 1
+                    if self.trace is not None:
+                        self.trace.cotenant_failures.append((t, gpu.index))
+                    b.failed(t, dt)
+                    b.held_mb = 0.0
+                else:
+                    if b.held_mb == 0 and wants[i] > 0:
+                        b.up_since = t
+                    b.held_mb = wants[i]
+            lost: set[str] = set()
+            for r in runs:
+                name = r.spec.name
+                base_failed = f"s:{name}:base" in failed
+                if not base_failed and f"s:{name}:act" not in failed:
+                    r.held_act_mb = need_act[name]
+                    continue
+                lost.add(name)
+                if base_failed:  # what it held stays; what it asked for more (a leak's growth) it did not get
+                    r.held_base_mb = min(held_before[name], r.held_base_mb)
+                self._oom(r, t, dt, link, gpu.index, start_failed=base_failed and fresh[name])
+                alloc[name] = self._base(r) if r.alive else 0.0
+            used = sum(b.held_mb for b in bgs) + sum(r.held_base_mb + r.held_act_mb for r in runs)
             self.used_mb[gpu.index] = used
             if self.trace is not None:
                 self.trace.used_mb[gpu.index].append((t, used))
-            busy = 0.0
-            oracle = self._oracle(runs, gpu.total_mb, bg)
-            safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb
-            safe = self._oracle(runs, safe_total, bg)
-            for r in runs:
-                name = r.spec.name
-                if name not in failed:
-                    r.items += throughput_per_ms(r.batch, r.spec) * dt * 1000
-                    busy += r.batch * r.spec.item_ms / (r.spec.overhead_ms + r.batch * r.spec.item_ms)
-                r.oracle_items += throughput_per_ms(oracle[name], r.spec) * dt * 1000
-                r.safe_oracle_items += throughput_per_ms(safe[name], r.spec) * dt * 1000
-                r.allocated_mb = alloc[name]
-                r.reserved_mb = need[name]
-                r.peak_mb = max(r.peak_mb, alloc[name])
-                if used >= gpu.total_mb * self.limits.critical_fraction:
-                    r.seconds_above_critical += dt
+            self._account(gpu.index, t, dt, runs, running, productive, lost, alloc, used,
+                          sum(b.held_mb for b in bgs))
+
+    def _oom(self, r: ServiceRun, t: float, dt: float, link: ServiceLink | None, gpu: int, *,
+             start_failed: bool) -> None:
+        """``r``'s batch did not fit: it loses it, reports it, and recovers or (crash mode) restarts."""
+        r.ooms += 1
+        if self.trace is not None:
+            self.trace.ooms.append((t, gpu, r.spec.name))
+        crash = start_failed or self.scenario.oom_mode == "crash"
+        if link is not None and not start_failed:  # a process that could not load its model reports nothing
+            new = link.report(r.spec.name, gpu, t, batch_size=r.batch, peak_bytes=None, allocated_bytes=None,
+                              reserved_bytes=None, oom=True)
+            if not crash:
+                self._adopt(r, new, t)
+        r.held_act_mb = 0.0
+        if crash:
+            self._crash(r, t, dt)
+        else:
+            r.busy_until = t + dt + self.scenario.oom_recovery_s
+
+    def _crash(self, r: ServiceRun, t: float, dt: float) -> None:
+        """The process dies: it holds nothing and is restarted after the back-off and its start-up time."""
+        if t - r.up_since >= BACKOFF_RESET_S:
+            r.failures = 0
+        r.failures += 1
+        r.alive = False
+        r.held_base_mb = r.held_act_mb = 0.0
+        r.pool_mb = None
+        r.restarts += 1
+        r.start_at = t + dt + backoff_s(r.failures) + self.scenario.restart_s
+
+    def _account(self, gpu_index: int, t: float, dt: float, runs: list[ServiceRun], running: dict[str, int],
+                 productive: dict[str, float], lost: set[str], alloc: dict[str, float], used: float,
+                 background: float) -> None:
+        gpu = self.scenario.gpu(gpu_index)
+        thermal = self._thermal(gpu_index, t)
+        busy = sum(compute_share(running[r.spec.name], r.spec) * productive[r.spec.name] for r in runs
+                   if r.spec.name not in lost)
+        util = min(1.0, busy)
+        clock = clock_fraction(gpu, util, thermal)
+        self.util[gpu_index] = 100.0 * util
+        self.clock[gpu_index] = clock
+        self.temperature[gpu_index] = temperature_c(gpu, util, thermal, clock)
+        if clock < 1.0:
+            self.gpu_runs[gpu_index].seconds_throttled += dt
+        started = self._started(gpu_index, t)
+        # The ceilings: the largest batches that fit what is there now, as if cleanups were free.
+        oracle = self._oracle(started, gpu.total_mb, background, t, fragmentation=0.0)
+        safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb
+        safe = self._oracle(started, safe_total, background, t, fragmentation=0.0)
+        step_ms = dt * 1000
+        for ideal, attr in ((oracle, "oracle_items"), (safe, "safe_oracle_items")):
+            share = min(1.0, sum(compute_share(ideal[r.spec.name], r.spec) for r in started))
+            ideal_clock = clock_fraction(gpu, share, thermal)
+            for r in started:
+                setattr(r, attr, getattr(r, attr) + throughput_per_ms(ideal[r.spec.name], r.spec) * ideal_clock * step_ms)
+        for r in started:
+            if used >= gpu.total_mb * self.limits.critical_fraction:
+                r.seconds_above_critical += dt
+            if not r.alive:
+                r.seconds_down += dt
+                continue
+            name = r.spec.name
+            part = 0.0 if name in lost else productive[name]
+            r.items += throughput_per_ms(running[name], r.spec) * clock * step_ms * part
+            r.seconds_down += dt * (1 - part)
+            r.allocated_mb = alloc[name]
+            r.reserved_mb = r.held_base_mb + r.held_act_mb
+            r.peak_mb = max(r.peak_mb, alloc[name])
+            if r.pool_mb is None:  # a static pool (paged memory) does not fragment
                 r.fragmentation = min(0.9, r.fragmentation + r.spec.fragmentation_growth_per_min * dt / 60)
-            self.util[gpu.index] = min(100.0, 100.0 * busy)
+            r.leak_mb += r.spec.leak_mb_per_min * dt / 60
 
     def _adopt(self, run: ServiceRun, batch: int, t: float) -> None:
         if batch != run.batch:
             run.batch = batch
-            run.batch_changes += 1
             run.batches.append((t, batch))
+
+    def _start(self, r: ServiceRun, t: float, link: ServiceLink) -> None:
+        """A service process starts (or restarts): it holds nothing yet and polls before it runs."""
+        gpu = self.scenario.gpu(r.spec.gpu)
+        start = link.started(r.spec.name, r.spec.gpu, t, free_mb=gpu.total_mb - self.used_mb[r.spec.gpu],
+                             total_mb=gpu.total_mb)
+        if start is not None and start.failed:
+            self._crash(r, t, 0.0)
+            return
+        r.alive = True
+        r.start_at = None
+        r.up_since = t
+        r.leak_mb = 0.0
+        r.fragmentation = 0.0
+        r.busy_until = float("-inf")
+        r.pool_mb = start.pool_mb if start is not None else None
+        r.held_base_mb = r.held_act_mb = 0.0
+        r.peak_mb = 0.0
+        r.next_poll = t
 
     def _poll(self, t: float, link: ServiceLink) -> None:
         for r in self.runs:
-            if t < r.next_poll:
+            if r.start_at is not None and t >= r.start_at - 1e-9:
+                self._start(r, t, link)
+            if not r.alive or t < r.next_poll - 1e-9:
                 continue
             r.next_poll = t + self.poll_interval
             name, gpu = r.spec.name, r.spec.gpu
@@ -203,7 +428,9 @@ class World:
             batch, epoch = link.poll(name, gpu, t)
             if epoch > r.epoch:
                 r.epoch = epoch
-                r.fragmentation = 0.0  # gc + empty the allocator cache frees the waste
+                r.fragmentation = 0.0  # gc + empty the allocator cache frees the waste ...
+                r.cleanups += 1
+                r.busy_until = max(r.busy_until, t + self.scenario.cleanup_stall_s)  # ... and costs a stall
             if not r.batches:
                 r.batches.append((t, batch))
                 r.batch = batch
@@ -211,15 +438,20 @@ class World:
                 self._adopt(r, batch, t)
 
     def advance_to(self, t_end: float, link: ServiceLink | None) -> None:
-        """Run the world until scenario time ``t_end`` (whole steps only)."""
+        """Run the world until scenario time ``t_end`` (whole steps only).
+
+        Without a link the services start with their initial batch, never poll and never report.
+        """
         dt = self.scenario.step_s
-        if link is not None and self.t == 0.0:
-            self._poll(0.0, link)
         while self.t + dt <= t_end + 1e-9:
-            self._step(self.t, dt, link)
-            self.t = round(self.t + dt, 9)
             if link is not None:
                 self._poll(self.t, link)
+            else:
+                for r in self.runs:
+                    if r.start_at is not None and self.t >= r.start_at - 1e-9:
+                        r.alive, r.start_at, r.up_since = True, None, self.t
+            self._step(self.t, dt, link)
+            self.t = round(self.t + dt, 9)
 
     # ------------------------------------------------------------------ what NVML would read
 
@@ -229,10 +461,10 @@ class World:
             total = int(gpu.total_mb * MIB)
             used = min(total, int(self.used_mb[gpu.index] * MIB))
             util = self.util[gpu.index]
-            temp = gpu.idle_temperature_c + gpu.load_temperature_rise_c * util / 100 + self._thermal(gpu.index, self.t)
+            clock = self.clock[gpu.index]
             procs = tuple(
-                GpuProcess(pid=10_000 + i, used_memory_bytes=int(r.reserved_mb * MIB))
-                for i, r in enumerate(self.runs) if r.spec.gpu == gpu.index and self.t >= r.spec.start_s
+                GpuProcess(pid=10_000 + i, used_memory_bytes=int((r.held_base_mb + r.held_act_mb) * MIB))
+                for i, r in enumerate(self.runs) if r.spec.gpu == gpu.index and r.alive
             )
             out.append(GpuSample(
                 index=gpu.index,
@@ -243,10 +475,11 @@ class World:
                 memory_used_bytes=used,
                 memory_free_bytes=total - used,
                 memory_reserved_bytes=0,
-                temperature_celsius=round(temp, 1),
-                power_usage_watts=round(gpu.power_limit_w * (0.2 + 0.8 * util / 100), 1),
+                temperature_celsius=round(self.temperature[gpu.index], 1),
+                power_usage_watts=round(gpu.power_limit_w * (0.2 + 0.8 * clock * util / 100), 1),
                 power_limit_watts=gpu.power_limit_w,
                 utilization_percent=round(util, 1),
                 processes=procs,
             ))
         return out
+
