@@ -345,7 +345,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ConfigError, ScenarioError) as exc:
         print(f"vlm-gpu-optimizer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(cfg.server.log_format, "warning")
+    configure_logging(cfg.server.log_format, "error")  # the simulated OOMs are results, not warnings
     result = simulate(scenario, cfg.settings, duration_s=args.duration)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -92,6 +92,8 @@ class Settings:
     # None: 4 (seed 003's fixed baseline), clamped into [min_batch_size, max_batch_size]
     history_size: int = 100  # snapshots kept per GPU (seed 003)
     service_expiry: float = 300.0  # a service not heard from for this long is forgotten
+    oom_cost_s: float = 10.0  # adaptive: seconds of a service's throughput one OOM costs (the lost batch,
+    # recovery, failed requests); set it to the restart time where an OOM kills the process
     default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
     profiles: tuple[ServiceProfile, ...] = ()
 
@@ -238,6 +240,8 @@ def _coerce_setting(key: str, value: Any) -> Any:
         return _as_float(key, value, 0.0, 86400.0, lo_open=True)
     if key == "temperature_threshold":
         return _as_float(key, value, 0.0, 150.0, lo_open=True)
+    if key == "oom_cost_s":
+        return _as_float(key, value, 0.0, 86400.0)
     if key == "default_batch_size" and value is None:
         return None
     if key in ("max_batch_size", "min_batch_size", "default_batch_size"):

@@ -269,7 +269,8 @@ class Engine:
 
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
                peak_bytes: int | None = None, allocated_bytes: int | None = None,
-               reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None) -> Decision:
+               reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None,
+               inactive_split_bytes: int | None = None) -> Decision:
         """A service's telemetry; the returned decision already reflects it (an OOM lowers the batch)."""
         index = self.resolve_gpu(service, gpu)
         if index is None:
@@ -277,7 +278,8 @@ class Engine:
         self._note_pod(pod, index)
         report = ServiceReport(service=service, gpu=index, timestamp=now, batch_size=batch_size,
                                peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
-                               reserved_bytes=reserved_bytes, oom=oom)
+                               reserved_bytes=reserved_bytes, oom=oom,
+                               inactive_split_bytes=inactive_split_bytes)
         outcome = policy.apply_report(self.state, report, self.policy_settings, self.gpu_sample(index))
         self.state = outcome.state  # (_account below bumps the revision)
         if oom:

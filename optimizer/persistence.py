@@ -6,8 +6,10 @@ state, never a torn file. A file that cannot be read or parsed never stops the s
 moved aside as ``<path>.corrupt-<UTC timestamp>`` and the service starts from its configuration.
 
 Saved: the settings changed at runtime (by key, on top of the configuration at start), manual
-overrides, and per (GPU, service) the learned figures: peaks per batch size (the per-item
-memory), the OOM bar and strikes, the last published batch and optimum.
+overrides, and per (GPU, service) the learned figures: its memory model (fixed memory, per-item
+observations, footprint, fragmentation, trust region, an OOM's floor), the OOM bar and strikes, the
+last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
+read, and the peaks ignored.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -25,6 +28,7 @@ import structlog
 
 from optimizer.config import ConfigError, apply_settings
 from optimizer.engine import Engine
+from optimizer.policy.adaptive.memory import MemoryModel
 from optimizer.policy.types import ServiceState
 
 log = structlog.get_logger(__name__)
@@ -94,10 +98,51 @@ class StateFile:
 _LEARNED = ("batch_size", "optimal", "ceiling", "ceiling_until", "strikes", "last_oom_at", "override", "override_until")
 
 
+def _memory_dump(m: MemoryModel) -> dict[str, Any]:
+    return {"fixed": m.fixed, "observations": [list(o) for o in m.observations], "held": [list(h) for h in m.held], "waste": m.waste, "waste_fraction": m.waste_fraction,
+            "largest_ok": m.largest_ok, "floor": m.floor,
+            "floor_until": None if m.floor_until == float("-inf") else m.floor_until, "reports": m.reports,
+            "bare_peaks": [list(b) for b in m.bare_peaks]}
+
+
+def _finite(v: Any) -> float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"not a finite number: {v!r}")
+    return f
+
+
+def _memory_load(raw: Any) -> MemoryModel:
+    """A memory model from its saved form; raises ``ValueError``/``TypeError``/``KeyError`` on a bad one."""
+    if raw is None:
+        return MemoryModel()
+    if not isinstance(raw, dict):
+        raise TypeError(f"memory must be an object, got {type(raw).__name__}")
+    obs = raw.get("observations") or []
+    if not isinstance(obs, list):
+        raise TypeError("memory.observations must be a list")
+
+    def opt(key: str) -> float | None:
+        return None if raw.get(key) is None else _finite(raw[key])
+
+    return MemoryModel(
+        fixed=opt("fixed"),
+        observations=tuple((_finite(t), _finite(x)) for t, x in obs),
+        held=tuple((_finite(t), _finite(x)) for t, x in raw.get("held") or ()),
+        waste=_finite(raw.get("waste") or 0.0),
+        waste_fraction=_finite(raw.get("waste_fraction") or 0.0),
+        largest_ok=int(raw.get("largest_ok") or 0),
+        floor=_finite(raw.get("floor") or 0.0),
+        floor_until=float("-inf") if raw.get("floor_until") is None else _finite(raw["floor_until"]),
+        reports=int(raw.get("reports") or 0),
+        bare_peaks=tuple((int(b), _finite(p)) for b, p in raw.get("bare_peaks") or ()),
+    )
+
+
 def dump(engine: Engine) -> dict[str, Any]:
     services = []
     for (gpu, name), svc in sorted(engine.state.services.items()):
-        item: dict[str, Any] = {"service": name, "gpu": gpu, "peaks": [list(p) for p in svc.peaks]}
+        item: dict[str, Any] = {"service": name, "gpu": gpu, "memory": _memory_dump(svc.memory)}
         item.update({k: getattr(svc, k) for k in _LEARNED})
         if item["ceiling_until"] == float("-inf"):
             item["ceiling_until"] = None
@@ -128,12 +173,12 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
             svc = ServiceState(
                 service=str(item["service"]), gpu=int(item["gpu"]), batch_size=int(item["batch_size"]),
                 optimal=int(item["optimal"]), reason="restored from the state file", changed_at=now,
-                updated_at=now, last_seen=now,
+                updated_at=now, last_seen=now, registered_at=now,
                 ceiling=None if item.get("ceiling") is None else int(item["ceiling"]),
                 ceiling_until=float("-inf") if item.get("ceiling_until") is None else float(item["ceiling_until"]),
                 strikes=int(item.get("strikes") or 0),
                 last_oom_at=None if item.get("last_oom_at") is None else float(item["last_oom_at"]),
-                peaks=tuple((int(b), int(p)) for b, p in item.get("peaks") or ()),
+                memory=_memory_load(item.get("memory")),
                 override=None if item.get("override") is None else int(item["override"]),
                 override_until=None if item.get("override_until") is None else float(item["override_until"]),
             )

@@ -8,8 +8,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from optimizer.benchmark import run as benchmark_run
 
 from optimizer.benchmark.baselines import (
     ACCELERATE_FACTOR,
@@ -21,13 +24,14 @@ from optimizer.benchmark.baselines import (
     make_link,
 )
 from optimizer.benchmark.command import default_scenarios
+from optimizer.benchmark.generate import generate
 from optimizer.benchmark.report import COLUMNS, scenario_document
-from optimizer.benchmark.run import STRATEGIES, Run, run_baseline, run_scenario
+from optimizer.benchmark.run import STRATEGIES, Run, run_baseline, run_scenario, settings_for
 from optimizer.cli import main
 from optimizer.config import Settings, Strategy
 from optimizer.gpu.simulated import limits_from
 from optimizer.simulation.run import simulate
-from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService
+from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService, load_scenario
 from optimizer.simulation.world import World
 from tests.policy_helpers import ROOT
 
@@ -44,7 +48,7 @@ def scenario(*, total_mb: float = 60000, noise: float = 0.0, background: tuple[B
         gpus=(SimGpu(index=0, name="Simulated GPU", total_mb=total_mb),),
         services=tuple(SimService(name=f"vlm{i}" if i else "vlm", gpu=0, base_mb=BASE_MB, per_item_mb=PER_ITEM_MB,
                                   item_ms=45, overhead_ms=120, noise=noise,
-                                  fragmentation_growth_per_min=fragmentation) for i in range(services)),
+                                  fragmentation_growth_per_min=fragmentation, load_s=0.0) for i in range(services)),
         background=background,
     )
 
@@ -175,14 +179,23 @@ def test_a_crashed_lightning_service_searches_again() -> None:
 # --------------------------------------------------------------------------- vllm
 
 
-def test_vllm_reserves_nine_tenths_and_runs_what_fits_in_it() -> None:
+def test_vllm_reserves_nine_tenths_and_sizes_its_batch_once_for_the_worst_item() -> None:
     run = run_baseline("vllm", scenario(noise=0.05, total_mb=60000), Settings(max_batch_size=64), 600)
     (svc,) = run.services
-    assert svc.ooms == 0 and sizes(run) == [64]
-    assert max(u for _, u in run.trace.used_mb[0]) == pytest.approx(54000)  # held whole, from the start
-    pool_items = (54000 - BASE_MB) / PER_ITEM_MB  # 11.25 items at the mean jitter
-    assert svc.items / 600 / 1000 == pytest.approx(11 / (120 + 11 * 45), rel=0.05)
-    assert pool_items > 11
+    # (0.9 * 60000 - 18000) / (3200 * 1.05) = 10.7: ten items, held from the start to the end
+    assert svc.ooms == 0 and sizes(run) == [10]
+    assert max(u for _, u in run.trace.used_mb[0]) == pytest.approx(54000)  # the reservation, held whole
+    assert min(u for t, u in run.trace.used_mb[0] if t >= 1) == pytest.approx(54000)
+
+
+def test_vllm_runs_what_fits_when_its_items_outgrow_the_reservation() -> None:
+    sc = scenario(total_mb=60000)
+    sc = dataclasses.replace(sc, services=(dataclasses.replace(sc.services[0], per_item_changes=((300.0, 4000.0),)),))
+    run = run_baseline("vllm", sc, Settings(max_batch_size=64), 600)
+    (svc,) = run.services
+    assert svc.ooms == 0 and sizes(run) == [11]  # (54000 - 18000) / 3200 = 11.25
+    after = svc.items - run_baseline("vllm", sc, Settings(max_batch_size=64), 300).services[0].items
+    assert after == pytest.approx(300 * 9 / (120 + 9 * 45) * 1000, rel=1e-6)  # 36000 / 4000 = 9 items run
 
 
 def test_vllm_refuses_to_start_while_a_cotenant_holds_its_share() -> None:
@@ -312,3 +325,123 @@ def test_the_cli_does_not_import_matplotlib() -> None:
     code = "import sys, optimizer.cli as c; c.build_parser(); print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- scenario families
+
+
+def test_generate_prints_the_summary_and_writes_json_scenarios_and_png(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out, folder, plots = tmp_path / "family.json", tmp_path / "scenarios", tmp_path / "plots"
+    assert main(["benchmark", "--generate", "3", "--seed", "7", "--duration", "300", "--output", str(out),
+                 "--write-scenarios", str(folder), "--plots", str(plots)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("family gen-7: 3 scenarios, oom_mode recover; ")
+    assert "\nchecks: " in text and "  a.median " in text and "  n/a   c.crash " in text
+    assert "scenario gen-7-0000" not in text  # no per-scenario tables without --tables
+
+    drawn = generate(3, 7, duration_s=300.0)
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"gen-7-000{i}.yaml" for i in range(3)]
+    assert [load_scenario(f) for f in files] == [g.scenario for g in drawn]
+
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "vlm-gpu-optimizer-benchmark-family"
+    assert doc["family"] == {"n": 3, "seed": 7, "oom_mode": "recover", "duration_s": 300.0, "interval_s": 5.0}
+    assert "--generate 3 --seed 7 --oom-mode recover" in doc["command"] and "--jobs" not in doc["command"]
+    assert [s["scenario"] for s in doc["scenarios"]] == [g.scenario.name for g in drawn]
+    for s, g in zip(doc["scenarios"], drawn):
+        assert s["unavoidable_ooms"] == g.unavoidable_ooms and Path(s["file"]).name == f"{g.scenario.name}.yaml"
+        assert list(s["runs"]) == [*STRATEGIES, *BASELINES]
+        assert [(row[0], row[1]) for row in s["runs"]["adaptive"]] == [(x.gpu, x.name) for x in g.scenario.services]
+    assert [r["name"] for r in doc["summary"]["runs"]] == [*STRATEGIES, *BASELINES]
+    assert [c["key"] for c in doc["checks"]] == ["a.median", "a.p10", "a.min", "a.ooms_within", "a.ooms_excess",
+                                                 "b.dominance", "b.oracle", "c.crash"]
+    png = plots / "family-7.png"
+    assert [p.name for p in plots.iterdir()] == ["family-7.png"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A written file replays with --scenario to the same numbers.
+    replay = tmp_path / "replay.json"
+    assert main(["benchmark", "--scenario", str(files[1]), "--strategies", "adaptive", "--baselines", "accelerate",
+                 "--no-plots", "--output", str(replay)]) == 0
+    runs = {r["name"]: r["services"] for r in json.loads(replay.read_text())["scenarios"][0]["runs"]}
+    for name in ("adaptive", "accelerate"):
+        assert [[s["items"], s["ooms"]] for s in runs[name]] == [
+            [row[2], row[4]] for row in doc["scenarios"][1]["runs"][name]]
+
+
+def test_the_results_do_not_depend_on_the_number_of_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "family.json"
+    flags = ["benchmark", "--generate", "4", "--seed", "3", "--oom-mode", "crash", "--duration", "240", "--tables",
+             "--write-scenarios", str(tmp_path / "scenarios"), "--no-plots", "--output", str(out)]
+    assert main([*flags, "--jobs", "1"]) == 0
+    one, one_text = out.read_bytes(), capsys.readouterr().out
+    assert main([*flags, "--jobs", "2"]) == 0
+    assert out.read_bytes() == one and capsys.readouterr().out == one_text
+    assert "scenario gen-3-0003 (seed " in one_text  # --tables: every scenario's table too
+    assert json.loads(one)["family"]["oom_mode"] == "crash"
+
+
+def test_generated_scenarios_go_to_a_folder_named_for_the_seed_by_default(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["benchmark", "--generate", "2", "--seed", "5", "--duration", "60", "--strategies", "adaptive",
+                 "--baselines", "none", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "benchmark-scenarios" / "gen-5").iterdir()) == [
+        "gen-5-0000.yaml", "gen-5-0001.yaml"]
+
+
+def test_oom_mode_overrides_the_scenario_files(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+
+    def fixed_max(*mode: str) -> dict[str, Any]:
+        assert main(["benchmark", "--scenario", COTENANT, "--duration", "1200", "--strategies", "none",
+                     "--baselines", "fixed-max", "--no-plots", "--output", str(out), *mode]) == 0
+        doc = json.loads(out.read_text())
+        return {"command": doc["command"], **doc["scenarios"][0]["runs"][0]["services"][0]}
+
+    recover, crash = fixed_max(), fixed_max("--oom-mode", "crash")
+    assert recover["ooms"] > 0 and recover["restarts"] == 0  # the file's oom_mode: recover
+    assert crash["restarts"] == crash["ooms"] > 0 and "--oom-mode crash" in crash["command"]
+
+
+def test_every_scenario_passes_through_the_settings_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sc = scenario()
+    assert settings_for(sc, Settings()) == Settings()  # the identity, for now
+    seen: list[str] = []
+
+    def smaller(scenario: Scenario, settings: Settings) -> Settings:
+        seen.append(scenario.name)
+        return dataclasses.replace(settings, max_batch_size=3)
+
+    monkeypatch.setattr(benchmark_run, "settings_for", smaller)
+    out = tmp_path / "results.json"
+    assert main(["benchmark", "--scenario", COTENANT, "--duration", "60", "--strategies", "none",
+                 "--baselines", "fixed-max", "--no-plots", "--output", str(out)]) == 0
+    assert seen == ["cotenant-spike"]
+    assert json.loads(out.read_text())["scenarios"][0]["runs"][0]["services"][0]["final_batch_size"] == 3
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--generate", "0"], "--generate: must be an integer in [1, 10000], got '0'"),
+    (["--generate", "10001"], "--generate: must be an integer in [1, 10000], got '10001'"),
+    (["--generate", "many"], "--generate: must be an integer in [1, 10000], got 'many'"),
+    (["--generate", "3", "--seed", "-1"], "--seed: must be an integer in [0, 4294967295], got '-1'"),
+    (["--generate", "3", "--seed", "x"], "--seed: must be an integer in [0, 4294967295], got 'x'"),
+    (["--seed", "3"], "--seed: only with --generate"),
+    (["--write-scenarios", "elsewhere"], "--write-scenarios: only with --generate"),
+    (["--generate", "3", "--oom-mode", "explode"], "--oom-mode: must be one of recover, crash, got 'explode'"),
+    (["--scenario", COTENANT, "--oom-mode", "Crash"], "--oom-mode: must be one of recover, crash, got 'Crash'"),
+    (["--generate", "3", "--jobs", "0"], "--jobs: must be an integer in [1, 64], got '0'"),
+    (["--scenario", COTENANT, "--jobs", "lots"], "--jobs: must be an integer in [1, 64], got 'lots'"),
+    (["--generate", "3", "--scenario", COTENANT], "--generate: cannot be combined with --scenario"),
+    (["--generate", "3", "--duration", "7200"],
+     "--duration: with --generate, must be a number of seconds in (0, 3600], got '7200'"),
+])
+def test_bad_family_flags_exit_2_naming_the_flag_and_write_nothing(
+        flags: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # the default folders for plots and scenarios are here
+    assert main(["benchmark", *flags, "--output", "out.json"]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

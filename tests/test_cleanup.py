@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from optimizer.config import Settings, Strategy
-from optimizer.policy.strategies import learned_per_item_bytes
+from optimizer.config import Settings
 from optimizer.simulation.run import simulate
 from optimizer.simulation.scenario import load_scenario
 from tests.policy_helpers import GIB, MIB, ROOT, Harness, WorldRun, gpu, one_service
@@ -133,42 +132,3 @@ def test_fragmentation_drift_scenario_cleans_up_and_recovers_memory() -> None:
     assert c.successes["fragmentation"] >= 1
     assert c.freed_bytes > 1 * GIB
     assert result.services[0].ooms == 0
-
-
-# ----------------------------------------------------------------------------- adaptive
-
-
-def test_learned_per_item_is_the_slope_of_the_worst_peaks() -> None:
-    assert learned_per_item_bytes(()) is None
-    assert learned_per_item_bytes(((4, 10 * GIB),)) is None
-    slope = learned_per_item_bytes(((4, 10 * GIB), (8, 14 * GIB), (12, 18 * GIB)))
-    assert slope is not None and abs(slope - GIB) < 1
-    assert learned_per_item_bytes(((4, 10 * GIB), (8, 9 * GIB))) is None  # not positive: no evidence
-
-
-def test_adaptive_trusts_reports_over_a_wrong_declared_per_item() -> None:
-    # The service declares 30 % less per item than it really needs.
-    scenario = one_service(per_item_mb=3200, declared_per_item_mb=2240, noise=0.02)
-    balanced = WorldRun(scenario, Settings(max_batch_size=64))
-    adaptive = WorldRun(scenario, Settings(max_batch_size=64, strategy=Strategy.ADAPTIVE))
-    balanced.run_until(1200)
-    adaptive.run_until(1200)
-    a = adaptive.engine.state.services[(0, "vlm")]
-    learned = learned_per_item_bytes(a.peaks)
-    assert learned is not None and abs(learned / MIB - 3200) / 3200 < 0.05
-    budget = 81559 * 0.75 - 1024 - 18000
-    best = int(budget // (3200 * 1.02))
-    assert abs(adaptive.batch() - best) <= 1
-    # adaptive's optimum stays at the truth; balanced's, computed with the declared figure, moves around it
-    assert a.optimal <= best + 1
-
-
-def test_adaptive_does_not_grow_under_memory_pressure() -> None:
-    s = Settings(strategy=Strategy.ADAPTIVE, target_memory_utilization=0.85,
-                 default_profile=dataclasses.replace(Settings().default_profile, per_item_mb=256))
-    h = Harness(s)
-    h.engine.poll("vlm", 0, 0.0)
-    for _ in range(15):
-        h.tick(gpu(65.0))  # 81 %: warning, but below the 85 % target
-    assert h.batch() == s.default_batch(s.default_profile)
-    assert "memory pressure" in h.engine.state.services[(0, "vlm")].reason

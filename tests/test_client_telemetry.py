@@ -51,12 +51,16 @@ class RecordingEngine(Engine):
 
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
                peak_bytes: int | None = None, allocated_bytes: int | None = None,
-               reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None) -> Decision:
+               reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None,
+               inactive_split_bytes: int | None = None) -> Decision:
         self.reports.append({"service": service, "gpu": gpu, "batch_size": batch_size, "peak_bytes": peak_bytes,
                              "allocated_bytes": allocated_bytes, "reserved_bytes": reserved_bytes, "oom": oom,
-                             **({"pod": pod} if pod is not None else {})})
+                             **({"pod": pod} if pod is not None else {}),
+                             **({"inactive_split_bytes": inactive_split_bytes}
+                                if inactive_split_bytes is not None else {})})
         return super().report(service, gpu, now, batch_size=batch_size, peak_bytes=peak_bytes,
-                              allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom, pod=pod)
+                              allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom, pod=pod,
+                              inactive_split_bytes=inactive_split_bytes)
 
 
 @dataclass
@@ -170,7 +174,7 @@ async def test_reports_of_one_interval_go_out_as_one(optimizer: Optimizer) -> No
                                          "allocated_bytes": 14 * GIB, "reserved_bytes": 19 * GIB, "oom": False}]
     svc = optimizer.service("svc-a")
     assert svc.reported_batch == 8
-    assert svc.peaks == ((8, 31 * GIB),)
+    assert svc.memory.fixed == 14 * GIB and [x for _, x in svc.memory.observations] == [17 * GIB / 8]
     assert svc.allocated_bytes == 14 * GIB and svc.reserved_bytes == 19 * GIB
     assert reporter.stats.sent == 1 and reporter.stats.pending == 0
 
@@ -188,7 +192,8 @@ async def test_the_aggregate_carries_the_latest_batch_and_its_own_peak(optimizer
     await asyncio.to_thread(reporter.flush)
     assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 8, "peak_bytes": 32 * GIB,
                                          "allocated_bytes": 3 * GIB, "reserved_bytes": 12 * GIB, "oom": False}]
-    assert optimizer.service("svc-a").peaks == ((8, 32 * GIB),)
+    memory = optimizer.service("svc-a").memory
+    assert memory.fixed == 3 * GIB and [x for _, x in memory.observations] == [29 * GIB / 8]
 
 
 async def test_the_wire_body_names_only_what_was_measured(upstream: Upstream) -> None:
@@ -231,7 +236,7 @@ async def test_an_oom_goes_out_at_once_and_the_sink_gets_the_lowered_batch(optim
     assert not reporter.running
     assert [r["oom"] for r in optimizer.engine.reports] == [True, False]
     assert len(sink.decisions) == 2 and sink.decisions[1]["batch_size"] == 7
-    assert optimizer.service("svc-a").peaks == ((8, 70 * GIB),)
+    assert optimizer.service("svc-a").memory.bare_peaks == ((8, 70 * GIB),)  # a peak without allocated_bytes
 
 
 async def test_an_oom_reported_before_the_start_goes_out_when_it_starts(optimizer: Optimizer,

@@ -100,22 +100,24 @@ def learned_engine() -> Engine:
     e = Engine(Settings())
     e.observe(snap(T0))
     e.update_settings({"max_batch_size": 12, "optimization_interval": 30.0})
-    e.report("svc-a", 0, T0 + 1, batch_size=4, peak_bytes=30 * GIB)
-    e.report("svc-a", 0, T0 + 2, batch_size=6, peak_bytes=31 * GIB)
+    e.report("svc-a", 0, T0 + 1, batch_size=4, peak_bytes=30 * GIB, allocated_bytes=26 * GIB,
+             reserved_bytes=31 * GIB, inactive_split_bytes=GIB // 2)
+    e.report("svc-a", 0, T0 + 2, batch_size=6, peak_bytes=31 * GIB, allocated_bytes=25 * GIB)
     e.report("svc-a", 0, T0 + 3, batch_size=8, oom=True)
     e.report("svc-a", 0, T0 + 4, batch_size=7, oom=True)
     e.set_override("svc-b", 0, 5, 600.0, T0 + 5)
     return e
 
 
-LEARNED_FIELDS = ("batch_size", "optimal", "ceiling", "ceiling_until", "strikes", "last_oom_at", "peaks", "override",
+LEARNED_FIELDS = ("batch_size", "optimal", "ceiling", "ceiling_until", "strikes", "last_oom_at", "memory", "override",
                   "override_until")
 
 
 def test_state_survives_a_restart_through_the_engine(tmp_path: Path, logs: LogList) -> None:
     old = learned_engine()
     a, b = old.state.services[(0, "svc-a")], old.state.services[(0, "svc-b")]
-    assert a.peaks == ((4, 30 * GIB), (6, 31 * GIB))
+    assert a.memory.fixed == 25 * GIB and a.memory.observations == ((T0 + 1, GIB), (T0 + 2, GIB))
+    assert (a.memory.held, a.memory.waste, a.memory.largest_ok) == (((T0 + 1, 5 * GIB / 4),), GIB // 2, 6)
     assert (a.ceiling, a.strikes, a.last_oom_at) == (7, 2, T0 + 4)
     assert a.ceiling_until == T0 + 4 + 30 * 10 * 2  # 10 optimization intervals, doubled on the second strike
     assert (b.override, b.override_until, b.batch_size) == (5, T0 + 605, 5)
@@ -243,15 +245,17 @@ WRONG_SHAPES: list[Any] = [
     pytest.param({"version": 1, "services": [1, None, "x", []]}, id="services of junk"),
     pytest.param({"version": 1, "settings": {"strategy": "turbo"}, "services": []}, id="settings invalid"),
     pytest.param({"version": 1, "services": [{"service": "a", "gpu": 0, "batch_size": 4, "optimal": 4,
-                                              "peaks": 7}]}, id="peaks not a list"),
+                                              "memory": 7}]}, id="memory not an object"),
     pytest.param({"version": 1, "services": [{"service": "a", "gpu": 0, "batch_size": 4, "optimal": 4,
-                                              "peaks": [[4]]}]}, id="peaks not pairs"),
+                                              "memory": {"observations": [[4]]}}]}, id="observations not pairs"),
+    pytest.param({"version": 1, "services": [{"service": "a", "gpu": 0, "batch_size": 4, "optimal": 4,
+                                              "memory": {"fixed": "lots"}}]}, id="fixed not a number"),
     pytest.param({"version": 1, "services": 5}, id="services a number"),
     pytest.param({"version": 1, "services": True}, id="services true"),
     pytest.param({"version": 1, "services": [{"service": "a", "gpu": 0, "batch_size": 1e999, "optimal": 4}]},
                  id="batch_size infinite"),
     pytest.param({"version": 1, "services": [{"service": "a", "gpu": 0, "batch_size": 4, "optimal": 4,
-                                              "peaks": [[4, 1e999]]}]}, id="peak infinite"),
+                                              "memory": {"observations": [[4, 1e999]]}}]}, id="observation infinite"),
 ]
 
 
@@ -356,9 +360,9 @@ def test_save_writes_only_when_the_revision_moved(tmp_path: Path) -> None:
     path.unlink()
     assert persister.save() is False  # nothing changed: nothing written
     assert not path.exists()
-    engine.report("svc", 0, T0 + 1, batch_size=4, peak_bytes=30 * GIB)
+    engine.report("svc", 0, T0 + 1, batch_size=4, peak_bytes=30 * GIB, allocated_bytes=26 * GIB)
     assert persister.save() is True
-    assert (StateFile(path).load() or {})["services"][0]["peaks"] == [[4, 30 * GIB]]
+    assert (StateFile(path).load() or {})["services"][0]["memory"]["observations"] == [[T0 + 1, GIB]]
     path.unlink()
     assert persister.save() is False
     assert persister.save(force=True) is True  # the admin API forces a save after every change
@@ -413,10 +417,11 @@ async def test_the_app_saves_every_optimization_interval_when_changed_and_at_exi
     assert not path.exists()  # nothing before the first interval
 
     assert await sampler.tick() is not None
-    resp = await client.post("/reports", json={"service": "svc", "gpu": 0, "batch_size": 4, "peak_bytes": 30 * GIB})
+    resp = await client.post("/reports", json={"service": "svc", "gpu": 0, "batch_size": 4, "peak_bytes": 30 * GIB,
+                                               "allocated_bytes": 26 * GIB})
     assert resp.status == 200
     await gate.step()
-    assert (StateFile(path).load() or {})["services"][0]["peaks"] == [[4, 30 * GIB]]
+    assert (StateFile(path).load() or {})["services"][0]["memory"]["observations"] == [[clock(), GIB]]
 
     path.unlink()
     await gate.step()  # nothing changed in this interval: nothing written
@@ -510,3 +515,13 @@ def test_the_state_writer_saves_and_reports_each_counter(tmp_path: Path) -> None
     data = StateFile(path).load()
     assert data is not None and data["counter"] == 3 and len(data["padding"]) == 200_000
     assert listing(tmp_path) == ["state.json"]
+
+
+def test_a_file_from_before_the_memory_model_is_read_and_its_peaks_ignored(tmp_path: Path, logs: LogList) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "settings": {}, "services": [
+        {"service": "old", "gpu": 0, "batch_size": 6, "optimal": 6, "peaks": [[4, 30 * GIB], [6, 31 * GIB]]}]}))
+    engine = Engine(Settings())
+    assert Persister(engine, StateFile(path)).load(T0) is True
+    svc = engine.state.services[(0, "old")]
+    assert svc.batch_size == 6 and not svc.memory.measured

@@ -20,9 +20,12 @@ from tests.policy_helpers import GIB, MIB, ROOT, Harness, WorldRun, gpu, one_ser
 # ----------------------------------------------------------------------------- 1. safety
 
 
-@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("strategy", [s for s in Strategy if s is not Strategy.ADAPTIVE])
 def test_safety_bound_holds_on_random_states(strategy: Strategy) -> None:
-    """No published batch is predicted to exceed total*oom - reserve for its share, except min_batch_size."""
+    """No published batch is predicted to exceed total*oom - reserve for its share, except min_batch_size.
+
+    (adaptive predicts from what it learned, not from the declared figure: tests/test_adaptive.py.)
+    """
     rng = random.Random(f"safety-{strategy.value}")
     checked = binding = 0
     for case in range(150):

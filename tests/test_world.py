@@ -26,7 +26,8 @@ ITEM = 1_000.0
 
 
 def service(name: str = "vlm", **kw: object) -> SimService:
-    fields: dict[str, object] = dict(name=name, gpu=0, base_mb=BASE, per_item_mb=ITEM, item_ms=40, overhead_ms=100)
+    fields: dict[str, object] = dict(name=name, gpu=0, base_mb=BASE, per_item_mb=ITEM, item_ms=40, overhead_ms=100,
+                                     load_s=0.0)
     fields.update(kw)
     return SimService(**fields)  # type: ignore[arg-type]
 
@@ -55,7 +56,8 @@ class Link:
         return self.batch, self.epoch
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         if oom:
             self.ooms.append((t, service, batch_size))
             if self.after_oom is not None:

@@ -81,7 +81,8 @@ async def reports(request: web.Request) -> web.Response:
         r = parse_report(body)
         d = request.app[ENGINE].report(r.service, r.gpu, request.app[SAMPLER].clock(), batch_size=r.batch_size,
                                        peak_bytes=r.peak_bytes, allocated_bytes=r.allocated_bytes,
-                                       reserved_bytes=r.reserved_bytes, oom=r.oom, pod=r.pod)
+                                       reserved_bytes=r.reserved_bytes, oom=r.oom, pod=r.pod,
+                                       inactive_split_bytes=r.inactive_split_bytes)
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:

@@ -91,6 +91,7 @@ class ReportIn:
     reserved_bytes: int | None
     oom: bool
     pod: str | None = None
+    inactive_split_bytes: int | None = None
 
 
 def parse_report(body: Any) -> ReportIn:
@@ -112,8 +113,8 @@ def parse_report(body: Any) -> ReportIn:
         reserved_bytes=_opt_int(body, "reserved_bytes", 0, MAX_BYTES_FIELD),
         oom=oom,
         pod=parse_pod(body.get("pod"), kind="field"),
+        inactive_split_bytes=_opt_int(body, "inactive_split_bytes", 0, MAX_BYTES_FIELD),
     )
-    _opt_int(body, "inactive_split_bytes", 0, MAX_BYTES_FIELD)
     if oom and report.batch_size is None:
         raise InvalidInput("batch_size", "is required when oom is true (the batch size that ran out of memory)",
                            kind="field")

@@ -39,10 +39,14 @@ cleans up otherwise.
   ``total * gpu_memory_utilization`` minus the profiled peak, and the engine refuses to start when
   less than that is free: "Free memory on device ... on startup is less than desired GPU memory
   utilization"). At start the service reserves 0.9 of the whole GPU's memory (split by weight
-  when several services share the GPU, as their operator would configure them), holds it for
-  good, and runs as many items as fit in it (up to ``max_batch_size``, its ``max_num_seqs``):
-  paged attention preempts instead of running out of memory, so it never OOMs at run time. If
-  less than its reservation is free at start, the start fails and is retried after the back-off.
+  when several services share the GPU, as their operator would configure them) and holds it for
+  good. Its batch is sized once, at start, to what fits in the reservation at the worst per-item
+  memory (vLLM's profiling run uses the largest inputs), up to ``max_batch_size`` (its
+  ``max_num_seqs``); it never grows or shrinks. The services of this world run fixed batches, so
+  vLLM's continuous batching, which admits requests step by step as blocks free up, is not
+  modelled; if the items outgrow the reservation (per-item memory that changes), it runs as many
+  as fit, as preemption would. If less than its reservation is free at start, the start fails
+  and is retried after the back-off.
 - ``oracle``: each step, the largest batch that fits (the world's own ``oracle_items``
   computation, :meth:`~optimizer.simulation.world.World.oracle_batch`), with a cleanup at every
   poll that costs nothing (the benchmark runs it with ``cleanup_stall_s`` 0: it is a ceiling, not a
@@ -114,7 +118,8 @@ class FixedLink(_PerService):
         return self._batch(service), self.epoch((gpu, service))
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         if oom:
             self.empty_cache((gpu, service))
         return self._batch(service)
@@ -138,7 +143,8 @@ class AccelerateLink(_PerService):
         return self._current(key), self.epoch(key)
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         key = (gpu, service)
         if oom:
             self.empty_cache(key)
@@ -232,7 +238,8 @@ class LightningLink(_PerService):
         return (s.size if s.found is None else s.found), self.epoch(key)
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         key = (gpu, service)
         s = self.searches[key]  # a service polls before it runs anything
         if oom:
@@ -243,11 +250,15 @@ class LightningLink(_PerService):
 
 
 class VllmLink(_PerService):
-    """A vLLM-style static reservation: 0.9 of the GPU's memory reserved at start, as many items as fit in it."""
+    """A vLLM-style static reservation: 0.9 of the GPU reserved at start, the batch sized once to fit it."""
 
     def __init__(self, settings: Settings, world: World) -> None:
         super().__init__(settings)
         self.world = world
+        self.batch: dict[Key, int] = {}
+
+    def forget(self, key: Key) -> None:
+        self.batch.pop(key, None)
 
     def _share(self, service: str, gpu: int) -> float:
         on_gpu = [s for s in self.world.scenario.services if s.gpu == gpu]
@@ -255,19 +266,31 @@ class VllmLink(_PerService):
         return mine / sum(s.weight for s in on_gpu) if on_gpu else 1.0
 
     def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
+        key = (gpu, service)
+        self.forget(key)
         pool = total_mb * VLLM_GPU_MEMORY_UTILIZATION * self._share(service, gpu)
         if free_mb < pool:  # "Free memory on device ... on startup is less than desired GPU memory utilization"
             return Start(failed=True)
+        # The profiling run measures the largest items: the batch is what fits at the worst per-item memory.
+        spec = next(s for s in self.world.scenario.services if s.gpu == gpu and s.name == service)
+        worst = spec.per_item_at(t) * (1 + spec.noise)
+        self.batch[key] = max(0, min(self.max_batch(service), int((pool - spec.base_mb) // worst)))
         return Start(pool_mb=pool)
 
+    def _current(self, key: Key) -> int:
+        return self.batch.get(key, 0)
+
     def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
-        return self.max_batch(service), self.epoch((gpu, service))
+        key = (gpu, service)
+        return self._current(key), self.epoch(key)
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
+        key = (gpu, service)
         if oom:
-            self.empty_cache((gpu, service))
-        return self.max_batch(service)
+            self.empty_cache(key)
+        return self._current(key)
 
 
 class OracleLink(_PerService):
@@ -283,7 +306,8 @@ class OracleLink(_PerService):
         return self.world.oracle_batch(service, gpu, t, fragmentation=0.0), self.epoch(key)
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         if oom:  # not expected: the oracle's batch fits the jitter at its worst
             self.empty_cache((gpu, service))
         return self.world.oracle_batch(service, gpu, t)

@@ -1,4 +1,5 @@
-"""A PNG per scenario: memory used per GPU and batch size per service over time, for every run.
+"""A PNG per scenario: memory used per GPU and batch size per service over time, for every run; and a
+PNG per scenario family: the distribution of safe_ratio per run, and the OOMs over the unavoidable count.
 
 matplotlib is imported here only (with the Agg backend, no display needed), and this module is
 imported only when plots are asked for, so the rest of the command line does not pay for it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from optimizer.benchmark.family import REFERENCE, FamilySummary
 from optimizer.benchmark.run import Run, ScenarioBenchmark
 
 #: One colour and line style per run, stable across scenarios.
@@ -21,6 +23,8 @@ STYLES: dict[str, tuple[str, str]] = {
     "fixed-max": ("#636363", "--"),
     "accelerate": ("#e6550d", "-"),
     "lightning": ("#756bb1", "-"),
+    "lightning-binsearch": ("#bcbddc", "-"),
+    "vllm": ("#d6616b", "-."),
     "oracle": ("#000000", "--"),
 }
 MIB_PER_GIB = 1024
@@ -99,6 +103,53 @@ def plot_scenario(bench: ScenarioBenchmark, path: Path, *, dpi: int = 72) -> Pat
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     axes[-1].set_xlabel("scenario time (minutes)")
     fig.suptitle(f"{sc.name}: {bench.duration_s:g} s, services poll every {bench.interval_s:g} s", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_family(summary: FamilySummary, path: Path, *, dpi: int = 72) -> Path:
+    """Write a scenario family's figure to ``path`` (PNG) and return it.
+
+    Top: a box plot of the per-service ``safe_ratio`` of every run name (adaptive filled). Bottom: per
+    scenario (in family order), each run's OOMs over the unavoidable count, on a symmetric log scale.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [r for r in summary.runs if r.safe_ratios]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8.5))
+    boxes = top.boxplot([list(r.safe_ratios) for r in runs], patch_artist=True, whis=(10, 90), sym=".")
+    top.set_xticks(range(1, len(runs) + 1), [r.name for r in runs], rotation=30, ha="right", fontsize=8)
+    for box, r in zip(boxes["boxes"], runs):
+        colour = STYLES.get(r.name, ("#bdbdbd", "-"))[0]
+        box.set_facecolor(colour if r.name == REFERENCE else "white")
+        box.set_edgecolor(colour if r.name != REFERENCE else "black")
+        box.set_linewidth(2.0 if r.name == REFERENCE else 1.0)
+    top.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
+    top.set_ylabel("safe_ratio per service")
+    top.set_title("safe_ratio (items over the safe oracle's) of every service; box: quartiles, whiskers: "
+                  "10th-90th percentile", fontsize=9)
+    for r in runs:
+        colour, _ = STYLES.get(r.name, ("#bdbdbd", "-"))
+        highlight = r.name == REFERENCE
+        bottom.plot(range(len(r.excess)), list(r.excess), linestyle="-" if highlight else "none",
+                    marker="o" if highlight else ".", markersize=4 if highlight else 3, linewidth=1.0,
+                    color=colour, label=r.name, zorder=3 if highlight else 2)
+    bottom.axhline(0, color="black", linewidth=0.8)
+    bottom.set_yscale("symlog", linthresh=1)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set_xlabel("scenario (family order)")
+    bottom.set_ylabel("OOMs - unavoidable")
+    bottom.set_title("OOMs over the unavoidable count per scenario (below 0: fewer than the count)", fontsize=9)
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    f = summary.family
+    fig.suptitle(f"family gen-{f.seed}: {f.n} scenarios, oom_mode {f.oom_mode}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")

@@ -3,7 +3,10 @@
 Strategies run through :func:`optimizer.simulation.run.simulate` (the engine and policy of
 ``serve``); baselines drive the same :class:`~optimizer.simulation.world.World` through their
 own :class:`~optimizer.simulation.world.ServiceLink`. Both record the memory used per GPU at every
-step and the OOMs, for the plots. The same scenario, seed and settings give the same numbers.
+step and the OOMs, for the plots (unless asked not to). The same scenario, seed and settings give the
+same numbers.
+
+:func:`settings_for` is where callers adjust the settings per scenario before they run it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -18,6 +22,7 @@ import structlog
 from optimizer.benchmark.baselines import BASELINES, lightning_search, make_link, poll_interval
 from optimizer.config import ConfigError, Settings, Strategy, validate_settings
 from optimizer.gpu.simulated import limits_from
+from optimizer.logs import configure_logging
 from optimizer.simulation.run import (
     GpuResult,
     ServiceResult,
@@ -98,14 +103,27 @@ def benchmark_settings(settings: Settings, scenario: Scenario, interval_s: float
     return with_scenario_profiles(s, scenario)
 
 
-def run_baseline(name: str, scenario: Scenario, settings: Settings, duration_s: float) -> Run:
-    """Run baseline ``name`` (one of :data:`BASELINES`) over ``duration_s`` seconds of ``scenario``."""
+def settings_for(scenario: Scenario, settings: Settings) -> Settings:
+    """The settings to benchmark ``scenario`` with, given the configuration's ``settings``.
+
+    The hook where a caller of :func:`run_scenario` adjusts the settings per scenario (the command
+    calls it for every scenario, generated or from a file). For now the settings as they are.
+    """
+    return settings
+
+
+def run_baseline(name: str, scenario: Scenario, settings: Settings, duration_s: float, *,
+                 record: bool = True) -> Run:
+    """Run baseline ``name`` (one of :data:`BASELINES`) over ``duration_s`` seconds of ``scenario``.
+
+    ``record``: keep the memory used at every step and the OOMs in ``trace`` (else it is empty).
+    """
     interval = poll_interval(name, scenario.step_s, settings.monitoring_interval)
     if name == "oracle":  # a ceiling: its cleanups at every poll cost nothing
         scenario = dataclasses.replace(scenario, cleanup_stall_s=0.0)
     world = World(scenario, initial_batch=settings.default_batch(settings.default_profile),
                   limits=limits_from(settings), poll_interval=interval)
-    trace = world.record()
+    trace = world.record() if record else Trace()
     link = make_link(name, settings, world)
     world.advance_to(duration_s, link)
     notes = {}
@@ -118,29 +136,71 @@ def run_baseline(name: str, scenario: Scenario, settings: Settings, duration_s: 
                notes=notes, gpus=gpu_results(world))
 
 
-def run_strategy(name: str, scenario: Scenario, settings: Settings, duration_s: float) -> Run:
-    """Run strategy ``name`` through :func:`simulate` over ``duration_s`` seconds of ``scenario``."""
-    result = simulate(scenario, settings, strategy=Strategy(name), duration_s=duration_s, record=True)
-    assert result.trace is not None
-    return Run(name=name, kind="strategy", services=result.services, trace=result.trace,
+def run_strategy(name: str, scenario: Scenario, settings: Settings, duration_s: float, *,
+                 record: bool = True) -> Run:
+    """Run strategy ``name`` through :func:`simulate` over ``duration_s`` seconds of ``scenario``.
+
+    ``record`` as for :func:`run_baseline`.
+    """
+    result = simulate(scenario, settings, strategy=Strategy(name), duration_s=duration_s, record=record)
+    return Run(name=name, kind="strategy", services=result.services, trace=result.trace or Trace(),
                poll_interval_s=settings.monitoring_interval, gpus=result.gpus)
 
 
 def run_scenario(scenario: Scenario, settings: Settings, *, source: str = "",
                  strategies: Sequence[str] = STRATEGIES, baselines: Sequence[str] = BASELINES,
-                 duration_s: float | None = None, interval_s: float | None = None) -> ScenarioBenchmark:
+                 duration_s: float | None = None, interval_s: float | None = None,
+                 record: bool = True) -> ScenarioBenchmark:
     """Every selected strategy, then every selected baseline, on ``scenario``.
 
     ``duration_s`` (default: the scenario's) and ``interval_s`` (default: the settings'
-    ``monitoring_interval``) are seconds. Raises :class:`ConfigError` for an interval the settings
+    ``monitoring_interval``) are seconds. ``record``: keep each run's trace, for the plots (without
+    it, every ``Run.trace`` is empty). Raises :class:`ConfigError` for an interval the settings
     reject, ``ValueError`` for an unknown strategy, ``KeyError`` for an unknown baseline.
     """
     s = benchmark_settings(settings, scenario, interval_s)
     duration = scenario.duration_s if duration_s is None else duration_s
     started = time.perf_counter()
-    runs = [run_strategy(n, scenario, s, duration) for n in strategies]
-    runs += [run_baseline(n, scenario, s, duration) for n in baselines]
+    runs = [run_strategy(n, scenario, s, duration, record=record) for n in strategies]
+    runs += [run_baseline(n, scenario, s, duration, record=record) for n in baselines]
     log.info("benchmark_scenario", scenario=scenario.name, runs=len(runs), duration_s=duration,
              interval_s=s.monitoring_interval, wall_s=round(time.perf_counter() - started, 3))
     return ScenarioBenchmark(scenario=scenario, source=source, duration_s=duration, interval_s=s.monitoring_interval,
                              settings=s, runs=tuple(runs))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scenario to benchmark, with everything :func:`run_scenario` needs (picklable, for worker processes).
+
+    ``settings`` are the configuration's: :func:`run_job` passes them through :func:`settings_for`.
+    """
+
+    scenario: Scenario
+    settings: Settings
+    source: str = ""
+    strategies: tuple[str, ...] = STRATEGIES
+    baselines: tuple[str, ...] = BASELINES
+    duration_s: float | None = None
+    interval_s: float | None = None
+    record: bool = True
+
+
+def run_job(job: Job) -> ScenarioBenchmark:
+    """Benchmark one :class:`Job`: :func:`run_scenario` with the settings :func:`settings_for` gives."""
+    return run_scenario(job.scenario, settings_for(job.scenario, job.settings), source=job.source,
+                        strategies=job.strategies, baselines=job.baselines, duration_s=job.duration_s,
+                        interval_s=job.interval_s, record=job.record)
+
+
+def run_jobs(jobs: Sequence[Job], *, workers: int = 1, log_format: str = "auto") -> list[ScenarioBenchmark]:
+    """Benchmark every job, in order, in ``workers`` processes (1: in this one).
+
+    Every run is deterministic and independent of the others, so the results are the same whatever
+    ``workers``. Worker processes log errors only, in ``log_format``, as the command does.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=configure_logging,
+                             initargs=(log_format, "error")) as pool:
+        return list(pool.map(run_job, jobs))

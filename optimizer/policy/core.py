@@ -39,6 +39,8 @@ from optimizer.policy.model import (
     start_pending,
     with_service,
 )
+from optimizer.policy.adaptive import controller as adaptive
+from optimizer.policy.adaptive import memory as adaptive_memory
 from optimizer.policy.strategies import apply_strategy
 from optimizer.policy.types import (
     MIB,
@@ -91,6 +93,19 @@ def _window_len(s: Settings) -> int:
     return max(2, math.ceil(WINDOW_INTERVALS * s.optimization_interval / s.monitoring_interval))
 
 
+def _adaptive_gpu(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Settings, now: float,
+                  events: list[Event], roster: Roster, pressure: Pressure, used: int) -> tuple[GpuState, list[ServiceState]]:
+    """adaptive's sample: an emergency cleanup at the oom level, then the controller (optimizer.policy.adaptive)."""
+    ready = now >= gs.adopt_after
+    if ready and pressure is Pressure.OOM and not any(p.trigger == "oom" for p in gs.pending):
+        gs = raise_cleanup(gs, "oom", now, events)
+        gs = start_pending(gs, Pending("oom", "usage", s.memory_threshold_oom, now, used, True), events)
+    gs, out = adaptive.step(sample, gs, services, s, now, events, roster, settled=ready)
+    if any(a.batch_size != b.batch_size for a, b in zip(out, services)):
+        gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
+    return gs, out
+
+
 def _step_gpu(
     sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Settings, now: float, events: list[Event],
     roster: Roster,
@@ -116,6 +131,8 @@ def _step_gpu(
     services = [expire_override(x, now, events) for x in services]
     if not s.enabled:
         return gs, [disabled_decision(x, s, now, events) for x in services]
+    if s.strategy is Strategy.ADAPTIVE:
+        return _adaptive_gpu(sample, gs, services, s, now, events, roster, pressure, used)
 
     g = gpu_view(gs.index, total, used, max(window) if window else used, services, s, roster, now)
     ready = now >= gs.adopt_after
@@ -220,12 +237,6 @@ def optimize_service(svc: ServiceState, g: GpuView, gs: GpuState, now: float, s:
         caps.append((ceiling - 1, f"OOM seen at batch {ceiling}"))
     if gs.hot:
         caps.append((svc.batch_size, "GPU hot: not growing"))
-    if s.strategy is Strategy.ADAPTIVE and manual is None:
-        if gs.pressure.level >= Pressure.WARNING.level:
-            caps.append((svc.batch_size, "memory pressure: not growing"))
-        util = sample.utilization_percent
-        if util is not None and util < 50 and want > svc.batch_size:
-            why += f"; GPU {util:.0f}% busy, growing"
     for cap, label in caps:
         if want > cap:
             want, why = cap, f"{why}; capped by {label}"
@@ -286,19 +297,10 @@ def touch(state: PolicyState, service: str, gpu_index: int, now: float, settings
         reason = ("initial batch: the default, within the safety bound" if settings.enabled
                   else "optimization disabled: configured default batch")
         svc = ServiceState(service=service, gpu=gpu_index, batch_size=b, optimal=b, reason=reason,
-                           changed_at=now, updated_at=now, last_seen=now)
+                           changed_at=now, updated_at=now, last_seen=now, registered_at=now)
     else:
         svc = dataclasses.replace(svc, last_seen=now)
     return with_service(state, svc), svc
-
-
-def _record_peak(peaks: tuple[tuple[int, int], ...], batch: int, peak: int) -> tuple[tuple[int, int], ...]:
-    table = dict(peaks)
-    table[batch] = max(peak, table.get(batch, 0))
-    items = list(table.items())
-    if len(items) > 16:
-        items = items[-16:]
-    return tuple(items)
 
 
 def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
@@ -316,12 +318,27 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
         reported_at=now,
         allocated_bytes=report.allocated_bytes if report.allocated_bytes is not None else svc.allocated_bytes,
         reserved_bytes=report.reserved_bytes if report.reserved_bytes is not None else svc.reserved_bytes,
-        peaks=(_record_peak(svc.peaks, report.batch_size, report.peak_bytes)
-               if report.batch_size is not None and report.peak_bytes is not None and not report.oom else svc.peaks),
+        inactive_split_bytes=(report.inactive_split_bytes if report.inactive_split_bytes is not None
+                              else svc.inactive_split_bytes),
+        memory=svc.memory if report.oom else adaptive_memory.observe(
+            svc.memory, now, report.batch_size, report.peak_bytes, report.allocated_bytes, report.reserved_bytes,
+            report.inactive_split_bytes),
     )
     events: list[Event] = []
     gs = state.gpus.get(report.gpu)
-    if report.oom:
+    if report.oom and s.strategy is Strategy.ADAPTIVE:
+        failed = report.batch_size if report.batch_size is not None else svc.batch_size
+        svc = drop_override(svc, now, events, f"OOM reported at batch {failed}")
+        others = [v for (gi, name), v in state.services.items() if gi == report.gpu and name != svc.service]
+        svc, cut_gs, batch = adaptive.on_oom(svc, others, failed, gs or GpuState(report.gpu, "", ""), gpu, s,
+                                             state.roster, now)
+        svc = dataclasses.replace(svc, last_oom_at=now, strikes=svc.strikes + 1)
+        if gs is not None:
+            gs = cut_gs
+        if s.enabled:
+            reason = f"OOM reported at batch {failed}: lowered to what fits if the free memory was just taken"
+            svc = publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
+    elif report.oom:
         failed = report.batch_size if report.batch_size is not None else svc.batch_size
         active = active_ceiling(svc, now)
         recent = svc.last_oom_at is not None and now - svc.last_oom_at < 3600
@@ -340,11 +357,11 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
             batch = max(lo, min(svc.batch_size, failed - 1, math.floor(failed * OOM_BACKOFF)))
             reason = f"OOM reported at batch {failed}: lowered, and {failed} barred for {bar:.0f} s"
             svc = publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
-        if gs is not None:
-            gs = start_pending(gs, Pending("oom_report", "oom", 1.0, now, gs.window[-1] if gs.window else 0, False,
-                                    service=svc.service), events)
-            if events and any(e.kind == "batch_changed" for e in events):
-                gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
+    if report.oom and gs is not None:
+        gs = start_pending(gs, Pending("oom_report", "oom", 1.0, now, gs.window[-1] if gs.window else 0, False,
+                                       service=svc.service), events)
+        if events and any(e.kind == "batch_changed" for e in events):
+            gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
     state = with_service(state, svc)
     if gs is not None:
         gpus = dict(state.gpus)

@@ -79,15 +79,22 @@ def is_fresh(at: float | None, now: float, s: Settings) -> bool:
 def fragmentation(services: list[ServiceState], now: float, s: Settings) -> float | None:
     """Allocator fragmentation of one GPU from fresh reports, weighted by reserved bytes.
 
-    ``(reserved - allocated) / reserved`` summed over the services; ``None`` (unknown) when no
-    service on the GPU reported both figures within the last 3 monitoring intervals.
+    ``inactive_split / reserved`` summed over the services (``(reserved - allocated) / reserved`` for a
+    report without ``inactive_split_bytes``); ``None`` (unknown) when no service on the GPU reported
+    the figures within the last 3 monitoring intervals.
     """
     reserved = wasted = 0
     for svc in services:
-        if not is_fresh(svc.reported_at, now, s) or not svc.reserved_bytes or svc.allocated_bytes is None:
+        if not is_fresh(svc.reported_at, now, s) or not svc.reserved_bytes:
+            continue
+        if svc.inactive_split_bytes is not None:  # the allocator's own figure: free blocks inside split segments
+            waste = min(svc.inactive_split_bytes, svc.reserved_bytes)
+        elif svc.allocated_bytes is not None:
+            waste = max(0, svc.reserved_bytes - svc.allocated_bytes)
+        else:
             continue
         reserved += svc.reserved_bytes
-        wasted += max(0, svc.reserved_bytes - svc.allocated_bytes)
+        wasted += waste
     return wasted / reserved if reserved > 0 else None
 
 

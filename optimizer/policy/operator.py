@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from optimizer.config import Settings
+from optimizer.config import Settings, Strategy
 from optimizer.gpu.types import GpuSample
+from optimizer.policy.adaptive import controller as adaptive
 from optimizer.policy.core import cap_to_safety, optimize_service, touch
 from optimizer.policy.model import (
     ADOPTION_INTERVALS,
@@ -21,7 +22,7 @@ from optimizer.policy.model import (
     publish,
     with_service,
 )
-from optimizer.policy.types import Event, Outcome, PolicyState, Snapshot
+from optimizer.policy.types import Event, GpuState, Outcome, PolicyState, Snapshot
 
 
 def apply_disabled(state: PolicyState, settings: Settings, now: float) -> Outcome:
@@ -47,12 +48,17 @@ def set_override(state: PolicyState, service: str, gpu_index: int, batch: int, u
         why = f"manual override held at {published}, within the service's batch limits [{lo}, {hi}]"
     svc = dataclasses.replace(svc, override=batch, override_until=until)
     if gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None:
-        mine = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service] + [svc]
-        g = gpu_view(gpu_index, gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_used_bytes, mine,
-                     settings, state.roster, now)
-        _, safe, _ = continuous_optimum(svc, g, g.used, now, settings)
-        if batch > max(lo, math.floor(safe)):
-            published = max(lo, math.floor(safe))
+        others = [v for (gi, name), v in state.services.items() if gi == gpu_index and name != service]
+        if settings.strategy is Strategy.ADAPTIVE:
+            gs = state.gpus.get(gpu_index) or GpuState(gpu_index, gpu.uuid, gpu.name)
+            cap = max(lo, adaptive.safe_batch(svc, others, gs, gpu, settings, state.roster, now))
+        else:
+            g = gpu_view(gpu_index, gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_used_bytes,
+                         [*others, svc], settings, state.roster, now)
+            _, safe, _ = continuous_optimum(svc, g, g.used, now, settings)
+            cap = max(lo, math.floor(safe))
+        if batch > cap:
+            published = cap
             why = f"manual override {batch}, held at {published} by the safety bound"
     svc = publish(svc, published, svc.optimal, why, now, events, "manual")
     return Outcome(with_service(state, svc), tuple(events))
@@ -94,9 +100,12 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
             continue
         mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
         mine = [expire_override(x, now, events) for x in mine]
-        g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, max(gs.window), mine, s,
-                     state.roster, now)
-        out = [optimize_service(x, g, gs, now, s, events, sample) for x in mine]
+        if s.strategy is Strategy.ADAPTIVE:
+            gs, out = adaptive.step(sample, gs, mine, s, now, events, state.roster, settled=True, mode="now")
+        else:
+            g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, max(gs.window), mine, s,
+                         state.roster, now)
+            out = [optimize_service(x, g, gs, now, s, events, sample) for x in mine]
         gs = dataclasses.replace(gs, optimized_at=now)
         if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
             gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
@@ -123,9 +132,12 @@ def rebalance(snapshot: Snapshot, state: PolicyState, settings: Settings, now: f
         if gs is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
             continue
         mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
-        g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, sample.memory_used_bytes,
-                     mine, s, state.roster, now)
-        out = [cap_to_safety(x, g, now, s, events) for x in mine]
+        if s.strategy is Strategy.ADAPTIVE:
+            _, out = adaptive.step(sample, gs, mine, s, now, events, state.roster, settled=False, mode="rebalance")
+        else:
+            g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, sample.memory_used_bytes,
+                         mine, s, state.roster, now)
+            out = [cap_to_safety(x, g, now, s, events) for x in mine]
         if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
             gpus[sample.index] = dataclasses.replace(
                 gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)

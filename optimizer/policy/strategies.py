@@ -7,8 +7,8 @@ import math
 from optimizer.config import ServiceProfile, Strategy
 from optimizer.policy.types import MIB, ServiceState
 
-#: Fraction of the computed optimum each strategy publishes (seed 004). Adaptive moves from
-#: feedback instead (learned per-item memory, OOM ceilings, pressure, utilisation).
+#: Fraction of the computed optimum each strategy publishes (seed 004). adaptive sizes from learned
+#: memory models instead (optimizer.policy.adaptive); its factor is 1 on its own target.
 STRATEGY_FACTORS: dict[Strategy, float] = {
     Strategy.CONSERVATIVE: 0.7,
     Strategy.BALANCED: 1.0,
@@ -22,30 +22,9 @@ def apply_strategy(strategy: Strategy, optimal: int) -> int:
     return math.floor(optimal * STRATEGY_FACTORS[strategy] + 1e-9)
 
 
-def learned_per_item_bytes(peaks: tuple[tuple[int, int], ...]) -> float | None:
-    """Per-item memory from a service's reports: the least-squares slope of peak bytes on batch size.
-
-    ``peaks`` holds, per batch size, the highest peak the service reported at it, so the slope
-    follows the worst jitter seen. Needs two distinct batch sizes; ``None`` when the slope is
-    not positive (too little evidence).
-    """
-    if len(peaks) < 2:
-        return None
-    n = len(peaks)
-    mean_b = sum(b for b, _ in peaks) / n
-    mean_p = sum(p for _, p in peaks) / n
-    var = sum((b - mean_b) ** 2 for b, _ in peaks)
-    if var <= 0:
-        return None
-    slope = sum((b - mean_b) * (p - mean_p) for b, p in peaks) / var
-    return slope if slope > 0 else None
-
-
 def per_item_bytes(strategy: Strategy, profile: ServiceProfile, svc: ServiceState) -> float:
-    """Memory of one more item: adaptive trusts what the service reported; the others, its profile."""
-    declared = profile.per_item_mb * MIB
-    if strategy is Strategy.ADAPTIVE:
-        learned = learned_per_item_bytes(svc.peaks)
-        if learned is not None:
-            return learned
-    return declared
+    """Memory of one more item for the fixed-factor strategies: what the profile declares (bytes).
+
+    adaptive does not use it: it sizes from what the service's reports taught (:mod:`optimizer.policy.adaptive`).
+    """
+    return profile.per_item_mb * MIB

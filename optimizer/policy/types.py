@@ -8,6 +8,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from optimizer.gpu.types import GpuSample
+from optimizer.policy.adaptive.memory import MemoryModel
+from optimizer.policy.adaptive.tenants import Tenants
 
 MIB = 1024 * 1024
 
@@ -46,6 +48,7 @@ class ServiceReport:
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
     oom: bool = False
+    inactive_split_bytes: int | None = None  # the allocator's fragmentation: free blocks inside split segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class GpuState:
     optimized_at: float | None = None
     heat_step_at: float | None = None
     pending: tuple[Pending, ...] = ()
+    tenants: Tenants = field(default_factory=Tenants)  # adaptive: the other tenants' memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +100,18 @@ class ServiceState:
     changed_at: float
     updated_at: float
     last_seen: float
+    registered_at: float = float("-inf")  # its first contact (a restored service: the restart)
     reported_batch: int | None = None
     reported_at: float | None = None
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
+    inactive_split_bytes: int | None = None
     ceiling: int | None = None  # batches >= ceiling are not published before ceiling_until
     ceiling_until: float = float("-inf")
     strikes: int = 0
     last_oom_at: float | None = None
-    peaks: tuple[tuple[int, int], ...] = ()  # (batch size, highest peak bytes reported at it)
+    memory: MemoryModel = field(default_factory=MemoryModel)  # what its reports taught (adaptive sizes from it)
+    oom_pending: tuple[float, int] | None = None  # adaptive: (time, batch) of an OOM not yet explained
     override: int | None = None  # an operator's manual batch size
     override_until: float | None = None  # when it expires (None: until cleared)
 

@@ -18,9 +18,11 @@ class EngineLink:
         return d.batch_size, d.cleanup_epoch
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         d = self.engine.report(service, gpu, self.origin + t, batch_size=batch_size, peak_bytes=peak_bytes,
-                               allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom)
+                               allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom,
+                               inactive_split_bytes=inactive_split_bytes)
         return d.batch_size
 
     def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:

@@ -51,6 +51,7 @@ class SimService:
     start_s: float = 0.0
     weight: float = 1.0
     max_batch_size: int | None = None  # declared to the optimizer (its profile); default: the settings'
+    load_s: float = 10.0  # at every start its weights take this long to load (memory rising), then it runs
     leak_mb_per_min: float = 0.0  # fixed memory that grows while the process runs (a slow leak)
     per_item_changes: tuple[tuple[float, float], ...] = ()  # (at_s, per_item_mb): the real per-item memory from then
 
@@ -137,7 +138,7 @@ class Scenario:
     thermal: tuple[Thermal, ...] = ()
     oom_mode: str = "recover"  # recover: the service goes on after an OOM; crash: the process dies and restarts
     oom_recovery_s: float = 3.0  # recover mode: seconds without items after the lost batch
-    restart_s: float = 60.0  # crash mode: seconds to start again (load the model) after the back-off
+    restart_s: float = 60.0  # crash mode: seconds before a restarted process loads its weights again (after the back-off)
     cleanup_stall_s: float = 1.0  # seconds without items while a service empties its allocator cache
 
     def profiles(self) -> tuple[ServiceProfile, ...]:
@@ -276,6 +277,7 @@ def parse_scenario(raw: Any) -> Scenario:
             start_s=_num(f, s, "start_s", default=0.0),
             weight=_num(f, s, "weight", lo_open=True, default=1.0),
             max_batch_size=_batch_limit(f"{f}.max_batch_size", s.get("max_batch_size")),
+            load_s=_num(f, s, "load_s", hi=3600, default=10.0),
             leak_mb_per_min=_num(f, s, "leak_mb_per_min", hi=1 << 20, default=0.0),
             per_item_changes=_per_item_changes(f, s),
         ))

@@ -67,7 +67,8 @@ class ServiceLink(Protocol):
         ...
 
     def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool) -> int:
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
         """Send telemetry; return the batch size the reply carries."""
         ...
 
@@ -96,13 +97,18 @@ class ServiceRun:
     cleanups: int = 0  # cleanups acted on
     seconds_down: float = 0.0  # time without items: OOM recovery, cleanup stalls, restarts
     seconds_above_critical: float = 0.0
+    # What the service reports, as a PyTorch service measures it (torch.cuda.*): the weights still
+    # allocated after a batch, the memory its allocator holds, the part of it lost to fragmentation
+    # (inactive split blocks), and the highest allocation during the batches since the last report.
     allocated_mb: float = 0.0
     reserved_mb: float = 0.0
-    peak_mb: float = 0.0  # since the last report
+    waste_mb: float = 0.0
+    peak_mb: float = 0.0
     batches: list[tuple[float, int]] = field(default_factory=list)  # (t, batch) at every change
     # The process.
     alive: bool = False
     start_at: float | None = 0.0  # when the process (re)starts; None while it runs
+    loaded_at: float = 0.0  # its weights are in from then on (they load over load_s from the start)
     busy_until: float = float("-inf")  # no items before this (OOM recovery, a cleanup stall)
     failures: int = 0  # consecutive failures, for the back-off
     up_since: float = 0.0
@@ -231,7 +237,8 @@ class World:
         return out
 
     def _started(self, gpu: int, t: float) -> list[ServiceRun]:
-        return [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s]
+        """The services the ceilings count at ``t``: those whose first start and load are done."""
+        return [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s + r.spec.load_s]
 
     def oracle_batch(self, service: str, gpu: int, t: float, *, fragmentation: float | None = None) -> int:
         """The batch the ``oracle_items`` measure credits ``service`` with in the step starting at ``t``.
@@ -240,18 +247,32 @@ class World:
         ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
         """
         g = self.scenario.gpu(gpu)
-        background = sum(b.wants(t) for b in self.backgrounds if b.spec.gpu == gpu)
+        background = sum(b.wants(t) for b in self.backgrounds if b.spec.gpu == gpu) + self._loading(gpu, t)
         return self._oracle(self._started(gpu, t), g.total_mb, background, t, fragmentation).get(service, 0)
+
+    def _loading(self, gpu: int, t: float) -> float:
+        """The weights of services loading for the first time (MiB): not yet credited, but coming, whole."""
+        return sum(self._base(r) for r in self.runs
+                   if r.spec.gpu == gpu and r.alive and t < r.spec.start_s + r.spec.load_s)
 
     # ------------------------------------------------------------------ the world's physics
 
     def _productive(self, r: ServiceRun, t: float, dt: float) -> float:
         """The fraction of the step ``[t, t + dt)`` the service runs batches in."""
+        if t < r.loaded_at - 1e-9:
+            return 0.0
         return max(0.0, min(1.0, (t + dt - max(t, r.busy_until)) / dt))
+
+    def _weights(self, r: ServiceRun, t: float, dt: float) -> float:
+        """What the service holds besides its batch in the step at ``t``: its weights, rising while they load."""
+        full = r.pool_mb if r.pool_mb is not None else self._base(r)
+        if t >= r.loaded_at - 1e-9 or r.spec.load_s <= 0:
+            return full
+        return full * min(1.0, (t + dt - r.up_since) / r.spec.load_s)
 
     def _step(self, t: float, dt: float, link: ServiceLink | None) -> None:
         for gpu in self.scenario.gpus:
-            runs = [r for r in self._started(gpu.index, t) if r.alive]
+            runs = [r for r in self.runs if r.spec.gpu == gpu.index and r.alive]
             bgs = [b for b in self.backgrounds if b.spec.gpu == gpu.index]
             demands: list[Demand] = []
             alloc: dict[str, float] = {}
@@ -266,7 +287,7 @@ class World:
                 per_item = r.spec.per_item_at(t) * (1 + jitter)
                 base = self._base(r)
                 productive[name] = self._productive(r, t, dt)
-                weights = r.pool_mb if r.pool_mb is not None else base
+                weights = self._weights(r, t, dt)
                 if productive[name] <= 0:
                     n, act = 0, 0.0
                 elif r.pool_mb is not None:  # a static pool: as many items as fit in it run
@@ -277,7 +298,7 @@ class World:
                 running[name] = n
                 alloc[name] = base + (n * per_item if r.pool_mb is not None else act)
                 need_act[name] = act / (1 - r.fragmentation)
-                fresh[name] = r.held_base_mb == 0
+                fresh[name] = r.held_base_mb == 0 or t < r.loaded_at - 1e-9  # still loading its weights
                 held_before[name] = r.held_base_mb
                 demands.append(Demand(f"s:{name}:base", r.held_base_mb, weights, arriving=fresh[name]))
                 demands.append(Demand(f"s:{name}:act", r.held_act_mb, need_act[name], arriving=False,
@@ -361,6 +382,9 @@ class World:
         if clock < 1.0:
             self.gpu_runs[gpu_index].seconds_throttled += dt
         started = self._started(gpu_index, t)
+        running = {**{r.spec.name: 0 for r in started}, **running}
+        productive = {**{r.spec.name: 0.0 for r in started}, **productive}
+        background += self._loading(gpu_index, t)
         # The ceilings: the largest batches that fit what is there now, as if cleanups were free.
         oracle = self._oracle(started, gpu.total_mb, background, t, fragmentation=0.0)
         safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb
@@ -381,8 +405,9 @@ class World:
             part = 0.0 if name in lost else productive[name]
             r.items += throughput_per_ms(running[name], r.spec) * clock * step_ms * part
             r.seconds_down += dt * (1 - part)
-            r.allocated_mb = alloc[name]
+            r.allocated_mb = self._base(r)
             r.reserved_mb = r.held_base_mb + r.held_act_mb
+            r.waste_mb = max(0.0, r.held_act_mb - (alloc[name] - self._base(r))) if r.pool_mb is None else 0.0
             r.peak_mb = max(r.peak_mb, alloc[name])
             if r.pool_mb is None:  # a static pool (paged memory) does not fragment
                 r.fragmentation = min(0.9, r.fragmentation + r.spec.fragmentation_growth_per_min * dt / 60)
@@ -404,6 +429,7 @@ class World:
         r.alive = True
         r.start_at = None
         r.up_since = t
+        r.loaded_at = t + r.spec.load_s
         r.leak_mb = 0.0
         r.fragmentation = 0.0
         r.busy_until = float("-inf")
@@ -423,7 +449,7 @@ class World:
             if r.peak_mb > 0:
                 link.report(name, gpu, t, batch_size=r.batch, peak_bytes=int(r.peak_mb * MIB),
                             allocated_bytes=int(r.allocated_mb * MIB), reserved_bytes=int(r.reserved_mb * MIB),
-                            oom=False)
+                            oom=False, inactive_split_bytes=int(r.waste_mb * MIB))
                 r.peak_mb = 0.0
             batch, epoch = link.poll(name, gpu, t)
             if epoch > r.epoch:
@@ -449,7 +475,7 @@ class World:
             else:
                 for r in self.runs:
                     if r.start_at is not None and self.t >= r.start_at - 1e-9:
-                        r.alive, r.start_at, r.up_since = True, None, self.t
+                        r.alive, r.start_at, r.up_since, r.loaded_at = True, None, self.t, self.t + r.spec.load_s
             self._step(self.t, dt, link)
             self.t = round(self.t + dt, 9)
 

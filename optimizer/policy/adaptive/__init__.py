@@ -1,0 +1,1 @@
+"""The adaptive strategy: a controller that sizes batches from memory models learned from reports."""

@@ -1,0 +1,382 @@
+"""``adaptive``: size every batch from learned memory models, on every sample. Pure: no clock, no I/O.
+
+For one GPU (all figures bytes):
+
+- ``bound = total * memory_threshold_oom - memory_reserve_mb - reserved`` (``reserved``: memory that
+  starting pods will take, from Kubernetes discovery);
+- ``other``: the other tenants' memory (:mod:`.tenants`), carried forward by its trend over the time
+  a decision needs to take effect, plus, while a tenant that left is likely to come back, what it
+  held (the volatility reserve, weighed against ``oom_cost_s``);
+- every service's fixed memory and worst per-item memory (:mod:`.memory`).
+
+The memory for batches, ``bound - other - sum(fixed)``, is divided by weight; a service capped by
+its ``max_batch_size`` or its trust region leaves the rest of its share to the others. Each service's
+target is the largest batch whose worst footprint fits its part (:func:`plan`).
+
+Timing (:func:`step`): a target below the batch is published on the sample that shows it; a target
+above it only when the samples are settled (no change still being adopted), the other tenants'
+level rests on two samples, the GPU is not hot, and no OOM of the service waits for its
+explanation; and only as far as the memory free now allows (so that no order in which services
+adopt their batches overruns the bound) with :data:`GROWTH_MARGIN` items to spare.
+
+OOM reports (:func:`on_oom`): the batch is cut at once to what fits if all the memory the GPU has
+free was just taken, and by at least 10 %. At the next settled sample the OOM is explained (the
+other tenants' memory rose) or, if the model says the failed batch still fits, it raises the
+service's worst per-item memory to what the OOM proved (:func:`explain_ooms`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from optimizer.config import Settings
+from optimizer.gpu.types import GpuSample
+from optimizer.policy.adaptive.memory import Fit, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.tenants import VOLATILITY_WINDOW, Tenants, assume_at_least, update
+from optimizer.policy.model import ADOPTION_INTERVALS, clamp, gpu_view, publish, raise_cleanup, safety_bytes, start_pending
+from optimizer.policy.types import MIB, Event, GpuState, Pending, Roster, ServiceState
+
+HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
+GROWTH_MARGIN = 0.1  # items beyond one more item a service's part must hold before it grows (stability)
+OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
+CLEANUP_WASTE_ITEMS = 0.5  # a cleanup when fragmentation wastes half an item of some service's batch ...
+CLEANUP_MIN_INTERVALS = 6.0  # ... at most once per this many monitoring intervals
+TOLERANCE_BYTES = 64 * MIB  # residual changes smaller than this are noise
+FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU
+NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights ...
+NEWCOMER_FRACTION = 0.2  # ... assumed as large as the measured services' on the GPU (else this much of it)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One service on the GPU as the plan sees it."""
+
+    svc: ServiceState
+    fit: Fit
+    cur: int  # the batch it runs
+    lo: int
+    hi: int
+    share: float  # its share of the batch memory (0: it holds its batch)
+    assumed_fixed: float = 0.0  # a newcomer's weights, before its reports measure them (bytes)
+
+    @property
+    def name(self) -> str:
+        return self.svc.service
+
+    @property
+    def cost(self) -> float:
+        """Bytes of worst footprint per item."""
+        return self.fit.worst_per_item * (1 + self.fit.waste_fraction)
+
+    @property
+    def fixed(self) -> float:
+        return (self.fit.fixed + self.assumed_fixed) if self.share > 0 else self.fit.worst(self.cur)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Targets per service, and what they came from (bytes)."""
+
+    targets: dict[str, int]
+    bound: float
+    other: float
+    fits: dict[str, float]  # items of worst footprint each service's part holds, before any cap
+    capped: dict[str, str]  # why a service's target is below its part ("max_batch_size", "trust region")
+
+
+def members(services: Sequence[ServiceState], shares: dict[str, float], s: Settings, now: float,
+            in_force: dict[str, int], total: int) -> list[Member]:
+    """The services of one GPU with their models; a newcomer not measured yet is assumed to be loading
+    weights as large as the measured services' (their mean; :data:`NEWCOMER_FRACTION` of the GPU if none),
+    for :data:`NEWCOMER_S` seconds: a service that never reports holds memory the samples show."""
+    out = []
+    for svc in services:
+        profile = s.profile(svc.service)
+        lo, hi = s.batch_limits(profile)
+        cur = in_force[svc.service]
+        f = fit(svc.memory, profile.per_item_mb * MIB, now, cur)
+        out.append(Member(svc=svc, fit=f, cur=cur, lo=lo, hi=hi, share=shares.get(svc.service, 0.0)))
+    measured = [m.fit.fixed for m in out if m.fit.measured]
+    guess = sum(measured) / len(measured) if measured else NEWCOMER_FRACTION * total
+    return [dataclasses.replace(m, assumed_fixed=guess)
+            if not m.fit.measured and now - m.svc.registered_at <= NEWCOMER_S else m for m in out]
+
+
+def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
+    """The largest batches whose worst footprints fit ``bound`` next to ``other``, divided by weight."""
+    pool = bound - other - sum(m.fixed for m in ms)
+    active = [m for m in ms if m.share > 0]
+    parts = {m.name: max(0.0, pool) * m.share for m in active}
+    targets = {m.name: m.cur for m in ms if m.share <= 0}
+    capped: dict[str, str] = {}
+    fits_items: dict[str, float] = {}
+    free = list(active)
+    while free:
+        spare = 0.0
+        still = []
+        for m in free:
+            fits_items[m.name] = parts[m.name] / m.cost if m.cost > 0 else float(m.hi)
+            fits = math.floor(fits_items[m.name] + 1e-9)
+            top = min(m.hi, m.fit.trust_cap)
+            if fits >= top:
+                targets[m.name] = max(m.lo, top)
+                capped[m.name] = "max_batch_size" if top == m.hi else "trust region"
+                spare += parts[m.name] - top * m.cost
+                parts[m.name] = top * m.cost
+            else:
+                targets[m.name] = max(m.lo, fits)
+                still.append(m)
+        if spare <= 0 or not still or len(still) == len(free):
+            break
+        weight = sum(m.share for m in still)
+        for m in still:
+            parts[m.name] += spare * m.share / weight
+        free = still
+    return Plan(targets=targets, bound=bound, other=other, fits=fits_items, capped=capped)
+
+
+def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
+                       s: Settings, interval: float) -> float:
+    """Memory to keep for a tenant that left and is likely to return (bytes), weighed against ``oom_cost_s``.
+
+    Riding the memory it left costs, per second, the arrival rate times ``oom_cost_s`` of every
+    service's throughput; holding it costs the batches it takes (counted linearly in items, which
+    overstates the loss for services whose throughput saturates). Hold when riding costs more.
+    """
+    peak = tenants.peak(now)
+    extra = peak - level
+    smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
+    if extra <= 0 or smallest <= 0 or extra < smallest:
+        return 0.0
+    arrivals = tenants.arrivals(now, at_least=smallest)
+    if arrivals == 0:
+        return 0.0
+    rate = arrivals / VOLATILITY_WINDOW
+    ride = sum(plan(ms, bound, level).targets[m.name] for m in ms if m.share > 0)
+    hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
+    if ride <= 0:
+        return 0.0
+    loss = 1 - hold / ride
+    return extra if rate * s.oom_cost_s > loss else 0.0
+
+
+def planning_other(tenants: Tenants, ms: Sequence[Member], bound: float, now: float, s: Settings) -> float:
+    """The other tenants' memory to plan for: the level, its trend over the horizon, the volatility reserve."""
+    level = tenants.planned() + tenants.trend * HORIZON_INTERVALS * s.monitoring_interval
+    return level + volatility_reserve(tenants, ms, bound, level, now, s, s.monitoring_interval)
+
+
+def in_force(svc: ServiceState, now: float, s: Settings, adoption_s: float) -> int:
+    """The batch the service runs: the one it reported after its last change was adopted, else the published one."""
+    if (svc.reported_batch is not None and svc.reported_at is not None and svc.reported_at >= svc.changed_at
+            + adoption_s and now - svc.reported_at <= 3 * s.monitoring_interval):
+        return svc.reported_batch
+    return svc.batch_size
+
+
+def observe_tenants(gs: GpuState, used: int, ms: Sequence[Member], now: float, s: Settings) -> GpuState:
+    """Take a settled sample into the tenants' model: what the GPU uses beyond what the services can hold."""
+    measured = [m for m in ms if m.fit.measured]
+    lower = used - sum(m.fit.high(m.cur) for m in measured)
+    upper = used - sum(m.fit.low(m.cur) for m in measured)
+    return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, TOLERANCE_BYTES,
+                                                  s.monitoring_interval))
+
+
+def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
+                 events: list[Event], gpu: int) -> dict[str, ServiceState]:
+    """Settle the OOMs waiting for a settled sample: explained by the other tenants, or raise the model.
+
+    Returns the services whose state changed, by name.
+    """
+    out: dict[str, ServiceState] = {}
+    for m in ms:
+        pending = m.svc.oom_pending
+        if pending is None:
+            continue
+        at, failed = pending
+        others = sum(o.fit.high(o.cur) for o in ms if o is not m and o.fit.measured)
+        room = total - tenants.level - others - m.fit.fixed
+        per_item = room / (failed * (1 + m.fit.waste_fraction)) if failed > 0 else 0.0
+        memory = m.svc.memory
+        steady = tenants.since < at  # no arrival or departure since the OOM
+        if m.fit.measured and steady and per_item > m.fit.worst_per_item:
+            memory = raise_floor(memory, per_item * FLOOR_MARGIN, now)
+            detail = (f"OOM at batch {failed} not explained by the other tenants: worst per-item memory raised to "
+                      f"{per_item * FLOOR_MARGIN / MIB:.0f} MiB")
+        else:
+            detail = f"OOM at batch {failed} explained: the other tenants hold {tenants.level / 2**30:.1f} GiB"
+        events.append(Event("optimization_succeeded", gpu, now, service=m.name, trigger="oom_model", detail=detail))
+        out[m.name] = dataclasses.replace(m.svc, memory=memory, oom_pending=None)
+    return out
+
+
+def oom_cut(ms: Sequence[Member], failing: Member, failed: int, total: int, used: int | None, bound: float,
+            tenants: Tenants, s: Settings, now: float) -> tuple[int, Tenants]:
+    """The batch after an OOM report at ``failed``, and the tenants as the OOM proves them.
+
+    The OOM proves more memory in use than the models explain: at least what the GPU had free at the
+    last sample beyond the services' worst footprints. Plan for that, and cut by 10 % at least.
+    """
+    worst = sum(m.fit.worst(m.cur) for m in ms if m.fit.measured)
+    lower = total - worst
+    if used is not None:
+        lower = max(lower, used - worst)
+    tenants = assume_at_least(tenants, lower)
+    p = plan(ms, bound, planning_other(tenants, ms, bound, now, s))
+    batch = min(p.targets.get(failing.name, failing.lo), failed - 1, math.floor(failed * OOM_CUT))
+    return max(failing.lo, batch), tenants
+
+
+def growth_room(ms: Sequence[Member], bound: float, other: float) -> float:
+    """Memory free now if every service held its worst footprint at the batch it runs (bytes)."""
+    return bound - other - sum(m.fit.worst(m.cur) if m.fit.measured else m.cur * m.cost for m in ms)
+
+
+def want_cleanup(ms: Sequence[Member], gs: GpuState, now: float, s: Settings) -> Member | None:
+    """The service whose fragmentation wastes half an item or more, if a cleanup is due (else ``None``)."""
+    if gs.last_cleanup_at is not None and now - gs.last_cleanup_at < CLEANUP_MIN_INTERVALS * s.monitoring_interval:
+        return None
+    worst = max(ms, key=lambda m: m.fit.waste / m.fit.worst_per_item if m.fit.worst_per_item else 0.0, default=None)
+    if worst is None or not worst.fit.measured or worst.fit.worst_per_item <= 0:
+        return None
+    return worst if worst.fit.waste >= CLEANUP_WASTE_ITEMS * worst.fit.worst_per_item else None
+
+
+def describe(m: Member, p: Plan) -> str:
+    f = m.fit
+    gib = 2**30
+    if not f.measured:
+        return (f"adaptive: {p.targets[m.name]} items, stepping up until its reports measure it "
+                f"(declared {f.mean_per_item / MIB:.0f} MiB per item)")
+    text = (f"adaptive: {p.targets[m.name]} items fit the safety bound ({p.bound / gib:.1f} GiB): "
+            f"{f.fixed / gib:.1f} GiB fixed, {f.worst_per_item / MIB:.0f} MiB per item at worst "
+            f"({f.jitter:.0%} above the mean), other tenants {p.other / gib:.1f} GiB")
+    if f.waste_fraction > 0.005:
+        text += f", fragmentation {f.waste_fraction:.0%} of activations"
+    why = p.capped.get(m.name)
+    if why == "trust region":
+        text += f"; growing step by step (largest batch run: {m.svc.memory.largest_ok})"
+    elif why:
+        text += f"; capped by {why}"
+    return text
+
+
+def sample_view(sample: GpuSample) -> tuple[int, int]:
+    assert sample.memory_total_bytes and sample.memory_used_bytes is not None
+    return sample.memory_total_bytes, sample.memory_used_bytes
+
+
+def after_oom(svc: ServiceState, failed: int, now: float) -> ServiceState:
+    """The service's model after an OOM at ``failed``: its trust region shrinks; the OOM waits for an explanation."""
+    return dataclasses.replace(svc, memory=forget_oom_region(svc.memory, failed), oom_pending=(now, failed))
+
+
+def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Settings, now: float,
+         events: list[Event], roster: Roster, *, settled: bool, mode: str = "sample") -> tuple[GpuState, list[ServiceState]]:
+    """One GPU under adaptive: learn from the sample if settled, plan, publish, clean up if due.
+
+    ``mode``: ``sample`` (a sampler tick), ``now`` (an operator's "optimize now": grow without waiting
+    for the samples to confirm, learn nothing new) or ``rebalance`` (the shares moved: only lower).
+    """
+    force = mode == "now"
+    total, used = sample_view(sample)
+    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
+    shares = {x.service: g.share(x.service) for x in services}
+    adoption = ADOPTION_INTERVALS * s.monitoring_interval
+    running = {x.service: in_force(x, now, s, adoption) for x in services}
+    ms = members(services, shares, s, now, running, total)
+    if settled and mode == "sample":
+        gs = observe_tenants(gs, used, ms, now, s)
+        changed = explain_ooms(ms, total, gs.tenants, now, events, gs.index)
+        if changed:
+            services = [changed.get(x.service, x) for x in services]
+            ms = members(services, shares, s, now, running, total)
+    bound = safety_bytes(total, s) - g.reserved
+    other = planning_other(gs.tenants, ms, bound, now, s)
+    p = plan(ms, bound, other)
+    room = growth_room(ms, bound, other)
+    grow = force or (mode == "sample" and settled and gs.tenants.confirmed and not gs.hot)
+    out = [_decide(m, p, room, grow, gs, sample, now, events) for m in ms]
+    if mode == "sample":
+        gs = _clean_up_if_due(gs, ms, used, now, s, events)
+    return gs, out
+
+
+def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, sample: GpuSample, s: Settings,
+               roster: Roster, now: float) -> int:
+    """The largest batch adaptive would publish for ``svc`` now (what an operator's override is held to)."""
+    total, used = sample_view(sample)
+    services = [*others, svc]
+    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
+    shares = {x.service: g.share(x.service) for x in services}
+    adoption = ADOPTION_INTERVALS * s.monitoring_interval
+    ms = members(services, shares, s, now, {x.service: in_force(x, now, s, adoption) for x in services}, total)
+    bound = safety_bytes(total, s) - g.reserved
+    return plan(ms, bound, planning_other(gs.tenants, ms, bound, now, s)).targets[svc.service]
+
+
+def _decide(m: Member, p: Plan, room: float, grow: bool, gs: GpuState, sample: GpuSample, now: float,
+            events: list[Event]) -> ServiceState:
+    svc = m.svc
+    target = p.targets[m.name]
+    why = describe(m, p)
+    manual = svc.override_active(now)
+    if manual is not None:
+        batch = min(manual, max(m.lo, target))
+        reason = (f"manual override by an operator (adaptive's target is {target})" if batch == manual else
+                  f"manual override {manual}, held at {batch} by the safety bound")
+        return publish(svc, batch, target, reason, now, events, "manual")
+    cur = svc.batch_size
+    batch = cur
+    if target < cur:
+        batch = target
+    elif target > cur and m.share > 0:
+        if not grow:
+            why += "; GPU hot: not growing" if gs.hot else "; growing once the samples confirm the headroom"
+        elif svc.oom_pending is not None:
+            why += "; growing once the last OOM is explained"
+        else:
+            reach = math.floor(p.fits.get(m.name, 0.0) - GROWTH_MARGIN + 1e-9)
+            free = math.floor(max(0.0, room) * m.share / m.cost - GROWTH_MARGIN + 1e-9) if m.cost > 0 else 0
+            batch = max(cur, min(target, reach, m.cur + free))
+            util = sample.utilization_percent
+            if batch > cur and util is not None and util < 50:
+                why += f"; GPU {util:.0f}% busy, growing"
+    return publish(svc, clamp(batch, m.lo, m.hi), target, why, now, events, "optimization")
+
+
+def _clean_up_if_due(gs: GpuState, ms: Sequence[Member], used: int, now: float, s: Settings,
+                     events: list[Event]) -> GpuState:
+    """A cleanup when some service's fragmentation wastes half an item of its batch (at most every 6 intervals)."""
+    m = want_cleanup(ms, gs, now, s)
+    if m is None:
+        return gs
+    gs = raise_cleanup(gs, "fragmentation", now, events)
+    return start_pending(gs, Pending("fragmentation", "fragmentation", s.fragmentation_threshold, now, used, True),
+                         events)
+
+
+def on_oom(svc: ServiceState, others: Sequence[ServiceState], failed: int, gs: GpuState, sample: GpuSample | None,
+           s: Settings, roster: Roster, now: float) -> tuple[ServiceState, GpuState, int]:
+    """An OOM report at ``failed``: the service's state after it, the GPU's, and the batch to publish now."""
+    lo, _ = s.batch_limits(s.profile(svc.service))
+    cut = max(lo, min(failed - 1, math.floor(failed * OOM_CUT)))
+    svc = after_oom(svc, failed, now)
+    if sample is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
+        return svc, gs, cut
+    total, used = sample_view(sample)
+    services = [*others, svc]
+    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
+    shares = {x.service: g.share(x.service) for x in services}
+    adoption = ADOPTION_INTERVALS * s.monitoring_interval
+    running = {x.service: in_force(x, now, s, adoption) for x in services}
+    running[svc.service] = failed
+    ms = members(services, shares, s, now, running, total)
+    failing = next(m for m in ms if m.name == svc.service)
+    bound = safety_bytes(total, s) - g.reserved
+    batch, tenants = oom_cut(ms, failing, failed, total, used, bound, gs.tenants, s, now)
+    return svc, dataclasses.replace(gs, tenants=tenants), min(cut, batch)

@@ -1,0 +1,187 @@
+"""What adaptive learns of one service's memory from its reports. Pure: values in, values out.
+
+A PyTorch service measures each batch (the client library's ``measure``): the highest allocation
+during the batch (``peak_bytes``, ``torch.cuda.max_memory_allocated``), what stays allocated after it
+(``allocated_bytes``: the weights and other fixed memory), what its caching allocator holds from the
+GPU (``reserved_bytes``) and the part of that lost to fragmentation (``inactive_split_bytes``). From
+these the model keeps, in bytes:
+
+- ``fixed``: the fixed memory, the latest ``allocated_bytes`` (it follows a slow leak); from a client
+  that does not send it, the intercept of its peaks at two batch sizes or more;
+- per-item observations ``(peak - fixed) / batch``, one per report, for the last
+  :data:`OBSERVATION_TTL` seconds (it follows a per-item memory that changes);
+- the worst per-item memory: the highest observation, plus an allowance for jitter not seen yet
+  that shrinks with the number of observations (``PRIOR_JITTER / n``), never below a floor that an
+  OOM the model could not explain left behind (:func:`raise_floor`);
+- the memory it holds per item beyond the fixed memory (``(reserved - allocated) / batch``), its least
+  and its most over the same reports, and the fragmentation waste per byte of activations.
+
+Predictions at a batch ``b``: the worst footprint ``fixed + b * worst_per_item * (1 + waste)``, and
+the range one sample of the GPU can show it holding, ``fixed + b * held`` at the least and the most
+held seen (what separates the other tenants' memory from its own, :mod:`.tenants`). Until a report with a peak has come, the service is *unmeasured*: its memory is part of
+what the GPU shows beyond the measured services, and its per-item memory is the declared one,
+doubled for the worst case.
+
+Trust region: extrapolating far beyond the batches seen is how a wrong model OOMs (activations
+need not grow linearly: padding to the longest item grows with the batch), so a service grows at
+most :data:`TRUST_GROWTH` beyond the largest batch it ran without an OOM (at least 2 items). It
+never blocks: every batch it reaches widens it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+OBSERVATION_TTL = 600.0  # s: per-item observations older than this are forgotten (drift)
+MAX_OBSERVATIONS = 96  # per-item observations kept at most (about 8 minutes of reports every 5 s)
+PRIOR_JITTER = 0.15  # relative allowance for the jitter not seen yet, divided by the observations made
+UNMEASURED_FACTOR = 2.0  # an unmeasured service's worst per-item memory: twice what it declares
+TRUST_GROWTH = 0.5  # growth allowed beyond the largest batch run without an OOM (fraction, >= 2 items)
+FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item memory holds
+MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModel:
+    """One service's memory as adaptive has learned it (bytes; times in seconds on the sampler's clock)."""
+
+    fixed: float | None = None
+    observations: tuple[tuple[float, float], ...] = ()  # (t, per-item bytes at that report's peak)
+    held: tuple[tuple[float, float], ...] = ()  # (t, memory held per item beyond the fixed memory) per report
+    waste: float = 0.0  # fragmentation waste in the latest report (bytes)
+    waste_fraction: float = 0.0  # waste per byte of activations held
+    largest_ok: int = 0  # the largest batch reported without an OOM (the trust region's base)
+    floor: float = 0.0  # worst per-item memory an unexplained OOM proved (bytes), until floor_until
+    floor_until: float = float("-inf")
+    reports: int = 0
+    bare_peaks: tuple[tuple[int, float], ...] = ()  # (batch, highest peak) of reports without allocated_bytes
+
+    @property
+    def measured(self) -> bool:
+        return self.fixed is not None and bool(self.observations)
+
+
+def observe(model: MemoryModel, t: float, batch: int | None, peak: int | None, allocated: int | None,
+            reserved: int | None, inactive_split: int | None) -> MemoryModel:
+    """The model after a report that was not an OOM (any figure may be missing: ``None``)."""
+    if batch is None or batch < 1:
+        return model
+    fixed = model.fixed
+    bare = model.bare_peaks
+    if allocated is not None and (peak is None or allocated <= peak):
+        fixed = float(allocated)
+    elif allocated is None and peak is not None:
+        bare = _bare(bare, batch, float(peak))
+        if fixed is None:
+            fixed = _intercept(bare)
+    observations = model.observations
+    if peak is not None and fixed is not None and peak >= fixed:
+        observations = _recent((*observations, (t, (peak - fixed) / batch)), t)
+    held = model.held
+    if reserved is not None and fixed is not None:
+        per_item = max(0.0, reserved - fixed) / batch
+        # A report taken while no batch ran (recovering from an OOM, emptying the cache) shows the
+        # weights alone: it says nothing of what a batch holds.
+        ran = peak is None or peak <= fixed or reserved - fixed >= 0.5 * (peak - fixed)
+        if ran:
+            held = _recent((*held, (t, per_item)), t)
+    waste, fraction = model.waste, model.waste_fraction
+    if reserved is not None:
+        if inactive_split is not None:
+            waste = float(min(inactive_split, reserved))
+        elif peak is not None:
+            waste = float(max(0, reserved - peak))
+        activations = reserved - waste - (fixed or 0.0)
+        fraction = min(MAX_WASTE_FRACTION, waste / activations) if activations > 0 else 0.0
+    return dataclasses.replace(
+        model, fixed=fixed, observations=observations, held=held,
+        waste=waste, waste_fraction=fraction, largest_ok=max(model.largest_ok, batch), reports=model.reports + 1,
+        bare_peaks=bare)
+
+
+def _bare(bare: tuple[tuple[int, float], ...], batch: int, peak: float) -> tuple[tuple[int, float], ...]:
+    table = dict(bare)
+    table[batch] = max(peak, table.get(batch, 0.0))
+    return tuple(sorted(table.items()))[-8:]
+
+
+def _intercept(bare: tuple[tuple[int, float], ...]) -> float | None:
+    """Without ``allocated_bytes``: the fixed memory as the intercept of the peaks at two batch sizes or more."""
+    if len(bare) < 2:
+        return None
+    n = len(bare)
+    mean_b = sum(b for b, _ in bare) / n
+    mean_p = sum(p for _, p in bare) / n
+    var = sum((b - mean_b) ** 2 for b, _ in bare)
+    slope = sum((b - mean_b) * (p - mean_p) for b, p in bare) / var
+    if slope <= 0:
+        return None
+    return max(0.0, min(min(p for _, p in bare), mean_p - slope * mean_b))
+
+
+def _recent(observations: tuple[tuple[float, float], ...], now: float) -> tuple[tuple[float, float], ...]:
+    kept = tuple(o for o in observations if now - o[0] <= OBSERVATION_TTL)
+    return kept[-MAX_OBSERVATIONS:]
+
+
+def forget_oom_region(model: MemoryModel, failed_batch: int) -> MemoryModel:
+    """After an OOM at ``failed_batch``: the trust region no longer reaches it."""
+    return dataclasses.replace(model, largest_ok=min(model.largest_ok, max(0, failed_batch - 1)))
+
+
+def raise_floor(model: MemoryModel, per_item: float, now: float) -> MemoryModel:
+    """An OOM the model could not explain: the worst per-item memory is at least ``per_item`` for a while."""
+    return dataclasses.replace(model, floor=max(per_item, model.floor if now < model.floor_until else 0.0),
+                               floor_until=now + FLOOR_TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """The model's figures at one moment (bytes): what the sizing and the tenants' accounting use."""
+
+    measured: bool
+    fixed: float  # 0 for an unmeasured service (its memory is in what the GPU shows beyond the others)
+    worst_per_item: float
+    mean_per_item: float
+    waste_fraction: float
+    waste: float
+    held_low: float  # the least and the most memory held per item seen (bytes): what one moment can show
+    held_high: float
+    trust_cap: int
+    jitter: float  # the relative spread seen: worst / mean - 1
+
+    def worst(self, b: int) -> float:
+        """The most the service can hold at batch ``b`` (bytes), fixed memory included."""
+        return self.fixed + b * self.worst_per_item * (1 + self.waste_fraction)
+
+    def low(self, b: int) -> float:
+        """The least one moment can show the service holding at batch ``b`` (bytes)."""
+        return self.fixed + b * self.held_low
+
+    def high(self, b: int) -> float:
+        """The most one moment can show the service holding at batch ``b`` (bytes)."""
+        return self.fixed + b * self.held_high
+
+
+def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch: int) -> Fit:
+    """The model's figures now; ``declared_per_item`` (bytes) stands in until reports come."""
+    observations = [x for t, x in model.observations if now - t <= OBSERVATION_TTL]
+    floor = model.floor if now < model.floor_until else 0.0
+    base = max(model.largest_ok, 1)
+    trust = base + max(2, math.ceil(TRUST_GROWTH * base)) if model.largest_ok else current_batch + 2
+    if model.fixed is None or not observations:
+        worst = max(declared_per_item * UNMEASURED_FACTOR, floor)
+        return Fit(measured=False, fixed=0.0, worst_per_item=worst, mean_per_item=declared_per_item,
+                   waste_fraction=0.0, waste=0.0, held_low=0.0, held_high=0.0,
+                   trust_cap=min(trust, current_batch + 2), jitter=0.0)
+    top = max(observations)
+    mean = sum(observations) / len(observations)
+    worst = max(top + (top - mean + top * PRIOR_JITTER) / len(observations), floor)
+    held = [x for t, x in model.held if now - t <= OBSERVATION_TTL]
+    per_item = mean * (1 + model.waste_fraction)
+    low, high = (min(held), max(held)) if held else (per_item, worst * (1 + model.waste_fraction))
+    return Fit(measured=True, fixed=model.fixed, worst_per_item=worst, mean_per_item=mean,
+               waste_fraction=model.waste_fraction, waste=model.waste, held_low=low, held_high=high,
+               trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0)
