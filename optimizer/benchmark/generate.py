@@ -17,11 +17,12 @@ same scenario whatever ``n``. The distribution (also in docs/benchmarks.md, "Sce
   the same model, so the same numbers on both but for ``start_s``; otherwise the two GPUs share no name.
 - **Per service.** ``weight`` 1 (70 %) or 2 (30 %); ``max_batch_size`` one of 16, 32, 64, 128;
   ``base_mb`` U(15 %, 45 %) of ``total_mb / k`` (``k`` services on the GPU, whole MiB); ``noise``
-  U(0, 0.15) (3 decimals); a target batch ``b*`` log-uniform in [3, 96] (an integer), and
-  ``per_item_mb = share / (b* * (1 + noise))`` (0.1 MiB, rounded down) where ``share`` is the safety
-  bound (``total_mb * 0.95 - 1024``) less every base on the GPU, times ``weight / sum of weights``: ``b*``
-  is the largest batch that fits the service's share by weight with the jitter at its worst and no
-  co-tenant. ``declared_per_item_mb = per_item_mb * U(0.6, 1.4)`` (0.1 MiB); ``item_ms`` U(10, 80) and
+  U(0, 0.15) (3 decimals); a target batch ``b*`` log-uniform in [3, 96] (an integer), a slack ``u``
+  U(0, 1), and ``per_item_mb = share / ((b* + u) * (1 + noise))`` (0.1 MiB, rounded down) where
+  ``share`` is the safety bound (``total_mb * 0.95 - 1024``) less every base on the GPU, times
+  ``weight / sum of weights``: ``b*`` is the largest batch that fits the service's share by weight with
+  the jitter at its worst and no co-tenant, with ``u`` of an item to spare (not none: a share that
+  holds its batch exactly is a knife edge no estimate can match). ``declared_per_item_mb = per_item_mb * U(0.6, 1.4)`` (0.1 MiB); ``item_ms`` U(10, 80) and
   ``overhead_ms`` U(30, 200) (0.1 ms); ``fragmentation_growth_per_min`` 0 (40 %) else U(0, 0.03)
   (4 decimals); ``load_s`` U(5, 60) (its weights load over it at every start).
 - **Drift.** 20 % of services leak: ``leak_mb_per_min`` U(5, 50) (0.1). Independently 20 % change their
@@ -118,6 +119,7 @@ class _Draft:
     max_batch_size: int
     base_mb: float
     target_batch: int
+    slack: float  # the fraction of one more item the service's share holds beyond its target batch
     noise: float
     item_ms: float
     overhead_ms: float
@@ -185,7 +187,8 @@ def _draft(rng: random.Random, name: str, total_mb: float, k: int, late_ok: bool
     leak = _u(rng, 5, 50, 1) if rng.random() < 0.2 else 0.0
     change = (_u(rng, 600, 3000), rng.uniform(0.7, 1.4)) if rng.random() < 0.2 else None
     return _Draft(name=name, weight=weight, max_batch_size=max_batch, base_mb=float(math.floor(base)),
-                  target_batch=min(96, max(3, target)), noise=noise, item_ms=item_ms, overhead_ms=overhead_ms,
+                  target_batch=min(96, max(3, target)), slack=rng.random(), noise=noise, item_ms=item_ms,
+                  overhead_ms=overhead_ms,
                   fragmentation=fragmentation, start_s=start, leak_mb_per_min=leak, change=change,
                   declared_factor=rng.uniform(0.6, 1.4), load_s=_u(rng, 5, 60))
 
@@ -204,7 +207,7 @@ def _services(drafts: list[_Draft], gpu: SimGpu, shared: dict[str, SimService]) 
             out.append(dataclasses.replace(shared[d.name], gpu=gpu.index, start_s=d.start_s))
             continue
         share = avail * d.weight / weights
-        per_item = math.floor(share / (d.target_batch * (1 + d.noise)) * 10) / 10
+        per_item = math.floor(share / ((d.target_batch + d.slack) * (1 + d.noise)) * 10) / 10
         changes = () if d.change is None else ((d.change[0], round(per_item * d.change[1], 1)),)
         out.append(SimService(
             name=d.name, gpu=gpu.index, base_mb=d.base_mb, per_item_mb=per_item, item_ms=d.item_ms,

@@ -112,6 +112,7 @@ class ServiceState:
     last_oom_at: float | None = None
     memory: MemoryModel = field(default_factory=MemoryModel)  # what its reports taught (adaptive sizes from it)
     oom_pending: tuple[float, int] | None = None  # adaptive: (time, batch) of an OOM not yet explained
+    lowered: tuple[float, int] | None = None  # adaptive: (time, batch before) of its last plan-made drop
     override: int | None = None  # an operator's manual batch size
     override_until: float | None = None  # when it expires (None: until cleared)
 

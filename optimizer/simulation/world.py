@@ -247,8 +247,12 @@ class World:
         ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
         """
         g = self.scenario.gpu(gpu)
-        background = sum(b.wants(t) for b in self.backgrounds if b.spec.gpu == gpu) + self._loading(gpu, t)
+        background = self._scheduled(gpu, t) + self._loading(gpu, t)
         return self._oracle(self._started(gpu, t), g.total_mb, background, t, fragmentation).get(service, 0)
+
+    def _scheduled(self, gpu: int, t: float) -> float:
+        """What the co-tenants ask for at ``t`` (MiB): the ceilings leave them that, whether or not a run let them in."""
+        return sum(b.spec.level(t) for b in self.backgrounds if b.spec.gpu == gpu)
 
     def _loading(self, gpu: int, t: float) -> float:
         """The weights of services loading for the first time (MiB): not yet credited, but coming, whole."""
@@ -335,8 +339,7 @@ class World:
             self.used_mb[gpu.index] = used
             if self.trace is not None:
                 self.trace.used_mb[gpu.index].append((t, used))
-            self._account(gpu.index, t, dt, runs, running, productive, lost, alloc, used,
-                          sum(b.held_mb for b in bgs))
+            self._account(gpu.index, t, dt, runs, running, productive, lost, alloc, used)
 
     def _oom(self, r: ServiceRun, t: float, dt: float, link: ServiceLink | None, gpu: int, *,
              start_failed: bool) -> None:
@@ -368,8 +371,7 @@ class World:
         r.start_at = t + dt + backoff_s(r.failures) + self.scenario.restart_s
 
     def _account(self, gpu_index: int, t: float, dt: float, runs: list[ServiceRun], running: dict[str, int],
-                 productive: dict[str, float], lost: set[str], alloc: dict[str, float], used: float,
-                 background: float) -> None:
+                 productive: dict[str, float], lost: set[str], alloc: dict[str, float], used: float) -> None:
         gpu = self.scenario.gpu(gpu_index)
         thermal = self._thermal(gpu_index, t)
         busy = sum(compute_share(running[r.spec.name], r.spec) * productive[r.spec.name] for r in runs
@@ -384,7 +386,7 @@ class World:
         started = self._started(gpu_index, t)
         running = {**{r.spec.name: 0 for r in started}, **running}
         productive = {**{r.spec.name: 0.0 for r in started}, **productive}
-        background += self._loading(gpu_index, t)
+        background = self._scheduled(gpu_index, t) + self._loading(gpu_index, t)
         # The ceilings: the largest batches that fit what is there now, as if cleanups were free.
         oracle = self._oracle(started, gpu.total_mb, background, t, fragmentation=0.0)
         safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb

@@ -10,7 +10,8 @@ For one GPU (all figures bytes):
 - every service's fixed memory and worst per-item memory (:mod:`.memory`).
 
 The memory for batches, ``bound - other - sum(fixed)``, is divided by weight; a service capped by
-its ``max_batch_size`` or its trust region leaves the rest of its share to the others. Each service's
+its ``max_batch_size`` leaves the rest of its share to the others (one held back by its trust region
+keeps its part while it grows into it). Each service's
 target is the largest batch whose worst footprint fits its part (:func:`plan`).
 
 Timing (:func:`step`): a target below the batch is published on the sample that shows it; a target
@@ -40,11 +41,16 @@ from optimizer.policy.model import ADOPTION_INTERVALS, clamp, gpu_view, publish,
 from optimizer.policy.types import MIB, Event, GpuState, Pending, Roster, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
-GROWTH_MARGIN = 0.1  # items beyond one more item a service's part must hold before it grows (stability)
+GROWTH_MARGIN = 0.02  # items beyond one more item a service's part must hold before it grows ...
+REGROWTH_MARGIN = 0.25  # ... and to grow back to a batch it was lowered from within REGROWTH_S (no flapping)
+REGROWTH_S = 600.0
 OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
-CLEANUP_WASTE_ITEMS = 0.5  # a cleanup when fragmentation wastes half an item of some service's batch ...
-CLEANUP_MIN_INTERVALS = 6.0  # ... at most once per this many monitoring intervals
-TOLERANCE_BYTES = 64 * MIB  # residual changes smaller than this are noise
+CLEANUP_WASTE_ITEMS = 0.5  # fragmentation below half an item, costing no batch item, is left alone
+CLEANUP_COST_S = 1.0  # what a cleanup costs the services of its GPU (a stall, s) ...
+CLEANUP_MIN_INTERVALS = 6.0  # ... and at most one per this many monitoring intervals
+THROUGHPUT_ELASTICITY = 0.5  # the fraction of its items a service loses per fraction of its batch memory lost
+TOLERANCE_BYTES = 64 * MIB  # changes of the other tenants' memory smaller than this, or than ...
+TOLERANCE_SPREAD = 0.1  # ... this fraction of the range one sample leaves them in, are noise
 FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights ...
 NEWCOMER_FRACTION = 0.2  # ... assumed as large as the measured services' on the GPU (else this much of it)
@@ -123,9 +129,12 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
             top = min(m.hi, m.fit.trust_cap)
             if fits >= top:
                 targets[m.name] = max(m.lo, top)
-                capped[m.name] = "max_batch_size" if top == m.hi else "trust region"
-                spare += parts[m.name] - top * m.cost
-                parts[m.name] = top * m.cost
+                if top == m.hi:  # for good: what its part holds beyond it goes to the others
+                    capped[m.name] = "max_batch_size"
+                    spare += parts[m.name] - top * m.cost
+                    parts[m.name] = top * m.cost
+                else:  # for now: its part stays its own while it grows into it
+                    capped[m.name] = "trust region"
             else:
                 targets[m.name] = max(m.lo, fits)
                 still.append(m)
@@ -182,8 +191,8 @@ def observe_tenants(gs: GpuState, used: int, ms: Sequence[Member], now: float, s
     measured = [m for m in ms if m.fit.measured]
     lower = used - sum(m.fit.high(m.cur) for m in measured)
     upper = used - sum(m.fit.low(m.cur) for m in measured)
-    return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, TOLERANCE_BYTES,
-                                                  s.monitoring_interval))
+    tolerance = max(TOLERANCE_BYTES, TOLERANCE_SPREAD * (upper - lower))
+    return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, tolerance, s.monitoring_interval))
 
 
 def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
@@ -199,7 +208,9 @@ def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
             continue
         at, failed = pending
         others = sum(o.fit.high(o.cur) for o in ms if o is not m and o.fit.measured)
-        room = total - tenants.level - others - m.fit.fixed
+        # What one sample cannot tell apart from the services' own jitter may have arrived unseen.
+        unseen = sum(o.fit.high(o.cur) - o.fit.low(o.cur) for o in ms if o.fit.measured)
+        room = total - tenants.level - unseen - others - m.fit.fixed
         per_item = room / (failed * (1 + m.fit.waste_fraction)) if failed > 0 else 0.0
         memory = m.svc.memory
         steady = tenants.since < at  # no arrival or departure since the OOM
@@ -236,14 +247,43 @@ def growth_room(ms: Sequence[Member], bound: float, other: float) -> float:
     return bound - other - sum(m.fit.worst(m.cur) if m.fit.measured else m.cur * m.cost for m in ms)
 
 
-def want_cleanup(ms: Sequence[Member], gs: GpuState, now: float, s: Settings) -> Member | None:
-    """The service whose fragmentation wastes half an item or more, if a cleanup is due (else ``None``)."""
-    if gs.last_cleanup_at is not None and now - gs.last_cleanup_at < CLEANUP_MIN_INTERVALS * s.monitoring_interval:
+def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Settings,
+                 utilization: float | None) -> Member | None:
+    """The service whose fragmentation makes a cleanup worth its cost now, if any (else ``None``).
+
+    A cleanup stalls every service on the GPU for about :data:`CLEANUP_COST_S`. What it gains: the
+    items the waste costs the service's batch now (its target with the waste cleared, less its
+    target), or, where the batch is large, the fraction ``f`` of its batch memory the waste takes.
+    One more item of ``b`` gains about ``elasticity / b`` of the items, where the elasticity is the
+    share of the time the GPU is not computing (``1 - utilization``; 0.5 when unknown). Waste grows
+    steadily between cleanups, so the gain lasts about as long as it took to build up: a cleanup is
+    due when ``gain * seconds since the last one`` reaches its cost (for the fraction, half of it:
+    the waste grew from none). At most one per :data:`CLEANUP_MIN_INTERVALS` monitoring intervals.
+    """
+    since = now - gs.last_cleanup_at if gs.last_cleanup_at is not None else now - min(
+        (m.svc.registered_at for m in ms), default=now)
+    if since < CLEANUP_MIN_INTERVALS * s.monitoring_interval:
         return None
-    worst = max(ms, key=lambda m: m.fit.waste / m.fit.worst_per_item if m.fit.worst_per_item else 0.0, default=None)
-    if worst is None or not worst.fit.measured or worst.fit.worst_per_item <= 0:
-        return None
-    return worst if worst.fit.waste >= CLEANUP_WASTE_ITEMS * worst.fit.worst_per_item else None
+    elasticity = THROUGHPUT_ELASTICITY if utilization is None else min(1.0, max(0.1, 1 - utilization / 100))
+    best: tuple[float, Member] | None = None
+    for m in ms:
+        f = m.fit
+        if not f.measured or f.worst_per_item <= 0 or f.waste <= 0:
+            continue
+        b = max(1, m.cur)
+        clean_fits = p.fits.get(m.name, 0.0) * (1 + f.waste_fraction)
+        top = min(math.floor(clean_fits + 1e-9), m.hi, f.trust_cap)
+        # The waste keeps growing at the pace it grew since the last cleanup: what it costs by the next sample.
+        growth = (since + s.monitoring_interval) / since if since > 0 else 1.0
+        soon = clean_fits / (1 + f.waste_fraction * growth)
+        items = top - min(math.floor(soon + 1e-9), p.targets.get(m.name, m.cur))
+        gain = max(elasticity * max(0, items) / b,
+                   elasticity * f.waste / (b * f.worst_per_item * (1 + f.waste_fraction)) / 2)
+        if f.waste < CLEANUP_WASTE_ITEMS * f.worst_per_item and items <= 0:
+            continue  # less than half an item, costing no item of the batch
+        if gain * since >= CLEANUP_COST_S and (best is None or gain > best[0]):
+            best = (gain, m)
+    return None if best is None else best[1]
 
 
 def describe(m: Member, p: Plan) -> str:
@@ -298,12 +338,50 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     bound = safety_bytes(total, s) - g.reserved
     other = planning_other(gs.tenants, ms, bound, now, s)
     p = plan(ms, bound, other)
-    room = growth_room(ms, bound, other)
     grow = force or (mode == "sample" and settled and gs.tenants.confirmed and not gs.hot)
-    out = [_decide(m, p, room, grow, gs, sample, now, events) for m in ms]
+    granted = grants(ms, p, growth_room(ms, bound, other), now, gs.last_cleanup_at) if grow else {}
+    out = [_decide(m, p, granted.get(m.name, 0), grow, gs, sample, now, events) for m in ms]
     if mode == "sample":
-        gs = _clean_up_if_due(gs, ms, used, now, s, events)
+        gs = _clean_up_if_due(gs, ms, p, sample, used, now, s, events)
     return gs, out
+
+
+def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: float | None = None) -> dict[str, int]:
+    """How many items each service may grow by now: together they fit ``room`` (bytes), shared by weight.
+
+    A service grows towards its target, with :data:`GROWTH_MARGIN` items to spare, or
+    :data:`REGROWTH_MARGIN` back to a batch the plan lowered it from in the last :data:`REGROWTH_S`
+    seconds (so that a steady load does not flap across an item's edge; not after a cleanup since,
+    which cleared what it was lowered for, ``cleaned_at``). When the room does not hold
+    every growth, each gets its share of it by weight, what one does not need going to the others.
+    """
+    wants: dict[str, int] = {}
+    for m in ms:
+        if m.share <= 0 or m.cost <= 0 or m.svc.oom_pending is not None or m.svc.override_active(now) is not None:
+            continue
+        reach = math.floor(p.fits.get(m.name, 0.0) - GROWTH_MARGIN + 1e-9)
+        lowered = m.svc.lowered
+        if lowered is not None and now - lowered[0] < REGROWTH_S and (cleaned_at is None or cleaned_at < lowered[0]):
+            reach = min(reach, max(lowered[1] - 1, math.floor(p.fits.get(m.name, 0.0) - REGROWTH_MARGIN + 1e-9)))
+        want = min(p.targets[m.name], reach) - m.cur
+        if want > 0:
+            wants[m.name] = want
+    by_name = {m.name: m for m in ms}
+    out: dict[str, int] = {}
+    left = max(0.0, room)
+    while wants:
+        weight = sum(by_name[n].share for n in wants)
+        settled = {n: w for n, w in wants.items() if w * by_name[n].cost <= left * by_name[n].share / weight}
+        if not settled:
+            for n, w in wants.items():
+                m = by_name[n]
+                out[n] = min(w, math.floor(left * m.share / weight / m.cost + 1e-9))
+            break
+        for n, w in settled.items():
+            out[n] = w
+            left -= w * by_name[n].cost
+            del wants[n]
+    return out
 
 
 def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, sample: GpuSample, s: Settings,
@@ -319,7 +397,7 @@ def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, 
     return plan(ms, bound, planning_other(gs.tenants, ms, bound, now, s)).targets[svc.service]
 
 
-def _decide(m: Member, p: Plan, room: float, grow: bool, gs: GpuState, sample: GpuSample, now: float,
+def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: GpuSample, now: float,
             events: list[Event]) -> ServiceState:
     svc = m.svc
     target = p.targets[m.name]
@@ -334,25 +412,24 @@ def _decide(m: Member, p: Plan, room: float, grow: bool, gs: GpuState, sample: G
     batch = cur
     if target < cur:
         batch = target
+        svc = dataclasses.replace(svc, lowered=(now, cur))
     elif target > cur and m.share > 0:
         if not grow:
             why += "; GPU hot: not growing" if gs.hot else "; growing once the samples confirm the headroom"
         elif svc.oom_pending is not None:
             why += "; growing once the last OOM is explained"
         else:
-            reach = math.floor(p.fits.get(m.name, 0.0) - GROWTH_MARGIN + 1e-9)
-            free = math.floor(max(0.0, room) * m.share / m.cost - GROWTH_MARGIN + 1e-9) if m.cost > 0 else 0
-            batch = max(cur, min(target, reach, m.cur + free))
+            batch = max(cur, min(target, m.cur + granted))
             util = sample.utilization_percent
             if batch > cur and util is not None and util < 50:
                 why += f"; GPU {util:.0f}% busy, growing"
     return publish(svc, clamp(batch, m.lo, m.hi), target, why, now, events, "optimization")
 
 
-def _clean_up_if_due(gs: GpuState, ms: Sequence[Member], used: int, now: float, s: Settings,
-                     events: list[Event]) -> GpuState:
+def _clean_up_if_due(gs: GpuState, ms: Sequence[Member], p: Plan, sample: GpuSample, used: int, now: float,
+                     s: Settings, events: list[Event]) -> GpuState:
     """A cleanup when some service's fragmentation wastes half an item of its batch (at most every 6 intervals)."""
-    m = want_cleanup(ms, gs, now, s)
+    m = want_cleanup(ms, p, gs, now, s, sample.utilization_percent)
     if m is None:
         return gs
     gs = raise_cleanup(gs, "fragmentation", now, events)

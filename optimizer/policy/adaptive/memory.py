@@ -41,6 +41,7 @@ UNMEASURED_FACTOR = 2.0  # an unmeasured service's worst per-item memory: twice 
 TRUST_GROWTH = 0.5  # growth allowed beyond the largest batch run without an OOM (fraction, >= 2 items)
 FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item memory holds
 MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
+RANGE_ALLOWANCE = 0.1  # the range of memory held per item seen, widened by this fraction on each side
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,9 @@ def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch:
     held = [x for t, x in model.held if now - t <= OBSERVATION_TTL]
     per_item = mean * (1 + model.waste_fraction)
     low, high = (min(held), max(held)) if held else (per_item, worst * (1 + model.waste_fraction))
+    if held:  # a sample is one more draw: it may lie beyond the range the reports showed
+        spread = (high - low) * max(RANGE_ALLOWANCE, 1 / len(held))
+        low, high = max(0.0, low - spread), high + spread
     return Fit(measured=True, fixed=model.fixed, worst_per_item=worst, mean_per_item=mean,
                waste_fraction=model.waste_fraction, waste=model.waste, held_low=low, held_high=high,
                trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0)

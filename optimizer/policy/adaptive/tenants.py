@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 VOLATILITY_WINDOW = 1200.0  # s: arrivals kept to judge how volatile the other tenants are
-MAX_WINDOW = 60  # samples kept since the level last changed (5 minutes at 5 s)
+MAX_WINDOW = 720  # samples kept since the level last changed (an hour at 5 s)
 MAX_CHANGES = 64
 TREND_SAMPLES = 3  # a window needs this many samples before its slope is believed
 
