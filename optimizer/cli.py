@@ -331,8 +331,8 @@ def _table(result: SimulationResult) -> str:
     lines = [f"scenario {result.scenario}, strategy {result.strategy}, {result.duration_s:g} s (virtual)"]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in rows]
-    lines += [f"GPU {g.gpu}: {g.cotenant_failures} co-tenant arrivals failed, {g.seconds_throttled:g} s throttled"
-              for g in result.gpus]
+    lines += [f"GPU {g.gpu}: {g.cotenant_failures} co-tenant arrivals failed, {g.seconds_throttled:g} s throttled, "
+              f"{g.seconds_above_bound:g} s above the safety bound" for g in result.gpus]
     return "\n".join(lines)
 
 

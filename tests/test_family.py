@@ -227,9 +227,10 @@ def test_the_text_and_the_json_document() -> None:
     lines = text.splitlines()
     assert lines[0] == "family gen-9: 2 scenarios, oom_mode recover; 3 unavoidable OOM(s) in all"
     assert lines[1].split() == ["run", "safe_ratio_median", "safe_ratio_p10", "safe_ratio_min", "within_unavoidable",
-                                "max_excess_ooms", "cotenant_failures", "restarts", "gpu_items_vs_adaptive_median",
-                                "gpu_items_vs_adaptive_min"]
-    assert lines[2].split() == ["adaptive", "0.9900", "0.7580", "0.7000", "100.0%", "0", "0", "1", "1.0000", "1.0000"]
+                                "max_excess_ooms", "cotenant_failures", "restarts", "above_bound",
+                                "gpu_items_vs_adaptive_median", "gpu_items_vs_adaptive_min"]
+    assert lines[2].split() == ["adaptive", "0.9900", "0.7580", "0.7000", "100.0%", "0", "0", "1", "0.0%", "1.0000",
+                                "1.0000"]
     assert "  FAIL  a.min          adaptive: every service's safe_ratio >= 0.85: 0.7000" in text
     assert "          s2 GPU 0 a adaptive: safe_ratio 0.7000" in text
     assert "  FAIL  b.dominance" in text and "s1 GPU 0 a fixed-4: 1500.0 items (+51.5%) with 0 OOMs" in text

@@ -54,6 +54,7 @@ class RunSummary:
     cotenant_failures: int
     restarts: int
     vs_reference: tuple[float, ...]  # per scenario and GPU: the GPU's items over adaptive's
+    above_bound_share: float = 0.0  # of the GPU-seconds, the share spent above the safety bound
 
     @property
     def safe_ratio_median(self) -> float:
@@ -90,7 +91,8 @@ class RunSummary:
                 "safe_ratio_median": _r(self.safe_ratio_median), "safe_ratio_p10": _r(self.safe_ratio_p10),
                 "safe_ratio_min": _r(self.safe_ratio_min), "within_unavoidable_share": _r(self.within_share),
                 "max_excess_ooms": self.max_excess, "cotenant_failures": self.cotenant_failures,
-                "restarts": self.restarts, "gpu_items_vs_adaptive_median": _r(self.vs_reference_median),
+                "restarts": self.restarts, "above_bound_share": _r(self.above_bound_share),
+                "gpu_items_vs_adaptive_median": _r(self.vs_reference_median),
                 "gpu_items_vs_adaptive_min": _r(self.vs_reference_min)}
 
 
@@ -209,6 +211,7 @@ def _run_summary(name: str, benches: Sequence[ScenarioBenchmark],
     ratios: list[float] = []
     excess: list[int] = []
     failures = restarts = 0
+    above = gpu_seconds = 0.0
     vs: list[float] = []
     kind = ""
     for bench in benches:
@@ -219,13 +222,16 @@ def _run_summary(name: str, benches: Sequence[ScenarioBenchmark],
         ratios += [s.safe_ratio for s in run.services if s.safe_oracle_items > 0]
         excess.append(sum(s.ooms for s in run.services) - total_unavoidable(unavoidable, bench.scenario.name))
         failures += sum(g.cotenant_failures for g in run.gpus)
+        above += sum(g.seconds_above_bound for g in run.gpus)
+        gpu_seconds += bench.duration_s * len(run.gpus)
         restarts += sum(s.restarts for s in run.services)
         ref = _find(bench, REFERENCE)
         if ref is not None:
             mine, theirs = gpu_items(run), gpu_items(ref)
             vs += [mine.get(gpu, 0.0) / items for gpu, items in sorted(theirs.items()) if items > 0]
     return RunSummary(name=name, kind=kind, safe_ratios=tuple(ratios), excess=tuple(excess),
-                      cotenant_failures=failures, restarts=restarts, vs_reference=tuple(vs))
+                      cotenant_failures=failures, restarts=restarts, vs_reference=tuple(vs),
+                      above_bound_share=above / gpu_seconds if gpu_seconds else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -242,7 +248,7 @@ TITLES: dict[str, str] = {
                    f"(per service at no other's cost, and per GPU counting co-tenant failures; {ORACLE} excluded)",
     "b.oracle": f"the same for {ORACLE} (a ceiling, not a policy: reported, never failed)",
     "c.crash": f"crash mode: {REFERENCE}'s items per GPU >= those of {', '.join(CRASH_BASELINES)} within "
-               f"{CRASH_MARGIN:.0%} in every scenario, and more in most",
+               f"{CRASH_MARGIN:.0%} in every scenario (but where they kept co-tenants out), and more in most",
 }
 
 
@@ -338,10 +344,11 @@ def _dominated(bench: ScenarioBenchmark, ref: Run, run: Run) -> list[Offender]:
     for gpu, items in sorted(gpu_items(run).items()):
         a_items, a_fail = ref_items.get(gpu, 0.0), ref_failures.get(gpu, 0)
         if items > a_items * (1 + DOMINANCE_MARGIN) and failures.get(gpu, 0) <= a_fail:
+            above = next((g.seconds_above_bound for g in run.gpus if g.gpu == gpu), 0.0)
             out.append(Offender(name, f"GPU {items:.1f} items ({_more(items, a_items)}) with {failures.get(gpu, 0)} "
-                                      f"OOMs + co-tenant failures ({cotenant_failures(run, gpu)} of them co-tenant); "
-                                      f"{REFERENCE} {a_items:.1f} with {a_fail} ({cotenant_failures(ref, gpu)})",
-                                gpu=gpu, run=run.name))
+                                      f"OOMs + co-tenant failures ({cotenant_failures(run, gpu)} of them co-tenant), "
+                                      f"{above:.0f} s above the safety bound; {REFERENCE} {a_items:.1f} with {a_fail} "
+                                      f"({cotenant_failures(ref, gpu)})", gpu=gpu, run=run.name))
     return out
 
 
@@ -365,10 +372,15 @@ def _dominance_check(key: str, names: Sequence[str], benches: Sequence[ScenarioB
 
 
 def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
-    """(c): in crash mode, adaptive's items per GPU against the start-up finders' and fixed-4's."""
+    """(c): in crash mode, adaptive's items per GPU against the start-up finders' and fixed-4's.
+
+    A GPU where the baseline kept co-tenants out (more co-tenant failures there than adaptive's) is
+    not an offender: its items came out of their memory. It is counted and named in the figure.
+    """
     if family.oom_mode != "crash":
         return Check("c.crash", TITLES["c.crash"], None, "applies to crash-mode families only")
     offenders: list[Offender] = []
+    excused: list[str] = []
     counts: dict[str, list[int]] = {}  # per baseline: [GPUs where adaptive took strictly more, GPUs compared]
     for bench in benches:
         ref = _find(bench, REFERENCE)
@@ -382,14 +394,18 @@ def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
                 c = counts.setdefault(name, [0, 0])
                 c[0] += items > other
                 c[1] += 1
-                if items < other * (1 - CRASH_MARGIN):
+                if items < other * (1 - CRASH_MARGIN) and cotenant_failures(run, gpu) > cotenant_failures(ref, gpu):
+                    excused.append(f"{bench.scenario.name} GPU {gpu} {name}")
+                elif items < other * (1 - CRASH_MARGIN):
                     offenders.append(Offender(bench.scenario.name, f"{REFERENCE} {items:.1f} items, {name} {other:.1f} "
                                                                    f"({items / other - 1:+.1%})", gpu=gpu, run=name))
     if not counts:
         return Check("c.crash", TITLES["c.crash"], None, f"{REFERENCE} or the baselines did not run")
     shares = {name: more / total for name, (more, total) in counts.items()}
     figure = "strictly more on " + ", ".join(f"{shares[n]:.1%} of GPUs vs {n}" for n in counts) + (
-        f"; {len(offenders)} case(s) more than {CRASH_MARGIN:.0%} below")
+        f"; {len(offenders)} case(s) more than {CRASH_MARGIN:.0%} below") + (
+        f"; {len(excused)} more where the baseline kept co-tenants out ({', '.join(excused[:5])}"
+        f"{', ...' if len(excused) > 5 else ''})" if excused else "")
     passed = not offenders and all(share > 0.5 for share in shares.values())
     return Check("c.crash", TITLES["c.crash"], passed, figure, tuple(offenders))
 

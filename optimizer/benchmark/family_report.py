@@ -28,7 +28,7 @@ def _fmt(v: float | int | None, digits: int = 4) -> str:
 
 SUMMARY_COLUMNS: tuple[str, ...] = ("run", "safe_ratio_median", "safe_ratio_p10", "safe_ratio_min",
                                     "within_unavoidable", "max_excess_ooms", "cotenant_failures", "restarts",
-                                    "gpu_items_vs_adaptive_median", "gpu_items_vs_adaptive_min")
+                                    "above_bound", "gpu_items_vs_adaptive_median", "gpu_items_vs_adaptive_min")
 
 
 def render(summary: FamilySummary, *, offenders: int = 10) -> str:
@@ -40,7 +40,8 @@ def render(summary: FamilySummary, *, offenders: int = 10) -> str:
     for r in summary.runs:
         rows.append([r.name, _fmt(r.safe_ratio_median), _fmt(r.safe_ratio_p10), _fmt(r.safe_ratio_min),
                      f"{r.within_share:.1%}" if r.excess else "-", str(r.max_excess), str(r.cotenant_failures),
-                     str(r.restarts), _fmt(r.vs_reference_median), _fmt(r.vs_reference_min)])
+                     str(r.restarts), f"{r.above_bound_share:.1%}", _fmt(r.vs_reference_median),
+                     _fmt(r.vs_reference_min)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
               for row in rows]

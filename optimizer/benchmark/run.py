@@ -32,6 +32,7 @@ from optimizer.simulation.run import (
     with_scenario_profiles,
 )
 from optimizer.simulation.scenario import Scenario
+from optimizer.simulation.physics import BACKOFF_INITIAL_S
 from optimizer.simulation.world import Trace, World
 
 log = structlog.get_logger("optimizer.benchmark")
@@ -106,10 +107,15 @@ def benchmark_settings(settings: Settings, scenario: Scenario, interval_s: float
 def settings_for(scenario: Scenario, settings: Settings) -> Settings:
     """The settings to benchmark ``scenario`` with, given the configuration's ``settings``.
 
-    The hook where a caller of :func:`run_scenario` adjusts the settings per scenario (the command
-    calls it for every scenario, generated or from a file). For now the settings as they are.
+    In ``oom_mode: crash`` an OOM costs a restart, and the operator of such a deployment sets
+    ``oom_cost_s`` to what a restart costs: unless the configuration sets it, the scenario's
+    ``restart_s``, the first back-off and the longest load of its services. Otherwise the settings as
+    they are. (The command calls it for every scenario, generated or from a file.)
     """
-    return settings
+    if scenario.oom_mode != "crash" or settings.oom_cost_s != Settings().oom_cost_s:
+        return settings
+    load = max((s.load_s for s in scenario.services), default=0.0)
+    return dataclasses.replace(settings, oom_cost_s=scenario.restart_s + BACKOFF_INITIAL_S + load)
 
 
 def run_baseline(name: str, scenario: Scenario, settings: Settings, duration_s: float, *,

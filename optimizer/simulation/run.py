@@ -67,9 +67,11 @@ class GpuResult:
     gpu: int
     cotenant_failures: int
     seconds_throttled: float
+    seconds_above_bound: float = 0.0  # the GPU's memory used above the safety bound
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cotenant_failures": self.cotenant_failures, "seconds_throttled": round(self.seconds_throttled, 1)}
+        return {"cotenant_failures": self.cotenant_failures, "seconds_throttled": round(self.seconds_throttled, 1),
+                "seconds_above_bound": round(self.seconds_above_bound, 1)}
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ def service_results(world: World) -> tuple[ServiceResult, ...]:
 
 def gpu_results(world: World) -> tuple[GpuResult, ...]:
     """The per-GPU measures of a world that has run."""
-    return tuple(GpuResult(gpu=i, cotenant_failures=g.cotenant_failures, seconds_throttled=g.seconds_throttled)
+    return tuple(GpuResult(gpu=i, cotenant_failures=g.cotenant_failures, seconds_throttled=g.seconds_throttled,
+                           seconds_above_bound=g.seconds_above_bound)
                  for i, g in sorted(world.gpu_runs.items()))
 
 

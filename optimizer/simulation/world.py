@@ -167,10 +167,11 @@ class Trace:
 
 @dataclass
 class GpuRun:
-    """Per GPU measures: co-tenant arrivals that failed, time throttled by heat (seconds)."""
+    """Per GPU measures: co-tenant arrivals that failed, time throttled by heat and above the safety bound (s)."""
 
     cotenant_failures: int = 0
     seconds_throttled: float = 0.0
+    seconds_above_bound: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,8 @@ class World:
         self.temperature[gpu_index] = temperature_c(gpu, util, thermal, clock)
         if clock < 1.0:
             self.gpu_runs[gpu_index].seconds_throttled += dt
+        if used > gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb:
+            self.gpu_runs[gpu_index].seconds_above_bound += dt
         started = self._started(gpu_index, t)
         running = {**{r.spec.name: 0 for r in started}, **running}
         productive = {**{r.spec.name: 0.0 for r in started}, **productive}
@@ -410,7 +413,8 @@ class World:
             r.allocated_mb = self._base(r)
             r.reserved_mb = r.held_base_mb + r.held_act_mb
             r.waste_mb = max(0.0, r.held_act_mb - (alloc[name] - self._base(r))) if r.pool_mb is None else 0.0
-            r.peak_mb = max(r.peak_mb, alloc[name])
+            if part > 0 and running[name] > 0:  # a batch ran: a PyTorch service measures it (and reports it)
+                r.peak_mb = max(r.peak_mb, alloc[name])
             if r.pool_mb is None:  # a static pool (paged memory) does not fragment
                 r.fragmentation = min(0.9, r.fragmentation + r.spec.fragmentation_growth_per_min * dt / 60)
             r.leak_mb += r.spec.leak_mb_per_min * dt / 60

@@ -36,8 +36,17 @@ from dataclasses import dataclass
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.adaptive.memory import Fit, fit, forget_oom_region, raise_floor
-from optimizer.policy.adaptive.tenants import VOLATILITY_WINDOW, Tenants, assume_at_least, update
-from optimizer.policy.model import ADOPTION_INTERVALS, clamp, gpu_view, publish, raise_cleanup, safety_bytes, start_pending
+from optimizer.policy.adaptive.tenants import Tenants, assume_at_least, update
+from optimizer.policy.model import (
+    ADOPTION_INTERVALS,
+    clamp,
+    gpu_view,
+    is_fresh,
+    publish,
+    raise_cleanup,
+    safety_bytes,
+    start_pending,
+)
 from optimizer.policy.types import MIB, Event, GpuState, Pending, Roster, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
@@ -51,9 +60,9 @@ CLEANUP_MIN_INTERVALS = 6.0  # ... and at most one per this many monitoring inte
 THROUGHPUT_ELASTICITY = 0.5  # the fraction of its items a service loses per fraction of its batch memory lost
 TOLERANCE_BYTES = 64 * MIB  # changes of the other tenants' memory smaller than this, or than ...
 TOLERANCE_SPREAD = 0.1  # ... this fraction of the range one sample leaves them in, are noise
-FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU
-NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights ...
-NEWCOMER_FRACTION = 0.2  # ... assumed as large as the measured services' on the GPU (else this much of it)
+FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU ...
+FLOOR_STEP = 1.1  # ... and at most 10 % above the worst the model knew (a wrong blame costs little)
+NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
 
 
 @dataclass(frozen=True)
@@ -95,9 +104,10 @@ class Plan:
 
 def members(services: Sequence[ServiceState], shares: dict[str, float], s: Settings, now: float,
             in_force: dict[str, int], total: int) -> list[Member]:
-    """The services of one GPU with their models; a newcomer not measured yet is assumed to be loading
-    weights as large as the measured services' (their mean; :data:`NEWCOMER_FRACTION` of the GPU if none),
-    for :data:`NEWCOMER_S` seconds: a service that never reports holds memory the samples show."""
+    """The services of one GPU with their models; a newcomer not measured yet, next to measured
+    services, is assumed to be loading weights as large as theirs (their mean) for :data:`NEWCOMER_S`
+    seconds, so that they make room for it: a service that never reports holds memory the samples
+    show."""
     out = []
     for svc in services:
         profile = s.profile(svc.service)
@@ -106,7 +116,9 @@ def members(services: Sequence[ServiceState], shares: dict[str, float], s: Setti
         f = fit(svc.memory, profile.per_item_mb * MIB, now, cur)
         out.append(Member(svc=svc, fit=f, cur=cur, lo=lo, hi=hi, share=shares.get(svc.service, 0.0)))
     measured = [m.fit.fixed for m in out if m.fit.measured]
-    guess = sum(measured) / len(measured) if measured else NEWCOMER_FRACTION * total
+    if not measured:  # a cold start: what loads is in the samples; there is nobody to make room
+        return out
+    guess = sum(measured) / len(measured)
     return [dataclasses.replace(m, assumed_fixed=guess)
             if not m.fit.measured and now - m.svc.registered_at <= NEWCOMER_S else m for m in out]
 
@@ -151,25 +163,26 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
                        s: Settings, interval: float) -> float:
     """Memory to keep for a tenant that left and is likely to return (bytes), weighed against ``oom_cost_s``.
 
-    Riding the memory it left costs, per second, the arrival rate times ``oom_cost_s`` of every
-    service's throughput; holding it costs the batches it takes (counted linearly in items, which
-    overstates the loss for services whose throughput saturates). Hold when riding costs more.
+    For each level the tenants' arrivals reached lately: riding the memory it would take costs, per
+    second, the rate of arrivals reaching it (:meth:`Tenants.arrival_rate`) times ``oom_cost_s`` of
+    every service's throughput; holding it costs the batches it takes (counted linearly in items,
+    which overstates the loss for services whose throughput saturates). Hold the level where that
+    pays most, if any does.
     """
-    peak = tenants.peak(now)
-    extra = peak - level
     smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
-    if extra <= 0 or smallest <= 0 or extra < smallest:
-        return 0.0
-    arrivals = tenants.arrivals(now, at_least=smallest)
-    if arrivals == 0:
-        return 0.0
-    rate = arrivals / VOLATILITY_WINDOW
     ride = sum(plan(ms, bound, level).targets[m.name] for m in ms if m.share > 0)
-    hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
-    if ride <= 0:
+    if smallest <= 0 or ride <= 0:
         return 0.0
-    loss = 1 - hold / ride
-    return extra if rate * s.oom_cost_s > loss else 0.0
+    best, reserve = 0.0, 0.0
+    for peak in tenants.peaks(now):  # every level arrivals reached: hold the one that pays best
+        extra = peak - level
+        if extra < smallest:
+            continue
+        hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
+        gain = tenants.arrival_rate(now, reaching=peak) * s.oom_cost_s - (1 - hold / ride)
+        if gain > best:
+            best, reserve = gain, extra
+    return reserve
 
 
 def planning_other(tenants: Tenants, ms: Sequence[Member], bound: float, now: float, s: Settings) -> float:
@@ -187,12 +200,21 @@ def in_force(svc: ServiceState, now: float, s: Settings, adoption_s: float) -> i
 
 
 def observe_tenants(gs: GpuState, used: int, ms: Sequence[Member], now: float, s: Settings) -> GpuState:
-    """Take a settled sample into the tenants' model: what the GPU uses beyond what the services can hold."""
-    measured = [m for m in ms if m.fit.measured]
+    """Take a settled sample into the tenants' model: what the GPU uses beyond what the services can hold.
+
+    A service counts only while its reports are fresh, and not from an OOM to its next report: one
+    that stopped reporting (its process crashed, or restarts and loads its weights again) or that
+    just ran out of memory may hold nothing, or less than its batch needs, and what it holds is then
+    in what the GPU shows beyond the others.
+    """
+    measured = [m for m in ms if m.fit.measured and is_fresh(m.svc.reported_at, now, s)
+                and (m.svc.last_oom_at is None or (m.svc.reported_at or 0.0) > m.svc.last_oom_at)]
     lower = used - sum(m.fit.high(m.cur) for m in measured)
     upper = used - sum(m.fit.low(m.cur) for m in measured)
     tolerance = max(TOLERANCE_BYTES, TOLERANCE_SPREAD * (upper - lower))
-    return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, tolerance, s.monitoring_interval))
+    clean = len(measured) == sum(1 for m in ms if m.fit.measured)  # no service of its own came or went
+    return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, tolerance, s.monitoring_interval,
+                                                  record=clean))
 
 
 def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
@@ -215,9 +237,10 @@ def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
         memory = m.svc.memory
         steady = tenants.since < at  # no arrival or departure since the OOM
         if m.fit.measured and steady and per_item > m.fit.worst_per_item:
-            memory = raise_floor(memory, per_item * FLOOR_MARGIN, now)
+            per_item = min(per_item * FLOOR_MARGIN, m.fit.worst_per_item * FLOOR_STEP)
+            memory = raise_floor(memory, per_item, now)
             detail = (f"OOM at batch {failed} not explained by the other tenants: worst per-item memory raised to "
-                      f"{per_item * FLOOR_MARGIN / MIB:.0f} MiB")
+                      f"{per_item / MIB:.0f} MiB")
         else:
             detail = f"OOM at batch {failed} explained: the other tenants hold {tenants.level / 2**30:.1f} GiB"
         events.append(Event("optimization_succeeded", gpu, now, service=m.name, trigger="oom_model", detail=detail))
@@ -236,7 +259,7 @@ def oom_cut(ms: Sequence[Member], failing: Member, failed: int, total: int, used
     lower = total - worst
     if used is not None:
         lower = max(lower, used - worst)
-    tenants = assume_at_least(tenants, lower)
+    tenants = assume_at_least(tenants, lower, now)
     p = plan(ms, bound, planning_other(tenants, ms, bound, now, s))
     batch = min(p.targets.get(failing.name, failing.lo), failed - 1, math.floor(failed * OOM_CUT))
     return max(failing.lo, batch), tenants
@@ -273,8 +296,9 @@ def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Set
         b = max(1, m.cur)
         clean_fits = p.fits.get(m.name, 0.0) * (1 + f.waste_fraction)
         top = min(math.floor(clean_fits + 1e-9), m.hi, f.trust_cap)
-        # The waste keeps growing at the pace it grew since the last cleanup: what it costs by the next sample.
-        growth = (since + s.monitoring_interval) / since if since > 0 else 1.0
+        # The waste keeps growing at the pace it grew since the last cleanup: what it costs by the next
+        # sample's report (a report is up to an interval older than the sample, a cleanup takes a poll).
+        growth = (since + 3 * s.monitoring_interval) / since if since > 0 else 1.0
         soon = clean_fits / (1 + f.waste_fraction * growth)
         items = top - min(math.floor(soon + 1e-9), p.targets.get(m.name, m.cur))
         gain = max(elasticity * max(0, items) / b,
@@ -340,10 +364,25 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     p = plan(ms, bound, other)
     grow = force or (mode == "sample" and settled and gs.tenants.confirmed and not gs.hot)
     granted = grants(ms, p, growth_room(ms, bound, other), now, gs.last_cleanup_at) if grow else {}
-    out = [_decide(m, p, granted.get(m.name, 0), grow, gs, sample, now, events) for m in ms]
-    if mode == "sample":
-        gs = _clean_up_if_due(gs, ms, p, sample, used, now, s, events)
+    cleaning = mode == "sample" and want_cleanup(ms, p, gs, now, s, sample.utilization_percent) is not None
+    out = [_decide(m, p, granted.get(m.name, 0), grow, gs, sample, now, events,
+                   hold=cleaning and _waste_only(m, p, s)) for m in ms]
+    if cleaning:
+        gs = raise_cleanup(gs, "fragmentation", now, events)
+        gs = start_pending(gs, Pending("fragmentation", "fragmentation", s.fragmentation_threshold, now, used, True),
+                           events)
     return gs, out
+
+
+def _waste_only(m: Member, p: Plan, s: Settings) -> bool:
+    """Whether only fragmentation waste, which a cleanup raised now clears at the next poll, puts the
+    service's batch over its part, and by no more than ``memory_reserve_mb`` (it holds its batch)."""
+    f = m.fit
+    if not f.measured or f.waste_fraction <= 0 or p.targets.get(m.name, m.cur) >= m.svc.batch_size:
+        return False
+    clean = math.floor(p.fits.get(m.name, 0.0) * (1 + f.waste_fraction) + 1e-9)
+    over = (m.svc.batch_size - p.fits.get(m.name, 0.0)) * m.cost
+    return clean >= m.svc.batch_size and over <= s.memory_reserve_mb * MIB
 
 
 def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: float | None = None) -> dict[str, int]:
@@ -398,7 +437,7 @@ def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, 
 
 
 def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: GpuSample, now: float,
-            events: list[Event]) -> ServiceState:
+            events: list[Event], *, hold: bool = False) -> ServiceState:
     svc = m.svc
     target = p.targets[m.name]
     why = describe(m, p)
@@ -410,7 +449,9 @@ def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: 
         return publish(svc, batch, target, reason, now, events, "manual")
     cur = svc.batch_size
     batch = cur
-    if target < cur:
+    if target < cur and hold:
+        why += "; held while a cleanup clears its fragmentation"
+    elif target < cur:
         batch = target
         svc = dataclasses.replace(svc, lowered=(now, cur))
     elif target > cur and m.share > 0:
@@ -424,17 +465,6 @@ def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: 
             if batch > cur and util is not None and util < 50:
                 why += f"; GPU {util:.0f}% busy, growing"
     return publish(svc, clamp(batch, m.lo, m.hi), target, why, now, events, "optimization")
-
-
-def _clean_up_if_due(gs: GpuState, ms: Sequence[Member], p: Plan, sample: GpuSample, used: int, now: float,
-                     s: Settings, events: list[Event]) -> GpuState:
-    """A cleanup when some service's fragmentation wastes half an item of its batch (at most every 6 intervals)."""
-    m = want_cleanup(ms, p, gs, now, s, sample.utilization_percent)
-    if m is None:
-        return gs
-    gs = raise_cleanup(gs, "fragmentation", now, events)
-    return start_pending(gs, Pending("fragmentation", "fragmentation", s.fragmentation_threshold, now, used, True),
-                         events)
 
 
 def on_oom(svc: ServiceState, others: Sequence[ServiceState], failed: int, gs: GpuState, sample: GpuSample | None,

@@ -24,8 +24,8 @@ doubled for the worst case.
 
 Trust region: extrapolating far beyond the batches seen is how a wrong model OOMs (activations
 need not grow linearly: padding to the longest item grows with the batch), so a service grows at
-most :data:`TRUST_GROWTH` beyond the largest batch it ran without an OOM (at least 2 items). It
-never blocks: every batch it reaches widens it.
+most to twice the largest batch it ran without an OOM (:data:`TRUST_GROWTH`; at least 2 items more),
+the step a batch-size search takes. It never blocks: every batch it reaches widens it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ OBSERVATION_TTL = 600.0  # s: per-item observations older than this are forgotte
 MAX_OBSERVATIONS = 96  # per-item observations kept at most (about 8 minutes of reports every 5 s)
 PRIOR_JITTER = 0.15  # relative allowance for the jitter not seen yet, divided by the observations made
 UNMEASURED_FACTOR = 2.0  # an unmeasured service's worst per-item memory: twice what it declares
-TRUST_GROWTH = 0.5  # growth allowed beyond the largest batch run without an OOM (fraction, >= 2 items)
+TRUST_GROWTH = 1.0  # growth allowed beyond the largest batch run without an OOM (fraction, >= 2 items)
 FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item memory holds
 MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
 RANGE_ALLOWANCE = 0.1  # the range of memory held per item seen, widened by this fraction on each side
@@ -85,7 +85,7 @@ def observe(model: MemoryModel, t: float, batch: int | None, peak: int | None, a
         per_item = max(0.0, reserved - fixed) / batch
         # A report taken while no batch ran (recovering from an OOM, emptying the cache) shows the
         # weights alone: it says nothing of what a batch holds.
-        ran = peak is None or peak <= fixed or reserved - fixed >= 0.5 * (peak - fixed)
+        ran = reserved > fixed if peak is None else peak > fixed and reserved - fixed >= 0.5 * (peak - fixed)
         if ran:
             held = _recent((*held, (t, per_item)), t)
     waste, fraction = model.waste, model.waste_fraction

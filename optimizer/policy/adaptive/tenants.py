@@ -37,7 +37,7 @@ class Tenants:
     level: float = 0.0  # at most this much now
     floor: float = 0.0  # at least this much
     trend: float = 0.0  # bytes per second they are growing at (a ramp), else 0
-    changes: tuple[tuple[float, float], ...] = ()  # (t, level change) of the last VOLATILITY_WINDOW, ramps joined
+    changes: tuple[tuple[float, float, float], ...] = ()  # (t, change, level after) of the last VOLATILITY_WINDOW
     since: float = float("-inf")  # when the window last restarted (an arrival, a departure)
     assumed: float = 0.0  # at least this much, as an OOM proved, until the next settled sample
 
@@ -50,26 +50,36 @@ class Tenants:
         """The level rests on two samples or more (a departure is not believed on one)."""
         return len(self.window) >= 2
 
+    def peaks(self, now: float) -> list[float]:
+        """The levels arrivals of the last :data:`VOLATILITY_WINDOW` seconds reached (bytes), highest first."""
+        return sorted({after for t, delta, after in self.changes if now - t <= VOLATILITY_WINDOW and delta > 0},
+                      reverse=True)
+
     def peak(self, now: float) -> float:
         """The highest level of the last :data:`VOLATILITY_WINDOW` seconds (bytes)."""
-        level, top = self.level, self.level
-        for t, delta in reversed(self.changes):
-            if now - t > VOLATILITY_WINDOW:
-                break
-            level -= delta
-            top = max(top, level)
-        return top
+        return max([self.level, *self.peaks(now)])
 
-    def arrivals(self, now: float, at_least: float) -> int:
-        """Arrivals of at least ``at_least`` bytes in the last :data:`VOLATILITY_WINDOW` seconds."""
-        return sum(1 for t, delta in self.changes if now - t <= VOLATILITY_WINDOW and delta >= at_least)
+    def arrival_rate(self, now: float, reaching: float) -> float:
+        """How often the tenants' memory arrived at ``reaching`` bytes or more (per second) in the last
+        :data:`VOLATILITY_WINDOW` seconds: one over the mean time between such arrivals when there were
+        two or more (less if the last is longer ago than that), one per window for a single one."""
+        times = [t for t, delta, after in self.changes
+                 if now - t <= VOLATILITY_WINDOW and delta > 0 and after >= reaching]
+        if not times:
+            return 0.0
+        if len(times) == 1:
+            return 1.0 / VOLATILITY_WINDOW
+        gap = (times[-1] - times[0]) / (len(times) - 1)
+        return 1.0 / max(gap, now - times[-1], 1e-9)
 
 
-def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: float, interval: float) -> Tenants:
+def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: float, interval: float,
+           record: bool = True) -> Tenants:
     """The tenants after a settled sample that bounds their memory between ``lower`` and ``upper`` (bytes).
 
     ``tolerance`` (bytes) is noise to ignore; ``interval`` the monitoring interval (s): changes of one
-    sign within two intervals are one arrival (a ramp) or one departure.
+    sign within two intervals are one arrival (a ramp) or one departure. ``record`` False: the change
+    is not kept for the volatility judgement (the sample also saw a service of the GPU come or go).
     """
     upper = max(upper, lower)
     sample = (now, lower, upper)
@@ -86,11 +96,11 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     floor = min(level, max(0.0, max(lo for _, lo, _ in window)))
     changes = tuple(c for c in tenants.changes if now - c[0] <= VOLATILITY_WINDOW)
     delta = level - tenants.level
-    if (arrived or departed) and abs(delta) > tolerance:
+    if record and (arrived or departed) and abs(delta) > tolerance:
         if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
-            changes = (*changes[:-1], (now, changes[-1][1] + delta))  # one ramp, one departure
+            changes = (*changes[:-1], (now, changes[-1][1] + delta, level))  # one ramp, one departure
         else:
-            changes = (*changes, (now, delta))[-MAX_CHANGES:]
+            changes = (*changes, (now, delta, level))[-MAX_CHANGES:]
     return dataclasses.replace(tenants, window=window, level=level, floor=floor, trend=trend, changes=changes,
                                since=since, assumed=0.0)
 
@@ -106,9 +116,14 @@ def _slope(window: tuple[tuple[float, float, float], ...]) -> float:
     return max(0.0, sum((t - mt) * ((lo + u) / 2 - mv) for t, lo, u in window) / var)
 
 
-def assume_at_least(tenants: Tenants, level: float) -> Tenants:
+def assume_at_least(tenants: Tenants, level: float, now: float) -> Tenants:
     """An OOM proved more memory in use than the models explain: plan for at least ``level`` (bytes).
 
-    It holds until the next settled sample, which tells what is really there.
+    It holds until the next settled sample, which tells what is really there. It is also an arrival
+    for the volatility judgement (the sample that would show it may no longer see the service that
+    ran out of memory, if its process died).
     """
-    return dataclasses.replace(tenants, assumed=max(tenants.assumed, level))
+    changes = tenants.changes
+    if level > tenants.level:
+        changes = (*tuple(c for c in changes if now - c[0] <= VOLATILITY_WINDOW), (now, level - tenants.level, level))
+    return dataclasses.replace(tenants, assumed=max(tenants.assumed, level), changes=changes[-MAX_CHANGES:])
