@@ -31,6 +31,7 @@ from optimizer.cli import main
 from optimizer.config import Settings, Strategy
 from optimizer.gpu.simulated import limits_from
 from optimizer.simulation.run import simulate
+from optimizer.simulation.physics import BACKOFF_INITIAL_S
 from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService, load_scenario
 from optimizer.simulation.world import World
 from tests.policy_helpers import ROOT
@@ -405,9 +406,17 @@ def test_oom_mode_overrides_the_scenario_files(tmp_path: Path) -> None:
     assert crash["restarts"] == crash["ooms"] > 0 and "--oom-mode crash" in crash["command"]
 
 
+def test_in_crash_mode_an_oom_costs_a_restart_unless_the_configuration_says_otherwise() -> None:
+    sc = dataclasses.replace(scenario(), oom_mode="crash", restart_s=40.0,
+                             services=tuple(dataclasses.replace(s, load_s=15.0 + i) for i, s in enumerate(scenario().services)))
+    longest = max(s.load_s for s in sc.services)
+    assert settings_for(sc, Settings()).oom_cost_s == 40.0 + BACKOFF_INITIAL_S + longest
+    assert settings_for(sc, Settings(oom_cost_s=5.0)).oom_cost_s == 5.0  # an operator's figure stands
+
+
 def test_every_scenario_passes_through_the_settings_hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     sc = scenario()
-    assert settings_for(sc, Settings()) == Settings()  # the identity, for now
+    assert settings_for(sc, Settings()) == Settings()  # recover mode: the settings as they are
     seen: list[str] = []
 
     def smaller(scenario: Scenario, settings: Settings) -> Settings:

@@ -209,6 +209,23 @@ def test_in_crash_mode_adaptive_takes_at_least_as_much_within_one_percent_and_mo
     assert check(below, "c.crash") == ("FAIL", [("s4", 0, None, "accelerate")])
 
 
+def test_in_crash_mode_a_baseline_that_kept_co_tenants_out_is_named_but_not_an_offender() -> None:
+    # accelerate took 10 % more items on the GPU, but with more co-tenant failures there than adaptive:
+    # its items came out of the co-tenants' memory.
+    starver = bench("s1", run("adaptive", svc("a", 1000.0)), run("accelerate", svc("a", 1100.0), cotenant_failures={0: 3}),
+                    run("lightning", svc("a", 500.0)))
+    more = [crash_bench("s2", 1000.0, 900.0), crash_bench("s3", 1000.0, 900.0)]
+    summary = summarize([starver, *more], {}, CRASH)
+    (c,) = [c for c in summary.checks if c.key == "c.crash"]
+    assert (c.status, c.offenders) == ("pass", ())
+    assert "1 more where the baseline kept co-tenants out (s1 GPU 0 accelerate)" in c.figure
+    # As many co-tenant failures as adaptive's: no excuse.
+    even = bench("s1", run("adaptive", svc("a", 1000.0), cotenant_failures={0: 3}),
+                 run("accelerate", svc("a", 1100.0), cotenant_failures={0: 3}), run("lightning", svc("a", 500.0)))
+    assert check(summarize([even, *more], {}, CRASH), "c.crash") == (
+        "FAIL", [("s1", 0, None, "accelerate")])
+
+
 def test_without_adaptive_the_checks_do_not_apply() -> None:
     summary = summarize([bench("s1", run("fixed-4", svc("a", 1.0)))], {}, CRASH)
     assert {c.status for c in summary.checks} == {"n/a"} and summary.passed

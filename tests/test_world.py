@@ -287,3 +287,26 @@ def test_the_ceilings_count_every_started_service_even_while_it_is_down() -> Non
     fit = math.floor((15_000 * 0.95 - 1024 - BASE) / ITEM)
     assert run.safe_oracle_items == pytest.approx(throughput_per_ms(fit, run.spec) * 1000 * 100)
     assert run.items < run.safe_oracle_items
+
+
+def test_a_service_whose_share_holds_no_item_is_credited_one_and_the_others_share_the_rest() -> None:
+    # Room for batches: 30 000 - 2 * 10 000 = 10 000 MiB, shared 5 000 / 5 000 by weight. "big"
+    # needs 6 000 per item: its share holds none, but one item fits, so the ceiling credits it one
+    # and "small" the 4 000 left (4 items of 1 000), never more than fits together.
+    w = world(service("big", per_item_mb=6_000.0), service("small"), total_mb=30_000)
+    ceilings = {name: w.oracle_batch(name, 0, 10.0) for name in ("big", "small")}
+    assert ceilings == {"big": 1, "small": 4}
+    assert 2 * BASE + 6_000 * ceilings["big"] + ITEM * ceilings["small"] <= 30_000
+    # Where one item does not fit either, the ceiling is 0 for it and the other keeps the whole room.
+    w = world(service("huge", per_item_mb=12_000.0), service("small"), total_mb=30_000)
+    assert (w.oracle_batch("huge", 0, 10.0), w.oracle_batch("small", 0, 10.0)) == (0, 10)
+
+
+def test_the_time_above_the_safety_bound_is_counted_per_gpu() -> None:
+    # Bound: 30 000 * 0.95 - 1024 = 27 476 MiB. Batch 17 holds 27 000 (below), batch 18 28 000 (above).
+    below, above = world(), world()
+    below.advance_to(60, Link(batch=17))
+    above.advance_to(60, Link(batch=18))
+    assert below.gpu_runs[0].seconds_above_bound == 0.0
+    assert above.gpu_runs[0].seconds_above_bound == pytest.approx(60.0, abs=1.0)
+    assert above.runs[0].ooms == 0  # above the bound is not out of memory

@@ -226,15 +226,31 @@ class World:
                 fragmentation: float | None = None) -> dict[str, int]:
         """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
 
-        ``fragmentation`` (a fraction) replaces every service's own when given.
+        A service whose share does not hold one item still runs one where it fits (a service cannot
+        run at batch 0): that item comes out of the memory first and the rest is shared among the
+        others, so the ceilings never credit more than fits together. ``fragmentation`` (a
+        fraction) replaces every service's own when given.
         """
         avail = total_mb - background - sum(self._base(r) for r in runs)
-        weights = sum(r.spec.weight for r in runs)
-        out = {}
+        worst: dict[str, float] = {}
         for r in runs:
             frag = (0.0 if r.pool_mb is not None else r.fragmentation) if fragmentation is None else fragmentation
-            worst_item = r.spec.per_item_at(t) * (1 + r.spec.noise) / (1 - frag)
-            out[r.spec.name] = fits(avail * r.spec.weight / weights, worst_item, self.limits.max_batch(r.spec.name))
+            worst[r.spec.name] = r.spec.per_item_at(t) * (1 + r.spec.noise) / (1 - frag)
+        out: dict[str, int] = {}
+        sharing = list(runs)
+        while sharing:
+            weights = sum(r.spec.weight for r in sharing)
+            short = [r for r in sharing if avail * r.spec.weight / weights < worst[r.spec.name]]
+            if not short:
+                break
+            for r in sorted(short, key=lambda r: -r.spec.weight):
+                out[r.spec.name] = 1 if avail >= worst[r.spec.name] else 0
+                avail -= out[r.spec.name] * worst[r.spec.name]
+            sharing = [r for r in sharing if r.spec.name not in out]
+        weights = sum(r.spec.weight for r in sharing)
+        for r in sharing:
+            out[r.spec.name] = fits(avail * r.spec.weight / weights, worst[r.spec.name],
+                                    self.limits.max_batch(r.spec.name))
         return out
 
     def _started(self, gpu: int, t: float) -> list[ServiceRun]:

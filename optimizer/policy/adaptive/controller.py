@@ -35,10 +35,11 @@ from dataclasses import dataclass
 
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
-from optimizer.policy.adaptive.memory import Fit, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.memory import FLOOR_TTL, Fit, fit, forget_oom_region, raise_floor
 from optimizer.policy.adaptive.tenants import Tenants, assume_at_least, update
 from optimizer.policy.model import (
     ADOPTION_INTERVALS,
+    active_ceiling,
     clamp,
     gpu_view,
     is_fresh,
@@ -76,6 +77,7 @@ class Member:
     hi: int
     share: float  # its share of the batch memory (0: it holds its batch)
     assumed_fixed: float = 0.0  # a newcomer's weights, before its reports measure them (bytes)
+    ceiling: int | None = None  # an unexplained OOM's size: not published again under the same conditions
 
     @property
     def name(self) -> str:
@@ -114,7 +116,8 @@ def members(services: Sequence[ServiceState], shares: dict[str, float], s: Setti
         lo, hi = s.batch_limits(profile)
         cur = in_force[svc.service]
         f = fit(svc.memory, profile.per_item_mb * MIB, now, cur)
-        out.append(Member(svc=svc, fit=f, cur=cur, lo=lo, hi=hi, share=shares.get(svc.service, 0.0)))
+        out.append(Member(svc=svc, fit=f, cur=cur, lo=lo, hi=hi, share=shares.get(svc.service, 0.0),
+                          ceiling=active_ceiling(svc, now)))
     measured = [m.fit.fixed for m in out if m.fit.measured]
     if not measured:  # a cold start: what loads is in the samples; there is nobody to make room
         return out
@@ -138,10 +141,15 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
         for m in free:
             fits_items[m.name] = parts[m.name] / m.cost if m.cost > 0 else float(m.hi)
             fits = math.floor(fits_items[m.name] + 1e-9)
-            top = min(m.hi, m.fit.trust_cap)
+            barred = m.ceiling - 1 if m.ceiling is not None else m.hi
+            top = min(m.hi, m.fit.trust_cap, barred)
             if fits >= top:
                 targets[m.name] = max(m.lo, top)
-                if top == m.hi:  # for good: what its part holds beyond it goes to the others
+                if top == barred < m.hi:
+                    capped[m.name] = f"the OOM at batch {m.ceiling}"
+                    spare += parts[m.name] - top * m.cost
+                    parts[m.name] = top * m.cost
+                elif top == m.hi:  # for good: what its part holds beyond it goes to the others
                     capped[m.name] = "max_batch_size"
                     spare += parts[m.name] - top * m.cost
                     parts[m.name] = top * m.cost
@@ -236,16 +244,26 @@ def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
         per_item = room / (failed * (1 + m.fit.waste_fraction)) if failed > 0 else 0.0
         memory = m.svc.memory
         steady = tenants.since < at  # no arrival or departure since the OOM
+        ceiling, until = m.svc.ceiling, m.svc.ceiling_until
         if m.fit.measured and steady and per_item > m.fit.worst_per_item:
             per_item = min(per_item * FLOOR_MARGIN, m.fit.worst_per_item * FLOOR_STEP)
             memory = raise_floor(memory, per_item, now)
+            ceiling, until = (failed if m.ceiling is None else min(m.ceiling, failed)), now + FLOOR_TTL
             detail = (f"OOM at batch {failed} not explained by the other tenants: worst per-item memory raised to "
-                      f"{per_item / MIB:.0f} MiB")
+                      f"{per_item / MIB:.0f} MiB, and {failed} not published again while they stay as they are")
         else:
             detail = f"OOM at batch {failed} explained: the other tenants hold {tenants.level / 2**30:.1f} GiB"
         events.append(Event("optimization_succeeded", gpu, now, service=m.name, trigger="oom_model", detail=detail))
-        out[m.name] = dataclasses.replace(m.svc, memory=memory, oom_pending=None)
+        out[m.name] = dataclasses.replace(m.svc, memory=memory, oom_pending=None, ceiling=ceiling, ceiling_until=until)
     return out
+
+
+def lift_ceilings(services: Sequence[ServiceState], tenants: Tenants, now: float) -> list[ServiceState]:
+    """An unexplained OOM's size bars the same conditions only: the other tenants' memory changed since
+    (an arrival or a departure after the OOM), the ceiling lapses."""
+    return [dataclasses.replace(x, ceiling=None, ceiling_until=float("-inf"))
+            if active_ceiling(x, now) is not None and x.last_oom_at is not None and tenants.since > x.last_oom_at
+            else x for x in services]
 
 
 def oom_cut(ms: Sequence[Member], failing: Member, failed: int, total: int, used: int | None, bound: float,
@@ -356,8 +374,9 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     if settled and mode == "sample":
         gs = observe_tenants(gs, used, ms, now, s)
         changed = explain_ooms(ms, total, gs.tenants, now, events, gs.index)
-        if changed:
-            services = [changed.get(x.service, x) for x in services]
+        lifted = lift_ceilings([changed.get(x.service, x) for x in services], gs.tenants, now)
+        if any(new is not old for new, old in zip(lifted, services)):
+            services = lifted
             ms = members(services, shares, s, now, running, total)
     bound = safety_bytes(total, s) - g.reserved
     other = planning_other(gs.tenants, ms, bound, now, s)
