@@ -201,7 +201,8 @@ def _admin_commands(sub: Any) -> None:
             ("--gc-threshold", "gc_threshold", float, "FRACTION"),
             ("--fragmentation-threshold", "fragmentation_threshold", float, "FRACTION"),
             ("--memory-reserve-mb", "memory_reserve_mb", int, "MIB"),
-            ("--target-memory-utilization", "target_memory_utilization", float, "FRACTION")):
+            ("--target-memory-utilization", "target_memory_utilization", float, "FRACTION"),
+            ("--oom-cost-s", "oom_cost_s", float, "SECONDS")):
         g.add_argument(flag, type=typ, metavar=metavar, help=f"sets {key}")
 
     p = add("export-config", "save the running configuration to a file",

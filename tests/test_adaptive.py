@@ -264,6 +264,19 @@ def test_a_service_whose_reports_stopped_counts_with_the_other_tenants() -> None
     assert counted.level == pytest.approx(16 * GIB) and uncounted.level == pytest.approx(30 * GIB)
 
 
+def test_a_late_starter_loading_its_weights_is_not_taken_for_a_volatile_tenant() -> None:
+    """Its weights show as other tenants' memory until its first report; that arrival and the drop at its
+    first report are the service's own, so no room is kept for them coming back."""
+    base = one_service(noise=0.03)
+    late = SimService(name="late", gpu=0, base_mb=12000, per_item_mb=800, item_ms=30, overhead_ms=100, noise=0.03,
+                      start_s=300, load_s=40)
+    run = WorldRun(dataclasses.replace(base, services=(*base.services, late)), dataclasses.replace(ADAPTIVE, oom_cost_s=600.0))
+    run.run_until(600)
+    tenants = run.engine.state.gpus[0].tenants
+    assert tenants.peaks(run.t) == [] and tenants.level < 2 * GIB
+    assert run.engine.state.services[(0, "late")].memory.measured
+
+
 def test_a_cleanup_is_raised_when_the_waste_costs_an_item_and_not_for_less_than_half_of_one() -> None:
     s = ADAPTIVE
     gs = GpuState(0, "u", "g", last_cleanup_at=0.0)

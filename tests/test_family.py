@@ -218,12 +218,32 @@ def test_in_crash_mode_a_baseline_that_kept_co_tenants_out_is_named_but_not_an_o
     summary = summarize([starver, *more], {}, CRASH)
     (c,) = [c for c in summary.checks if c.key == "c.crash"]
     assert (c.status, c.offenders) == ("pass", ())
-    assert "1 more where the baseline kept co-tenants out (s1 GPU 0 accelerate)" in c.figure
+    assert "1 more where the baseline kept others out (s1 GPU 0 accelerate)" in c.figure
     # As many co-tenant failures as adaptive's: no excuse.
     even = bench("s1", run("adaptive", svc("a", 1000.0), cotenant_failures={0: 3}),
                  run("accelerate", svc("a", 1100.0), cotenant_failures={0: 3}), run("lightning", svc("a", 500.0)))
     assert check(summarize([even, *more], {}, CRASH), "c.crash") == (
         "FAIL", [("s1", 0, None, "accelerate")])
+
+
+def test_in_crash_mode_a_baseline_that_kept_a_service_down_is_named_but_not_an_offender() -> None:
+    # fixed-4 took 20 % more on the GPU: "b" ran its batch while "a" crashed and restarted.
+    def two(name: str, a: ServiceResult, b: ServiceResult) -> Run:
+        return run(name, a, b)
+
+    more = [bench(n, run("adaptive", svc("a", 1000.0)), run("fixed-4", svc("a", 900.0)),
+                  run("accelerate", svc("a", 900.0)), run("lightning", svc("a", 900.0))) for n in ("s2", "s3")]
+    down = bench("s1", two("adaptive", svc("a", 500.0), svc("b", 500.0)),
+                 two("fixed-4", svc("a", 100.0, restarts=8), svc("b", 1100.0)),
+                 run("accelerate", svc("a", 100.0)), run("lightning", svc("a", 100.0)))
+    summary = summarize([down, *more], {}, CRASH)
+    (c,) = [c for c in summary.checks if c.key == "c.crash"]
+    assert (c.status, c.offenders) == ("pass", ()) and "(s1 GPU 0 fixed-4)" in c.figure
+    # The same items without the restarts: a better split, not a service kept down.
+    split = bench("s1", two("adaptive", svc("a", 500.0), svc("b", 500.0)),
+                  two("fixed-4", svc("a", 100.0), svc("b", 1100.0)),
+                  run("accelerate", svc("a", 100.0)), run("lightning", svc("a", 100.0)))
+    assert check(summarize([split, *more], {}, CRASH), "c.crash") == ("FAIL", [("s1", 0, None, "fixed-4")])
 
 
 def test_without_adaptive_the_checks_do_not_apply() -> None:

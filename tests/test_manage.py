@@ -435,7 +435,8 @@ async def test_configure_every_flag(svc: Service) -> None:
               "--oom-threshold": "0.9", "--max-batch-size": "48", "--min-batch-size": "2",
               "--monitoring-interval": "2", "--optimization-interval": "30", "--cleanup-interval": "120",
               "--temperature-threshold": "85", "--gc-threshold": "0.8", "--fragmentation-threshold": "0.4",
-              "--memory-reserve-mb": "512", "--target-memory-utilization": "0.7"}
+              "--memory-reserve-mb": "512", "--target-memory-utilization": "0.7",
+              "--oom-cost-s": "240"}
     assert {f"--{dest.replace('_', '-')}" for dest in manage.CONFIGURE_FLAGS} == set(values)
     assert set(manage.CONFIGURE_FLAGS.values()) <= set(SETTING_KEYS)
     r = await svc.run("configure", *[x for kv in values.items() for x in kv])

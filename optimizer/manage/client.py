@@ -52,6 +52,7 @@ CONFIGURE_FLAGS: dict[str, str] = {
     "fragmentation_threshold": "fragmentation_threshold",
     "memory_reserve_mb": "memory_reserve_mb",
     "target_memory_utilization": "target_memory_utilization",
+    "oom_cost_s": "oom_cost_s",
 }
 
 Sleep = Callable[[float], None]

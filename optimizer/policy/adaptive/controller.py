@@ -64,6 +64,7 @@ TOLERANCE_SPREAD = 0.1  # ... this fraction of the range one sample leaves them 
 FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU ...
 FLOOR_STEP = 1.1  # ... and at most 10 % above the worst the model knew (a wrong blame costs little)
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
+SETTLED_REPORTS = 24  # a model this many reports old (2 minutes at 5 s) is past learning: its drops may flap
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,20 @@ def observe_tenants(gs: GpuState, used: int, ms: Sequence[Member], now: float, s
     lower = used - sum(m.fit.high(m.cur) for m in measured)
     upper = used - sum(m.fit.low(m.cur) for m in measured)
     tolerance = max(TOLERANCE_BYTES, TOLERANCE_SPREAD * (upper - lower))
-    clean = len(measured) == sum(1 for m in ms if m.fit.measured)  # no service of its own came or went
+    # A change is the other tenants' only if no service of the GPU may be loading or dropping its own
+    # memory unseen: every service is counted, or has been silent longer than a restart takes.
+    quiet = max(NEWCOMER_S, s.service_expiry)
+    counted = {m.name for m in measured}
+    clean = all(now - _last_sign(m.svc) > quiet for m in ms if m.name not in counted)
+    # Early on a service's held memory still creeps up to its worst as the jitter draws its maximum.
+    unseen = sum(max(0.0, m.fit.worst(m.cur) - m.fit.high(m.cur)) for m in measured)
     return dataclasses.replace(gs, tenants=update(gs.tenants, now, lower, upper, tolerance, s.monitoring_interval,
-                                                  record=clean))
+                                                  record=clean, significant=unseen))
+
+
+def _last_sign(svc: ServiceState) -> float:
+    """When the service last showed what it holds could change: its first contact, report or OOM."""
+    return max(t for t in (svc.registered_at, svc.reported_at, svc.last_oom_at) if t is not None)
 
 
 def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
@@ -472,7 +484,8 @@ def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: 
         why += "; held while a cleanup clears its fragmentation"
     elif target < cur:
         batch = target
-        svc = dataclasses.replace(svc, lowered=(now, cur))
+        if m.fit.measured and svc.memory.reports >= SETTLED_REPORTS:  # not while it is still being learned
+            svc = dataclasses.replace(svc, lowered=(now, cur))
     elif target > cur and m.share > 0:
         if not grow:
             why += "; GPU hot: not growing" if gs.hot else "; growing once the samples confirm the headroom"

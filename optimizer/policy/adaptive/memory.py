@@ -14,7 +14,9 @@ these the model keeps, in bytes:
   that shrinks with the number of observations (``PRIOR_JITTER / n``), never below a floor that an
   OOM the model could not explain left behind (:func:`raise_floor`);
 - the memory it holds per item beyond the fixed memory (``(reserved - allocated) / batch``), its least
-  and its most over the same reports, and the fragmentation waste per byte of activations.
+  and its most over the last :data:`HELD_TTL` seconds of reports (what one moment can show: a
+  per-item memory that rose is not taken for another tenant's arrival for long), and the
+  fragmentation waste per byte of activations.
 
 Predictions at a batch ``b``: the worst footprint ``fixed + b * worst_per_item * (1 + waste)``, and
 the range one sample of the GPU can show it holding, ``fixed + b * held`` at the least and the most
@@ -42,6 +44,7 @@ TRUST_GROWTH = 1.0  # growth allowed beyond the largest batch run without an OOM
 FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item memory holds
 MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
 RANGE_ALLOWANCE = 0.1  # the range of memory held per item seen, widened by this fraction on each side
+HELD_TTL = 300.0  # s: the memory held per item is what one moment shows: the last 2 minutes' range
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,7 @@ def observe(model: MemoryModel, t: float, batch: int | None, peak: int | None, a
         # weights alone: it says nothing of what a batch holds.
         ran = reserved > fixed if peak is None else peak > fixed and reserved - fixed >= 0.5 * (peak - fixed)
         if ran:
-            held = _recent((*held, (t, per_item)), t)
+            held = _recent((*held, (t, per_item)), t, HELD_TTL)
     waste, fraction = model.waste, model.waste_fraction
     if reserved is not None:
         if inactive_split is not None:
@@ -122,8 +125,9 @@ def _intercept(bare: tuple[tuple[int, float], ...]) -> float | None:
     return max(0.0, min(min(p for _, p in bare), mean_p - slope * mean_b))
 
 
-def _recent(observations: tuple[tuple[float, float], ...], now: float) -> tuple[tuple[float, float], ...]:
-    kept = tuple(o for o in observations if now - o[0] <= OBSERVATION_TTL)
+def _recent(observations: tuple[tuple[float, float], ...], now: float,
+            ttl: float = OBSERVATION_TTL) -> tuple[tuple[float, float], ...]:
+    kept = tuple(o for o in observations if now - o[0] <= ttl)
     return kept[-MAX_OBSERVATIONS:]
 
 
@@ -180,7 +184,7 @@ def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch:
     top = max(observations)
     mean = sum(observations) / len(observations)
     worst = max(top + (top - mean + top * PRIOR_JITTER) / len(observations), floor)
-    held = [x for t, x in model.held if now - t <= OBSERVATION_TTL]
+    held = [x for t, x in model.held if now - t <= HELD_TTL]
     per_item = mean * (1 + model.waste_fraction)
     low, high = (min(held), max(held)) if held else (per_item, worst * (1 + model.waste_fraction))
     if held:  # a sample is one more draw: it may lie beyond the range the reports showed

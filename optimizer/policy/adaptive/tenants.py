@@ -74,12 +74,14 @@ class Tenants:
 
 
 def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: float, interval: float,
-           record: bool = True) -> Tenants:
+           record: bool = True, significant: float = 0.0) -> Tenants:
     """The tenants after a settled sample that bounds their memory between ``lower`` and ``upper`` (bytes).
 
     ``tolerance`` (bytes) is noise to ignore; ``interval`` the monitoring interval (s): changes of one
-    sign within two intervals are one arrival (a ramp) or one departure. ``record`` False: the change
-    is not kept for the volatility judgement (the sample also saw a service of the GPU come or go).
+    sign within two intervals are one arrival (a ramp) or one departure. A change is kept for the
+    volatility judgement only if ``record`` (False: the sample also saw a service of the GPU come or
+    go) and it is larger than ``significant`` bytes (what the services' own memory may still grow by
+    unseen: a change within it may be theirs).
     """
     upper = max(upper, lower)
     sample = (now, lower, upper)
@@ -96,7 +98,7 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     floor = min(level, max(0.0, max(lo for _, lo, _ in window)))
     changes = tuple(c for c in tenants.changes if now - c[0] <= VOLATILITY_WINDOW)
     delta = level - tenants.level
-    if record and (arrived or departed) and abs(delta) > tolerance:
+    if record and (arrived or departed) and abs(delta) > max(tolerance, significant):
         if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
             changes = (*changes[:-1], (now, changes[-1][1] + delta, level))  # one ramp, one departure
         else:
