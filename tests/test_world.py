@@ -151,6 +151,21 @@ def test_an_oom_costs_the_step_and_the_recovery_time_with_the_weights_still_held
     assert all(used == BASE for _, used in trace.used_mb[0])
 
 
+def test_after_an_oom_the_next_report_carries_the_peak_of_the_new_batch_only() -> None:
+    # Batch 12 runs (22 000 MiB) until a co-tenant takes 9 000 MiB at 3 s; its next ask fails, the
+    # reply lowers it to 5 mid-interval, and the report at the next poll is of batch 5's peak alone
+    # (the client library keeps only the peaks measured at its latest batch size).
+    jitter = Background(gpu=0, at_s=3, mb=9_000)
+    w = world(service(noise=0.1), total_mb=31_000, background=(jitter,))
+    link = Link(batch=12, after_oom=5)
+    w.advance_to(12, link)
+    assert link.ooms, "the co-tenant should have cost an OOM"
+    oom_t = link.ooms[0][0]
+    after = [(t, b, peak) for t, _, b, peak, _, _ in link.reports if t > oom_t]
+    assert after and all(b == 5 and peak is not None and peak <= (BASE + 5 * ITEM * 1.1) * 2**20 + 1
+                         for t, b, peak in after)
+
+
 def test_in_crash_mode_an_oom_kills_the_process_which_restarts_after_the_back_off() -> None:
     w = world(service(), total_mb=15_000, oom_mode="crash", restart_s=30.0)
     trace = w.record()

@@ -439,6 +439,7 @@ class World:
         if batch != run.batch:
             run.batch = batch
             run.batches.append((t, batch))
+            run.peak_mb = 0.0  # the client reports the peak at its latest batch size only (client/telemetry.py)
 
     def _start(self, r: ServiceRun, t: float, link: ServiceLink) -> None:
         """A service process starts (or restarts): it holds nothing yet and polls before it runs."""
