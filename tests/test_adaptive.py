@@ -289,6 +289,10 @@ def test_a_cleanup_is_raised_when_the_waste_costs_an_item_and_not_for_less_than_
     small = dataclasses.replace(costly, fit=dataclasses.replace(costly.fit, waste=0.2 * GIB, waste_fraction=0.01))
     roomy = plan([small], 80 * GIB, 0.0)
     assert want_cleanup([dataclasses.replace(small, hi=20)], roomy, gs, now, s, 60.0) is None
+    # The same small waste on a GPU above its safety bound: worth clearing (still once per interval).
+    assert want_cleanup([dataclasses.replace(small, hi=20)], roomy, gs, now, s, 60.0, over_bound=True) is not None
+    spaced = dataclasses.replace(gs, last_cleanup_at=now - 1)
+    assert want_cleanup([dataclasses.replace(small, hi=20)], roomy, spaced, now, s, 60.0, over_bound=True) is None
 
 
 # ----------------------------------------------------------------------------- OOM reports

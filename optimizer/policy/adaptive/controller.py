@@ -301,7 +301,7 @@ def growth_room(ms: Sequence[Member], bound: float, other: float) -> float:
 
 
 def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Settings,
-                 utilization: float | None) -> Member | None:
+                 utilization: float | None, over_bound: bool = False) -> Member | None:
     """The service whose fragmentation makes a cleanup worth its cost now, if any (else ``None``).
 
     A cleanup stalls every service on the GPU for about :data:`CLEANUP_COST_S`. What it gains: the
@@ -311,12 +311,18 @@ def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Set
     share of the time the GPU is not computing (``1 - utilization``; 0.5 when unknown). Waste grows
     steadily between cleanups, so the gain lasts about as long as it took to build up: a cleanup is
     due when ``gain * seconds since the last one`` reaches its cost (for the fraction, half of it:
-    the waste grew from none). At most one per :data:`CLEANUP_MIN_INTERVALS` monitoring intervals.
+    the waste grew from none). ``over_bound`` (the GPU uses more than the safety bound): any waste is
+    worth clearing, the service holding the most. At most one per :data:`CLEANUP_MIN_INTERVALS`
+    monitoring intervals.
     """
     since = now - gs.last_cleanup_at if gs.last_cleanup_at is not None else now - min(
         (m.svc.registered_at for m in ms), default=now)
     if since < CLEANUP_MIN_INTERVALS * s.monitoring_interval:
         return None
+    if over_bound:
+        wasting = [m for m in ms if m.fit.measured and m.fit.waste > 0]
+        if wasting:
+            return max(wasting, key=lambda m: m.fit.waste)
     elasticity = THROUGHPUT_ELASTICITY if utilization is None else min(1.0, max(0.1, 1 - utilization / 100))
     best: tuple[float, Member] | None = None
     for m in ms:
@@ -395,7 +401,8 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     p = plan(ms, bound, other)
     grow = force or (mode == "sample" and settled and gs.tenants.confirmed and not gs.hot)
     granted = grants(ms, p, growth_room(ms, bound, other), now, gs.last_cleanup_at) if grow else {}
-    cleaning = mode == "sample" and want_cleanup(ms, p, gs, now, s, sample.utilization_percent) is not None
+    cleaning = mode == "sample" and want_cleanup(ms, p, gs, now, s, sample.utilization_percent,
+                                                 over_bound=used > bound) is not None
     out = [_decide(m, p, granted.get(m.name, 0), grow, gs, sample, now, events,
                    hold=cleaning and _waste_only(m, p, s)) for m in ms]
     if cleaning:

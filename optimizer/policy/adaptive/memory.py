@@ -44,7 +44,7 @@ TRUST_GROWTH = 1.0  # growth allowed beyond the largest batch run without an OOM
 FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item memory holds
 MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
 RANGE_ALLOWANCE = 0.1  # the range of memory held per item seen, widened by this fraction on each side
-HELD_TTL = 300.0  # s: the memory held per item is what one moment shows: the last 2 minutes' range
+HELD_TTL = 300.0  # s: the memory held per item is what one moment shows: the last 5 minutes' range
 
 
 @dataclass(frozen=True, slots=True)
