@@ -233,8 +233,8 @@ def test_a_tenant_that_keeps_coming_back_is_held_room_for_when_an_oom_costs_enou
     ms = [member("a", GIB)]
     t = Tenants(level=0.0, changes=tuple((100.0 * k, 10 * GIB, 10 * GIB) for k in range(1, 5)))
     now = 450.0
-    assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=600.0), 5.0) == 10 * GIB
-    assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=0.0), 5.0) == 0.0
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=600.0)) == 10 * GIB
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=0.0)) == 0.0
 
 
 def test_a_newcomer_that_has_not_reported_is_assumed_to_load_weights_like_the_others() -> None:
@@ -244,12 +244,12 @@ def test_a_newcomer_that_has_not_reported_is_assumed_to_load_weights_like_the_ot
     new = ServiceState(service="new", gpu=0, batch_size=1, optimal=1, reason="", changed_at=500.0, updated_at=500.0,
                        last_seen=500.0, registered_at=500.0)
     running = {"old": 8, "new": 1}
-    early = {m.name: m for m in members([old, new], {"old": 0.5, "new": 0.5}, s, 500.0 + NEWCOMER_S - 1, running, 0)}
+    early = {m.name: m for m in members([old, new], {"old": 0.5, "new": 0.5}, s, 500.0 + NEWCOMER_S - 1, running)}
     assert early["new"].assumed_fixed == pytest.approx(12 * GIB) and early["old"].assumed_fixed == 0.0
-    late = {m.name: m for m in members([old, new], {"old": 0.5, "new": 0.5}, s, 500.0 + NEWCOMER_S + 1, running, 0)}
+    late = {m.name: m for m in members([old, new], {"old": 0.5, "new": 0.5}, s, 500.0 + NEWCOMER_S + 1, running)}
     assert late["new"].assumed_fixed == 0.0
     # A cold start (nobody measured yet): what loads shows in the samples, nobody to make room.
-    cold = members([new], {"new": 1.0}, s, 510.0, {"new": 1}, 0)
+    cold = members([new], {"new": 1.0}, s, 510.0, {"new": 1})
     assert cold[0].assumed_fixed == 0.0
 
 

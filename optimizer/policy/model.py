@@ -156,7 +156,7 @@ def gpu_view(index: int, total: int, used: int, peak: int, services: list[Servic
             total_weight += s.profile(name).weight * n
     for x in services:
         if weights[x.service] > 0:
-            pool += batch_in_force(x, now, s) * per_item_bytes(s.strategy, s.profile(x.service), x)
+            pool += batch_in_force(x, now, s) * per_item_bytes(s.profile(x.service))
     return GpuView(total=total, used=used, peak=peak, weights=weights, total_weight=total_weight, pool=pool,
                    reserved=roster.reserved_bytes.get(index, 0))
 
@@ -164,7 +164,7 @@ def gpu_view(index: int, total: int, used: int, peak: int, services: list[Servic
 def continuous_optimum(svc: ServiceState, g: GpuView, used: int, now: float, s: Settings) -> tuple[float, float, float]:
     """(x, safe_max_continuous, per-item bytes) for a service given the GPU's used bytes (see the module doc)."""
     profile = s.profile(svc.service)
-    p = per_item_bytes(s.strategy, profile, svc)
+    p = per_item_bytes(profile)
     cur = batch_in_force(svc, now, s)
     share = g.share(svc.service)
     if share <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from optimizer.config import ServiceProfile, Strategy
-from optimizer.policy.types import MIB, ServiceState
+from optimizer.policy.types import MIB
 
 #: Fraction of the computed optimum each strategy publishes (seed 004). adaptive sizes from learned
 #: memory models instead (optimizer.policy.adaptive); its factor is 1 on its own target.
@@ -22,7 +22,7 @@ def apply_strategy(strategy: Strategy, optimal: int) -> int:
     return math.floor(optimal * STRATEGY_FACTORS[strategy] + 1e-9)
 
 
-def per_item_bytes(strategy: Strategy, profile: ServiceProfile, svc: ServiceState) -> float:
+def per_item_bytes(profile: ServiceProfile) -> float:
     """Memory of one more item for the fixed-factor strategies: what the profile declares (bytes).
 
     adaptive does not use it: it sizes from what the service's reports taught (:mod:`optimizer.policy.adaptive`).

@@ -106,7 +106,7 @@ class Plan:
 
 
 def members(services: Sequence[ServiceState], shares: dict[str, float], s: Settings, now: float,
-            in_force: dict[str, int], total: int) -> list[Member]:
+            in_force: dict[str, int]) -> list[Member]:
     """The services of one GPU with their models; a newcomer not measured yet, next to measured
     services, is assumed to be loading weights as large as theirs (their mean) for :data:`NEWCOMER_S`
     seconds, so that they make room for it: a service that never reports holds memory the samples
@@ -169,7 +169,7 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
 
 
 def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
-                       s: Settings, interval: float) -> float:
+                       s: Settings) -> float:
     """Memory to keep for a tenant that left and is likely to return (bytes), weighed against ``oom_cost_s``.
 
     For each level the tenants' arrivals reached lately: riding the memory it would take costs, per
@@ -197,15 +197,35 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
 def planning_other(tenants: Tenants, ms: Sequence[Member], bound: float, now: float, s: Settings) -> float:
     """The other tenants' memory to plan for: the level, its trend over the horizon, the volatility reserve."""
     level = tenants.planned() + tenants.trend * HORIZON_INTERVALS * s.monitoring_interval
-    return level + volatility_reserve(tenants, ms, bound, level, now, s, s.monitoring_interval)
+    return level + volatility_reserve(tenants, ms, bound, level, now, s)
 
 
-def in_force(svc: ServiceState, now: float, s: Settings, adoption_s: float) -> int:
+def in_force(svc: ServiceState, now: float, s: Settings) -> int:
     """The batch the service runs: the one it reported after its last change was adopted, else the published one."""
-    if (svc.reported_batch is not None and svc.reported_at is not None and svc.reported_at >= svc.changed_at
-            + adoption_s and now - svc.reported_at <= 3 * s.monitoring_interval):
+    if (svc.reported_batch is not None and svc.reported_at is not None and is_fresh(svc.reported_at, now, s)
+            and svc.reported_at >= svc.changed_at + ADOPTION_INTERVALS * s.monitoring_interval):
         return svc.reported_batch
     return svc.batch_size
+
+
+@dataclass(frozen=True)
+class View:
+    """One GPU's sample as the plan reads it: its memory, who shares it by how much, who runs what (bytes)."""
+
+    total: int
+    used: int
+    bound: float  # the safety bound, less the memory starting pods will take
+    shares: dict[str, float]
+    running: dict[str, int]
+
+
+def view(sample: GpuSample, gs: GpuState, services: Sequence[ServiceState], s: Settings, roster: Roster,
+         now: float) -> View:
+    total, used = sample_view(sample)
+    g = gpu_view(gs.index, total, used, used, list(services), s, roster, now)
+    return View(total=total, used=used, bound=safety_bytes(total, s) - g.reserved,
+                shares={x.service: g.share(x.service) for x in services},
+                running={x.service: in_force(x, now, s) for x in services})
 
 
 def observe_tenants(gs: GpuState, used: int, ms: Sequence[Member], now: float, s: Settings) -> GpuState:
@@ -278,21 +298,17 @@ def lift_ceilings(services: Sequence[ServiceState], tenants: Tenants, now: float
             else x for x in services]
 
 
-def oom_cut(ms: Sequence[Member], failing: Member, failed: int, total: int, used: int | None, bound: float,
-            tenants: Tenants, s: Settings, now: float) -> tuple[int, Tenants]:
-    """The batch after an OOM report at ``failed``, and the tenants as the OOM proves them.
+def oom_cut(ms: Sequence[Member], failing: Member, cut: int, total: int, bound: float, tenants: Tenants,
+            s: Settings, now: float) -> tuple[int, Tenants]:
+    """The batch after an OOM report, at most ``cut``, and the tenants as the OOM proves them.
 
-    The OOM proves more memory in use than the models explain: at least what the GPU had free at the
-    last sample beyond the services' worst footprints. Plan for that, and cut by 10 % at least.
+    The OOM proves more memory in use than the models explain: at least the GPU's total beyond the
+    services' worst footprints at the batches they ran. Plan for that.
     """
     worst = sum(m.fit.worst(m.cur) for m in ms if m.fit.measured)
-    lower = total - worst
-    if used is not None:
-        lower = max(lower, used - worst)
-    tenants = assume_at_least(tenants, lower, now)
+    tenants = assume_at_least(tenants, total - worst, now)
     p = plan(ms, bound, planning_other(tenants, ms, bound, now, s))
-    batch = min(p.targets.get(failing.name, failing.lo), failed - 1, math.floor(failed * OOM_CUT))
-    return max(failing.lo, batch), tenants
+    return max(failing.lo, min(p.targets.get(failing.name, failing.lo), cut)), tenants
 
 
 def growth_room(ms: Sequence[Member], bound: float, other: float) -> float:
@@ -383,20 +399,16 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     for the samples to confirm, learn nothing new) or ``rebalance`` (the shares moved: only lower).
     """
     force = mode == "now"
-    total, used = sample_view(sample)
-    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
-    shares = {x.service: g.share(x.service) for x in services}
-    adoption = ADOPTION_INTERVALS * s.monitoring_interval
-    running = {x.service: in_force(x, now, s, adoption) for x in services}
-    ms = members(services, shares, s, now, running, total)
+    v = view(sample, gs, services, s, roster, now)
+    used, bound = v.used, v.bound
+    ms = members(services, v.shares, s, now, v.running)
     if settled and mode == "sample":
         gs = observe_tenants(gs, used, ms, now, s)
-        changed = explain_ooms(ms, total, gs.tenants, now, events, gs.index)
+        changed = explain_ooms(ms, v.total, gs.tenants, now, events, gs.index)
         lifted = lift_ceilings([changed.get(x.service, x) for x in services], gs.tenants, now)
         if any(new is not old for new, old in zip(lifted, services)):
             services = lifted
-            ms = members(services, shares, s, now, running, total)
-    bound = safety_bytes(total, s) - g.reserved
+            ms = members(services, v.shares, s, now, v.running)
     other = planning_other(gs.tenants, ms, bound, now, s)
     p = plan(ms, bound, other)
     grow = force or (mode == "sample" and settled and gs.tenants.confirmed and not gs.hot)
@@ -464,14 +476,10 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
 def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, sample: GpuSample, s: Settings,
                roster: Roster, now: float) -> int:
     """The largest batch adaptive would publish for ``svc`` now (what an operator's override is held to)."""
-    total, used = sample_view(sample)
     services = [*others, svc]
-    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
-    shares = {x.service: g.share(x.service) for x in services}
-    adoption = ADOPTION_INTERVALS * s.monitoring_interval
-    ms = members(services, shares, s, now, {x.service: in_force(x, now, s, adoption) for x in services}, total)
-    bound = safety_bytes(total, s) - g.reserved
-    return plan(ms, bound, planning_other(gs.tenants, ms, bound, now, s)).targets[svc.service]
+    v = view(sample, gs, services, s, roster, now)
+    ms = members(services, v.shares, s, now, v.running)
+    return plan(ms, v.bound, planning_other(gs.tenants, ms, v.bound, now, s)).targets[svc.service]
 
 
 def _decide(m: Member, p: Plan, granted: int, grow: bool, gs: GpuState, sample: GpuSample, now: float,
@@ -514,15 +522,9 @@ def on_oom(svc: ServiceState, others: Sequence[ServiceState], failed: int, gs: G
     svc = after_oom(svc, failed, now)
     if sample is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
         return svc, gs, cut
-    total, used = sample_view(sample)
     services = [*others, svc]
-    g = gpu_view(gs.index, total, used, used, services, s, roster, now)
-    shares = {x.service: g.share(x.service) for x in services}
-    adoption = ADOPTION_INTERVALS * s.monitoring_interval
-    running = {x.service: in_force(x, now, s, adoption) for x in services}
-    running[svc.service] = failed
-    ms = members(services, shares, s, now, running, total)
+    v = view(sample, gs, services, s, roster, now)
+    ms = members(services, v.shares, s, now, {**v.running, svc.service: failed})
     failing = next(m for m in ms if m.name == svc.service)
-    bound = safety_bytes(total, s) - g.reserved
-    batch, tenants = oom_cut(ms, failing, failed, total, used, bound, gs.tenants, s, now)
-    return svc, dataclasses.replace(gs, tenants=tenants), min(cut, batch)
+    batch, tenants = oom_cut(ms, failing, cut, v.total, v.bound, gs.tenants, s, now)
+    return svc, dataclasses.replace(gs, tenants=tenants), batch
