@@ -79,7 +79,11 @@ Key = tuple[int, str]  # (GPU index, service name)
 
 
 class _PerService:
-    """The part every baseline shares: a state per (GPU, service) and a cleanup epoch per service."""
+    """The part every baseline shares: a state per (GPU, service) and a cleanup epoch per service.
+
+    A poll answers :meth:`current`; an OOM report empties the cache, then :meth:`on_oom` reacts, and
+    the reply is :meth:`current` again.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -103,6 +107,26 @@ class _PerService:
     def forget(self, key: Key) -> None:
         """Drop what the service's process decided (nothing for a fixed batch)."""
 
+    def current(self, key: Key) -> int:
+        """The batch the service's process runs now."""
+        raise NotImplementedError
+
+    def on_oom(self, key: Key, t: float) -> None:
+        """What the baseline does on an OOM, after emptying the cache (nothing: the same batch again)."""
+
+    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
+        key = (gpu, service)
+        return self.current(key), self.epoch(key)
+
+    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
+               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
+               inactive_split_bytes: int | None = None) -> int:
+        key = (gpu, service)
+        if oom:
+            self.empty_cache(key)
+            self.on_oom(key, t)
+        return self.current(key)
+
 
 class FixedLink(_PerService):
     """A fixed batch size: ``size`` items, or the service's ``max_batch_size`` when ``size`` is ``None``."""
@@ -111,18 +135,8 @@ class FixedLink(_PerService):
         super().__init__(settings)
         self.size = size
 
-    def _batch(self, service: str) -> int:
-        return self.max_batch(service) if self.size is None else self.size
-
-    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
-        return self._batch(service), self.epoch((gpu, service))
-
-    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
-               inactive_split_bytes: int | None = None) -> int:
-        if oom:
-            self.empty_cache((gpu, service))
-        return self._batch(service)
+    def current(self, key: Key) -> int:
+        return self.max_batch(key[1]) if self.size is None else self.size
 
 
 class AccelerateLink(_PerService):
@@ -132,24 +146,14 @@ class AccelerateLink(_PerService):
         super().__init__(settings)
         self.batch: dict[Key, int] = {}
 
-    def _current(self, key: Key) -> int:
+    def current(self, key: Key) -> int:
         return self.batch.setdefault(key, min(ACCELERATE_START, self.max_batch(key[1])))
 
     def forget(self, key: Key) -> None:
         self.batch.pop(key, None)
 
-    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
-        key = (gpu, service)
-        return self._current(key), self.epoch(key)
-
-    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
-               inactive_split_bytes: int | None = None) -> int:
-        key = (gpu, service)
-        if oom:
-            self.empty_cache(key)
-            self.batch[key] = int(self._current(key) * ACCELERATE_FACTOR)  # 0: accelerate gives up
-        return self._current(key)
+    def on_oom(self, key: Key, t: float) -> None:
+        self.batch[key] = int(self.current(key) * ACCELERATE_FACTOR)  # 0: accelerate gives up
 
 
 @dataclass
@@ -232,21 +236,19 @@ class LightningLink(_PerService):
         key = (gpu, service)
         s = self.searches.get(key)
         if s is None:
-            s = self.searches[key] = _Search(size=min(LIGHTNING_INIT_VAL, self.max_batch(service)), started_at=t)
+            self.searches[key] = _Search(size=min(LIGHTNING_INIT_VAL, self.max_batch(service)), started_at=t)
         elif s.found is None and t - s.started_at >= self.trial_s - 1e-9:
             self._succeeded(s, service, t)
-        return (s.size if s.found is None else s.found), self.epoch(key)
+        return super().poll(service, gpu, t)
 
-    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
-               inactive_split_bytes: int | None = None) -> int:
-        key = (gpu, service)
+    def current(self, key: Key) -> int:
         s = self.searches[key]  # a service polls before it runs anything
-        if oom:
-            self.empty_cache(key)
-            if s.found is None:
-                self._failed(s, t)
         return s.size if s.found is None else s.found
+
+    def on_oom(self, key: Key, t: float) -> None:
+        s = self.searches[key]
+        if s.found is None:
+            self._failed(s, t)
 
 
 class VllmLink(_PerService):
@@ -277,20 +279,8 @@ class VllmLink(_PerService):
         self.batch[key] = max(0, min(self.max_batch(service), int((pool - spec.base_mb) // worst)))
         return Start(pool_mb=pool)
 
-    def _current(self, key: Key) -> int:
+    def current(self, key: Key) -> int:
         return self.batch.get(key, 0)
-
-    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
-        key = (gpu, service)
-        return self._current(key), self.epoch(key)
-
-    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
-               inactive_split_bytes: int | None = None) -> int:
-        key = (gpu, service)
-        if oom:
-            self.empty_cache(key)
-        return self._current(key)
 
 
 class OracleLink(_PerService):
