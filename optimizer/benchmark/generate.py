@@ -64,12 +64,14 @@ from pathlib import Path
 
 import yaml
 
+from optimizer.config import Settings
 from optimizer.simulation.scenario import OOM_MODES, Background, Scenario, SimGpu, SimService, Thermal, scenario_to_dict
 
 DURATION_S = 3600.0  # every generated scenario's length; feasibility is always checked over it
 STEP_S = 1.0
-SAFE_FRACTION = 0.95  # Settings.memory_threshold_oom's default
-RESERVE_MB = 1024.0  # Settings.memory_reserve_mb's default
+_DEFAULTS = Settings()
+SAFE_FRACTION = _DEFAULTS.memory_threshold_oom  # the bound the distribution assumes: the defaults' (0.95 ...
+RESERVE_MB = float(_DEFAULTS.memory_reserve_mb)  # ... and 1024 MiB)
 SUDDEN_RAMP_S = 10.0  # an arrival that ramps over less than this is sudden
 MAX_SCENARIOS = 10_000
 

@@ -55,6 +55,15 @@ def _batch_steps(run: Run, gpu: int, service: str, end_s: float) -> tuple[list[f
     return [], []
 
 
+def _save(plt: Any, fig: Any, path: Path, dpi: int) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as PNG (making its folder) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_scenario(bench: ScenarioBenchmark, path: Path, *, dpi: int = 72) -> Path:
     """Write ``bench``'s figure to ``path`` (PNG) and return it. Memory in GiB, time in minutes."""
     import matplotlib
@@ -103,11 +112,7 @@ def plot_scenario(bench: ScenarioBenchmark, path: Path, *, dpi: int = 72) -> Pat
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     axes[-1].set_xlabel("scenario time (minutes)")
     fig.suptitle(f"{sc.name}: {bench.duration_s:g} s, services poll every {bench.interval_s:g} s", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi)
 
 
 def plot_family(summary: FamilySummary, path: Path, *, dpi: int = 72) -> Path:
@@ -150,8 +155,4 @@ def plot_family(summary: FamilySummary, path: Path, *, dpi: int = 72) -> Path:
     bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     f = summary.family
     fig.suptitle(f"family gen-{f.seed}: {f.n} scenarios, oom_mode {f.oom_mode}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi)

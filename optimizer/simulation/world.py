@@ -190,6 +190,10 @@ class Limits:
     def max_batch(self, service: str) -> int:
         return self.service_max.get(service, self.max_batch_size)
 
+    def safe_bound_mb(self, total_mb: float) -> float:
+        """The safety bound of a GPU of ``total_mb`` (MiB): ``total * memory_threshold_oom - memory_reserve_mb``."""
+        return total_mb * self.safe_fraction - self.reserve_mb
+
 
 class World:
     def __init__(self, scenario: Scenario, *, initial_batch: int = 1, limits: Limits | None = None,
@@ -400,7 +404,8 @@ class World:
         self.temperature[gpu_index] = temperature_c(gpu, util, thermal, clock)
         if clock < 1.0:
             self.gpu_runs[gpu_index].seconds_throttled += dt
-        if used > gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb:
+        safe_total = self.limits.safe_bound_mb(gpu.total_mb)
+        if used > safe_total:
             self.gpu_runs[gpu_index].seconds_above_bound += dt
         started = self._started(gpu_index, t)
         running = {**{r.spec.name: 0 for r in started}, **running}
@@ -408,7 +413,6 @@ class World:
         background = self._scheduled(gpu_index, t) + self._loading(gpu_index, t)
         # The ceilings: the largest batches that fit what is there now, as if cleanups were free.
         oracle = self._oracle(started, gpu.total_mb, background, t, fragmentation=0.0)
-        safe_total = gpu.total_mb * self.limits.safe_fraction - self.limits.reserve_mb
         safe = self._oracle(started, safe_total, background, t, fragmentation=0.0)
         step_ms = dt * 1000
         for ideal, attr in ((oracle, "oracle_items"), (safe, "safe_oracle_items")):
