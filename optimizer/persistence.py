@@ -99,8 +99,8 @@ _LEARNED = ("batch_size", "optimal", "ceiling", "ceiling_until", "strikes", "las
 
 
 def _memory_dump(m: MemoryModel) -> dict[str, Any]:
-    return {"fixed": m.fixed, "observations": [list(o) for o in m.observations], "held": [list(h) for h in m.held], "waste": m.waste, "waste_fraction": m.waste_fraction,
-            "largest_ok": m.largest_ok, "floor": m.floor,
+    return {"fixed": m.fixed, "observations": [list(o) for o in m.observations], "held": [list(h) for h in m.held],
+            "waste": m.waste, "waste_fraction": m.waste_fraction, "largest_ok": m.largest_ok, "floor": m.floor,
             "floor_until": None if m.floor_until == float("-inf") else m.floor_until, "reports": m.reports,
             "bare_peaks": [list(b) for b in m.bare_peaks]}
 

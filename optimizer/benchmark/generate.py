@@ -22,7 +22,8 @@ same scenario whatever ``n``. The distribution (also in docs/benchmarks.md, "Sce
   ``share`` is the safety bound (``total_mb * 0.95 - 1024``) less every base on the GPU, times
   ``weight / sum of weights``: ``b*`` is the largest batch that fits the service's share by weight with
   the jitter at its worst and no co-tenant, with ``u`` of an item to spare (not none: a share that
-  holds its batch exactly is a knife edge no estimate can match). ``declared_per_item_mb = per_item_mb * U(0.6, 1.4)`` (0.1 MiB); ``item_ms`` U(10, 80) and
+  holds its batch exactly is a knife edge no estimate can match).
+  ``declared_per_item_mb = per_item_mb * U(0.6, 1.4)`` (0.1 MiB); ``item_ms`` U(10, 80) and
   ``overhead_ms`` U(30, 200) (0.1 ms); ``fragmentation_growth_per_min`` 0 (40 %) else U(0, 0.03)
   (4 decimals); ``load_s`` U(5, 60) (its weights load over it at every start).
 - **Drift.** 20 % of services leak: ``leak_mb_per_min`` U(5, 50) (0.1). Independently 20 % change their

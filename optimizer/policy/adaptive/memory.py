@@ -20,9 +20,9 @@ these the model keeps, in bytes:
 
 Predictions at a batch ``b``: the worst footprint ``fixed + b * worst_per_item * (1 + waste)``, and
 the range one sample of the GPU can show it holding, ``fixed + b * held`` at the least and the most
-held seen (what separates the other tenants' memory from its own, :mod:`.tenants`). Until a report with a peak has come, the service is *unmeasured*: its memory is part of
-what the GPU shows beyond the measured services, and its per-item memory is the declared one,
-doubled for the worst case.
+held seen (what separates the other tenants' memory from its own, :mod:`.tenants`). Until a report
+with a peak has come, the service is *unmeasured*: its memory is part of what the GPU shows beyond
+the measured services, and its per-item memory is the declared one, doubled for the worst case.
 
 Trust region: extrapolating far beyond the batches seen is how a wrong model OOMs (activations
 need not grow linearly: padding to the longest item grows with the batch), so a service grows at
