@@ -212,6 +212,15 @@ async def test_publishing_writes_batch_size_and_cleanup_epoch_into_the_pod(kube:
     patches = [r for r in kube.requests if r.method == "PATCH"]
     assert len(patches) == 1 and patches[0].content_type == "application/merge-patch+json"
     await node.pods_where(lambda p: p["default/cap-1"].published.get(BATCH_SIZE_ANNOTATION) is not None)
+    # The watch can bring the patched pod back before the patch's own call has returned and been
+    # counted: wait for the publishing pass that counts it.
+    publisher = node.discovery.publisher
+    assert publisher is not None
+    async with asyncio.timeout(5):
+        rounds = 1
+        while publisher.stats.patches_total < 1:  # each pass of publishing wakes this
+            await node.discovery.wait_publish_rounds(rounds)
+            rounds += 1
     assert "vlm_optimizer_kube_annotation_patches_total 1.0" in await node.metrics()
 
 
