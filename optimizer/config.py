@@ -290,6 +290,10 @@ def _coerce_server(key: str, value: Any) -> Any:
 
 SETTING_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
 SERVER_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ServerSettings))
+# The declared services: set only in the config file, never at runtime (admin API) nor by env or flags.
+FILE_ONLY_KEYS: tuple[str, ...] = ("profiles",)
+# What the admin API may set (pin) at runtime, on top of the file, environment and flags.
+RUNTIME_KEYS: tuple[str, ...] = tuple(k for k in SETTING_KEYS if k not in FILE_ONLY_KEYS)
 
 
 def validate_settings(settings: Settings) -> Settings:

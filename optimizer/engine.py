@@ -12,13 +12,22 @@ import dataclasses
 import hashlib
 import json
 from collections import defaultdict, deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from optimizer import coordination
-from optimizer.config import Settings, apply_settings, settings_to_dict
+from optimizer.config import (
+    FILE_ONLY_KEYS,
+    RUNTIME_KEYS,
+    SETTING_KEYS,
+    ConfigError,
+    Settings,
+    apply_settings,
+    settings_to_dict,
+)
 from optimizer.gpu.types import GpuSample
 from optimizer import policy
 from optimizer.kube.pods import PodInfo
@@ -85,6 +94,28 @@ class Decision:
         return 'W/"' + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + '"'
 
 
+@dataclass(frozen=True)
+class SettingsChange:
+    """What a change of the runtime layer did.
+
+    ``changed``: the effective values that moved, {key: (old, new)}. ``pinned``: keys the runtime layer
+    gained or whose pinned value moved. ``unpinned``: keys it lost (now at their base value).
+    ``unchanged``: keys a :meth:`Engine.set_runtime` named that already had the value (not pinned).
+    """
+
+    changed: dict[str, tuple[Any, Any]]
+    pinned: tuple[str, ...] = ()
+    unpinned: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+
+def _refuse_file_only(keys: Collection[str]) -> None:
+    for key in FILE_ONLY_KEYS:
+        if key in keys:
+            raise ConfigError(key, "profiles are set only in the config file (--config), not at runtime: "
+                                   "change the file and restart")
+
+
 @dataclass
 class GpuCounters:
     """Monotonic totals per GPU; labelled by trigger where the metric has one."""
@@ -99,7 +130,9 @@ class GpuCounters:
 
 class Engine:
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+        self._base = settings  # file < environment < flags (and a simulated scenario's profiles)
+        self._runtime: dict[str, Any] = {}  # set through the admin API, by key, JSON-ready; persisted
+        self._settings = settings  # the base with the runtime layer applied
         self._effective: Settings | None = None
         self.state = PolicyState()
         self.snapshot: Snapshot | None = None
@@ -107,7 +140,6 @@ class Engine:
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self.counters: dict[int, GpuCounters] = defaultdict(GpuCounters)
         self.has_gpus = True  # False on backend "none"
-        self.runtime: dict[str, Any] = {}  # settings changed at runtime (admin API), by key; persisted
         self.revision = 0  # rises on every change of state; the persister saves when it moved
         # Kubernetes discovery (see optimizer.coordination): the pods on this node, by namespace/name.
         self.discovery = False
@@ -119,13 +151,115 @@ class Engine:
 
     @property
     def settings(self) -> Settings:
-        """The configured settings (file, environment, flags, admin API)."""
+        """The effective settings: the base settings with the runtime layer applied."""
         return self._settings
 
-    @settings.setter
-    def settings(self, value: Settings) -> None:
-        self._settings = value
+    @property
+    def base_settings(self) -> Settings:
+        """The settings from the config file, environment and flags (what a key falls back to when unpinned)."""
+        return self._base
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """The runtime layer (a copy): the keys pinned through the admin API, by key, as JSON-ready values."""
+        return dict(self._runtime)
+
+    def set_runtime(self, updates: Mapping[str, Any], now: float | None = None) -> SettingsChange:
+        """Set ``updates`` at runtime (``PATCH /admin/config``), all-or-nothing (raises :class:`ConfigError`).
+
+        Only a key whose value differs from the effective one is pinned; one that already has the
+        value is reported ``unchanged`` and pins nothing.
+        """
+        _refuse_file_only(updates)
+        current = settings_to_dict(self._settings)
+        wanted = settings_to_dict(apply_settings(self._settings, updates))
+        differ = [k for k in updates if wanted[k] != current[k]]
+        change = self._install({**self._runtime, **{k: wanted[k] for k in differ}}, now)
+        return dataclasses.replace(change, unchanged=tuple(sorted(k for k in updates if k not in differ)))
+
+    def replace_runtime(self, layer: Mapping[str, Any], now: float | None = None) -> SettingsChange:
+        """Make ``layer`` the whole runtime layer (``import-config``), all-or-nothing (raises :class:`ConfigError`).
+
+        A key ``layer`` leaves out takes its base value (file, environment, flags), not a built-in default.
+        """
+        _refuse_file_only(layer)
+        values = settings_to_dict(apply_settings(self._base, layer))
+        return self._install({k: values[k] for k in layer}, now)
+
+    def reset_runtime(self, keys: Collection[str] | None = None, now: float | None = None) -> SettingsChange:
+        """Unpin ``keys`` (``None``: every key): each takes its base value again at once.
+
+        All-or-nothing: raises :class:`ConfigError` for a key that is not a runtime setting, or when the
+        base values would not fit the keys that stay pinned (e.g. a pinned minimum above the file's maximum).
+        """
+        if keys is not None:
+            for key in keys:
+                if key not in RUNTIME_KEYS:
+                    why = ("profiles are set only in the config file and are never pinned" if key in FILE_ONLY_KEYS
+                           else "not a setting")
+                    raise ConfigError("keys", f"{key!r}: {why}; allowed keys are {', '.join(RUNTIME_KEYS)}")
+        gone = set(self._runtime) if keys is None else set(keys)
+        return self._install({k: v for k, v in self._runtime.items() if k not in gone}, now)
+
+    def restore_runtime(self, saved: Mapping[str, Any]) -> dict[str, str]:
+        """Re-apply a saved runtime layer on top of the base, key by key (at start, before anything is served).
+
+        A key that is no longer valid (unknown, a bad value, a file-only key, or one that no longer fits
+        the base's other settings) is skipped; the others are kept. Returns the skipped keys and why.
+        """
+        skipped = {k: "profiles are set only in the config file" for k in saved if k in FILE_ONLY_KEYS}
+        pending = {k: v for k, v in saved.items() if k not in FILE_ONLY_KEYS}
+        layer: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        progress = True
+        while pending and progress:  # a key may fit only once another is back (a pinned min under a pinned max)
+            progress = False
+            for key, value in list(pending.items()):
+                try:
+                    values = settings_to_dict(apply_settings(self._base, {**layer, key: value}))
+                except ConfigError as exc:
+                    errors[key] = str(exc)
+                    continue
+                layer[key] = values[key]
+                del pending[key]
+                progress = True
+        skipped.update({k: errors[k] for k in pending})
+        self._runtime = layer
+        self._settings = apply_settings(self._base, layer)
         self._effective = None
+        self.revision += 1
+        return skipped
+
+    def update_settings(self, updates: dict[str, Any], now: float | None = None) -> dict[str, tuple[Any, Any]]:
+        """:meth:`set_runtime`, returning only the effective changes: {key: (old, new)}."""
+        return self.set_runtime(updates, now).changed
+
+    def _install(self, layer: dict[str, Any], now: float | None) -> SettingsChange:
+        """Make ``layer`` the runtime layer; act on a change of ``enabled``. Raises :class:`ConfigError`.
+
+        Turning optimization off publishes the default batches at once; turning it on optimizes at once
+        (where the samples allow).
+        """
+        new = apply_settings(self._base, layer)
+        before, after = settings_to_dict(self._settings), settings_to_dict(new)
+        changed = {k: (before[k], after[k]) for k in SETTING_KEYS if before[k] != after[k]}
+        old_layer = self._runtime
+        pinned = tuple(sorted(k for k in layer if k not in old_layer or old_layer[k] != layer[k]))
+        unpinned = tuple(sorted(k for k in old_layer if k not in layer))
+        self._runtime = dict(layer)
+        self._settings = new
+        self._effective = None
+        if changed or layer != old_layer:
+            self.revision += 1
+        if "enabled" in changed:
+            if new.enabled:
+                self.optimize_now()
+            else:
+                at = now if now is not None else (self.snapshot.timestamp if self.snapshot else 0.0)
+                outcome = policy.apply_disabled(self.state, self.policy_settings, at)
+                self.state = outcome.state
+                self._account(outcome.events)
+        return SettingsChange(changed=changed, pinned=pinned, unpinned=unpinned)
 
     @property
     def policy_settings(self) -> Settings:
@@ -229,28 +363,6 @@ class Engine:
         self.state = outcome.state
         self._account(outcome.events)
         return self.decision_of(self.state.services[(index, service)])
-
-    def update_settings(self, updates: dict[str, Any], now: float | None = None) -> dict[str, tuple[Any, Any]]:
-        """Apply a partial settings change, all-or-nothing (raises :class:`ConfigError`). Returns {key: (old, new)}.
-
-        Turning optimization off publishes the default batches at once; turning it on optimizes at once
-        (where the samples allow).
-        """
-        new = apply_settings(self.settings, updates)
-        before, after = settings_to_dict(self.settings), settings_to_dict(new)
-        changed = {k: (before[k], after[k]) for k in updates if before[k] != after[k]}
-        self.settings = new
-        self.runtime.update({k: after[k] for k in updates})
-        self.revision += 1
-        if "enabled" in changed:
-            if new.enabled:
-                self.optimize_now()
-            else:
-                at = now if now is not None else (self.snapshot.timestamp if self.snapshot else 0.0)
-                outcome = policy.apply_disabled(self.state, self.policy_settings, at)
-                self.state = outcome.state
-                self._account(outcome.events)
-        return changed
 
     def poll(self, service: str, gpu: int | str | None, now: float, *, pod: str | None = None) -> Decision:
         """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`.

@@ -5,7 +5,8 @@ Saved as one JSON document, written atomically (a temporary file in the same dir
 state, never a torn file. A file that cannot be read or parsed never stops the service: it is
 moved aside as ``<path>.corrupt-<UTC timestamp>`` and the service starts from its configuration.
 
-Saved: the settings changed at runtime (by key, on top of the configuration at start), manual
+Saved: the settings pinned at runtime (by key; re-applied key by key on top of the configuration at
+start, so a key nobody pinned follows the file, and a saved key that no longer fits is skipped), manual
 overrides, and per (GPU, service) the learned figures: its memory model (fixed memory, per-item
 observations, footprint, fragmentation, trust region, an OOM's floor), the OOM bar and strikes, the
 last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
@@ -26,7 +27,6 @@ from typing import Any
 
 import structlog
 
-from optimizer.config import ConfigError, apply_settings
 from optimizer.engine import Engine
 from optimizer.policy.adaptive.memory import MemoryModel
 from optimizer.policy.types import ServiceState
@@ -157,12 +157,8 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
         log.warning("state_settings_ignored", error=f"settings must be an object, got {type(runtime).__name__}")
         runtime = {}
     if runtime:
-        try:
-            engine.settings = apply_settings(engine.settings, runtime)
-            engine.runtime = dict(runtime)
-        except ConfigError as exc:
-            log.warning("state_settings_ignored", error=str(exc))
-            runtime = {}
+        for key, error in engine.restore_runtime(runtime).items():
+            log.warning("state_setting_ignored", key=key, error=error)
     items = data.get("services") or []
     if not isinstance(items, list):
         log.warning("state_services_ignored", error=f"services must be a list, got {type(items).__name__}")
@@ -189,7 +185,7 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
         svc = dataclasses.replace(svc, batch_size=max(lo, min(hi, svc.batch_size)))
         restored[(svc.gpu, svc.service)] = svc
     engine.state = engine.state.with_(services={**engine.state.services, **restored})
-    log.info("state_restored", services=len(restored), settings=sorted(runtime))
+    log.info("state_restored", services=len(restored), settings=sorted(engine.runtime))
 
 
 class Persister:

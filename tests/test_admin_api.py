@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ from pytest_aiohttp import AiohttpClient
 from optimizer.api import build_app
 from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
 from optimizer.api.schemas import MAX_REPORT_BYTES
-from optimizer.config import Settings, Strategy, settings_to_dict
+from optimizer.config import ServiceProfile, Settings, Strategy, settings_to_dict
 from optimizer.engine import Engine
 from optimizer.persistence import Persister, StateFile
 from optimizer.policy.types import PolicyState
@@ -593,7 +594,10 @@ async def test_patch_changes_only_the_given_keys(adm: Admin) -> None:
     assert {k for k in after if after[k] != before[k]} == {"strategy", "memory_threshold_warning"}
     assert adm.engine.settings.strategy is Strategy.AGGRESSIVE
     assert adm.engine.settings.memory_threshold_warning == 0.7
-    assert adm.engine.runtime == {"strategy": "aggressive", "memory_threshold_warning": 0.7, "max_batch_size": 16}
+    # max_batch_size already had the value: reported unchanged and not pinned
+    assert body["unchanged"] == ["max_batch_size"]
+    assert body["pinned"] == ["memory_threshold_warning", "strategy"]
+    assert adm.engine.runtime == {"strategy": "aggressive", "memory_threshold_warning": 0.7}
     assert (await adm.batch())["strategy"] == "aggressive"
     assert await adm.call("GET", "/admin/config") == after
 
@@ -608,7 +612,9 @@ BAD_PATCHES: list[tuple[str, bytes, str]] = [
     ("one bad among good", b'{"strategy": "aggressive", "max_batch_size": 8, "monitoring_interval": -5}',
      "monitoring_interval"),
     ("good after bad", b'{"enabled": "maybe", "strategy": "aggressive"}', "enabled"),
-    ("bad profile", b'{"profiles": [{"name": "x", "per_item_mb": 0}]}', "profiles[0].per_item_mb"),
+    ("profiles are file-only", b'{"profiles": [{"name": "x", "per_item_mb": 100}]}', "profiles"),
+    ("profiles among good keys", b'{"strategy": "aggressive", "profiles": []}', "profiles"),
+    ("bad default profile", b'{"default_profile": {"per_item_mb": 0}}', "default_profile.per_item_mb"),
     ("empty object", b"{}", "body"),
     ("array", b'[{"strategy": "aggressive"}]', "body"),
     ("string", b'"aggressive"', "body"),
@@ -630,34 +636,169 @@ async def test_bad_patch_is_a_400_and_changes_nothing(adm: Admin, logs: LogList,
     assert events_named(logs, "admin_audit") == []
 
 
-async def test_export_import_round_trip(adm: Admin) -> None:
-    await adm.call("PATCH", "/admin/config", {"strategy": "conservative", "max_batch_size": 24,
-                                              "profiles": [{"name": "vlm", "per_item_mb": 2048, "weight": 2}]})
-    exported = await adm.call("GET", "/admin/config/export")
+FILE_PROFILES = (ServiceProfile("vlm", per_item_mb=2048.0, weight=2.0),)
+# what the "file" (the engine's base) says; the tests pin on top of it
+BASE = Settings(strategy=Strategy.CONSERVATIVE, max_batch_size=32, memory_reserve_mb=2048, profiles=FILE_PROFILES)
+
+
+async def test_export_import_round_trip(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=BASE)
+    await a.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 24})
+    exported = await a.call("GET", "/admin/config/export")
     assert exported["format"] == EXPORT_FORMAT and exported["version"] == 1
-    assert exported["settings"] == settings_to_dict(adm.engine.settings)
-    snapshot = adm.engine.settings
+    assert exported["settings"] == settings_to_dict(a.engine.settings)
+    assert exported["settings"]["profiles"] == [dataclasses.asdict(p) for p in FILE_PROFILES]
+    assert exported["pinned"] == ["max_batch_size", "strategy"]
+    snapshot, pinned = a.engine.settings, a.engine.runtime
 
-    patched = await adm.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 8,
-                                                        "profiles": []})
-    assert set(patched["changed"]) == {"strategy", "max_batch_size", "profiles"}
-    assert adm.engine.settings != snapshot
+    patched = await a.call("PATCH", "/admin/config", {"strategy": "adaptive", "max_batch_size": 8,
+                                                      "gc_threshold": 0.7})
+    assert set(patched["changed"]) == {"strategy", "max_batch_size", "gc_threshold"}
+    assert a.engine.settings != snapshot
 
-    body = await adm.call("POST", "/admin/config/import", exported)
+    body = await a.call("POST", "/admin/config/import", exported)
     assert body["settings"] == exported["settings"]
-    assert set(body["changed"]) == {"strategy", "max_batch_size", "profiles"}
-    assert adm.engine.settings == snapshot
-    assert await adm.call("GET", "/admin/config") == exported["settings"]
+    assert set(body["changed"]) == {"strategy", "max_batch_size", "gc_threshold"}
+    assert body["pinned"] == ["max_batch_size", "strategy"] and body["unpinned"] == ["gc_threshold"]
+    # the same effective settings and the same runtime layer: the keys the export did not pin follow the file
+    assert a.engine.settings == snapshot and a.engine.runtime == pinned
+    assert a.engine.settings.profiles == FILE_PROFILES
+    assert await a.call("GET", "/admin/config") == exported["settings"]
     # a JSON round trip of the export is the same document
-    assert await adm.call("GET", "/admin/config/export") == exported
+    assert await a.call("GET", "/admin/config/export") == exported
 
 
-async def test_import_of_a_plain_mapping_takes_defaults_for_the_rest(make_admin: MakeAdmin) -> None:
-    a = await make_admin(settings=Settings(max_batch_size=32, memory_reserve_mb=2048))
-    body = await a.call("POST", "/admin/config/import", {"strategy": "conservative"})
-    assert a.engine.settings == Settings(strategy=Strategy.CONSERVATIVE)
-    assert set(body["changed"]) == {"strategy", "max_batch_size", "memory_reserve_mb"}
-    assert body["settings"] == settings_to_dict(Settings(strategy=Strategy.CONSERVATIVE))
+async def test_import_of_an_edited_export_pins_what_differs_from_the_file(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=BASE)
+    doc = await a.call("GET", "/admin/config/export")
+    assert doc["pinned"] == []
+    doc["settings"]["gc_threshold"] = 0.7  # edited by hand; every other value is the file's
+    body = await a.call("POST", "/admin/config/import", doc)
+    assert body["changed"] == ["gc_threshold"] and body["pinned"] == ["gc_threshold"]
+    assert a.engine.runtime == {"gc_threshold": 0.7}
+    assert a.engine.settings == dataclasses.replace(BASE, gc_threshold=0.7)
+
+
+async def test_import_of_a_plain_mapping_pins_only_its_keys_the_rest_follow_the_file(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=BASE)
+    await a.call("PATCH", "/admin/config", {"max_batch_size": 8, "gc_threshold": 0.7})
+    body = await a.call("POST", "/admin/config/import", {"strategy": "adaptive", "cleanup_interval": 120})
+    # not the built-in defaults (balanced, 16, 1024 MiB, no profiles): the file's values
+    assert a.engine.settings == dataclasses.replace(BASE, strategy=Strategy.ADAPTIVE, cleanup_interval=120.0)
+    assert a.engine.runtime == {"strategy": "adaptive", "cleanup_interval": 120.0}
+    assert set(body["changed"]) == {"strategy", "cleanup_interval", "max_batch_size", "gc_threshold"}
+    assert body["pinned"] == ["cleanup_interval", "strategy"]
+    assert body["unpinned"] == ["gc_threshold", "max_batch_size"]
+    assert body["settings"] == settings_to_dict(a.engine.settings)
+    # a key the mapping names keeps its value even when it is the file's: the mapping is the runtime layer
+    await a.call("POST", "/admin/config/import", {"max_batch_size": 32})
+    assert a.engine.runtime == {"max_batch_size": 32}
+    # an empty mapping unpins everything
+    body = await a.call("POST", "/admin/config/import", {})
+    assert a.engine.runtime == {} and a.engine.settings == BASE and body["unpinned"] == ["max_batch_size"]
+
+
+async def test_import_keeps_the_file_profiles(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=BASE)
+    same = [dataclasses.asdict(p) for p in FILE_PROFILES]
+    body = await a.call("POST", "/admin/config/import", {"strategy": "adaptive", "profiles": same})
+    assert body["pinned"] == ["strategy"]  # the file's own profiles are accepted, and not pinned
+    assert a.engine.settings.profiles == FILE_PROFILES
+    before = observe(a)
+    for profiles in ([], [{"name": "other", "per_item_mb": 100}], [{**same[0], "weight": 3}]):
+        body = await a.call("POST", "/admin/config/import", {"strategy": "balanced", "profiles": profiles},
+                            status=400)
+        assert body["field"] == "profiles" and "config file" in body["error"]
+        assert observe(a) == before
+
+
+async def test_patch_of_profiles_is_refused_naming_where_they_are_set(make_admin: MakeAdmin,
+                                                                      logs: LogList) -> None:
+    a = await make_admin(settings=BASE)
+    before = observe(a)
+    body = await a.call("PATCH", "/admin/config", {"profiles": [dataclasses.asdict(p) for p in FILE_PROFILES]},
+                        status=400)
+    assert body["field"] == "profiles"
+    assert "set only in the config file" in body["error"] and "--config" in body["error"]
+    assert observe(a) == before and events_named(logs, "admin_audit") == []
+
+
+async def test_patch_of_an_unchanged_value_pins_nothing(make_admin: MakeAdmin, logs: LogList) -> None:
+    a = await make_admin(settings=BASE)
+    before = observe(a)
+    body = await a.call("PATCH", "/admin/config", {"strategy": "conservative", "max_batch_size": 32.0})
+    assert (body["changed"], body["unchanged"], body["pinned"]) == ([], ["max_batch_size", "strategy"], [])
+    assert a.engine.runtime == {} and observe(a).revision == before.revision
+    [audit] = events_named(logs, "admin_audit")
+    assert (audit["action"], audit["changes"], audit["pinned"]) == ("configure", {}, [])
+    # a changed value is pinned; stating it again pins nothing more and keeps it pinned
+    await a.call("PATCH", "/admin/config", {"strategy": "aggressive"})
+    body = await a.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 32})
+    assert body["unchanged"] == ["max_batch_size", "strategy"] and body["pinned"] == ["strategy"]
+    assert a.engine.runtime == {"strategy": "aggressive"}
+
+
+async def test_reset_unpins_one_key_or_all(make_admin: MakeAdmin, logs: LogList, tmp_path: Path) -> None:
+    a = await make_admin(settings=BASE, state_path=tmp_path / "state.json")
+    await a.tick()
+    await a.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 8, "gc_threshold": 0.7})
+    assert (await a.batch())["strategy"] == "aggressive"
+
+    body = await a.call("POST", "/admin/config/reset", {"keys": ["strategy", "cleanup_interval"]})
+    assert body["unpinned"] == ["strategy"] and body["not_pinned"] == ["cleanup_interval"]
+    assert body["changed"] == ["strategy"] and body["pinned"] == ["gc_threshold", "max_batch_size"]
+    assert a.engine.settings.strategy is Strategy.CONSERVATIVE  # the file's value, at once
+    assert (await a.batch())["strategy"] == "conservative"
+    assert a.saved()["settings"] == {"max_batch_size": 8, "gc_threshold": 0.7}
+    status = await a.get("/status")
+    assert status["runtime_settings"] == {"max_batch_size": 8, "gc_threshold": 0.7}
+
+    body = await a.call("POST", "/admin/config/reset", {"all": True})
+    assert body["unpinned"] == ["gc_threshold", "max_batch_size"] and body["pinned"] == []
+    assert a.engine.settings == BASE and a.engine.runtime == {}
+    assert a.saved()["settings"] == {}
+    resets = [e for e in events_named(logs, "admin_audit") if e["action"] == "reset_config"]
+    assert [(e["keys"], e["unpinned"]) for e in resets] == [
+        (["cleanup_interval", "strategy"], ["strategy"]), ("all", ["gc_threshold", "max_batch_size"])]
+    assert resets[0]["changes"] == {"strategy": {"old": "aggressive", "new": "conservative"}}
+
+
+BAD_RESETS: list[tuple[str, Any, str, str]] = [
+    ("unknown key", {"keys": ["strategy", "turbo"]}, "keys", "'turbo': not a setting; allowed keys are enabled"),
+    ("profiles", {"keys": ["profiles"]}, "keys", "never pinned"),
+    ("keys not a list", {"keys": "strategy"}, "keys", "allowed keys are"),
+    ("empty keys", {"keys": []}, "keys", "non-empty list"),
+    ("all false", {"all": False}, "all", "must be true"),
+    ("both", {"keys": ["strategy"], "all": True}, "body", "exactly one"),
+    ("neither", {}, "body", "exactly one"),
+    ("unknown field", {"key": "strategy"}, "key", "allowed: keys, all"),
+    ("array", ["strategy"], "body", "JSON object"),
+    # the file's maximum (32) is below the pinned minimum (20 <= 24 pinned): unpinning the maximum alone cannot be
+    ("left inconsistent", {"keys": ["max_batch_size"]}, "min_batch_size", "max_batch_size"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field", "says"), [(d, f, w) for _, d, f, w in BAD_RESETS],
+                         ids=[n for n, _, _, _ in BAD_RESETS])
+async def test_bad_reset_is_a_400_and_changes_nothing(make_admin: MakeAdmin, logs: LogList, doc: Any, field: str,
+                                                      says: str) -> None:
+    a = await make_admin(settings=dataclasses.replace(BASE, max_batch_size=16))
+    await a.call("PATCH", "/admin/config", {"strategy": "aggressive", "max_batch_size": 64, "min_batch_size": 20})
+    before = observe(a)
+    body = await a.call("POST", "/admin/config/reset", doc, status=400)
+    assert body["field"] == field and says in body["error"], body
+    assert observe(a) == before
+    assert [e["action"] for e in events_named(logs, "admin_audit")] == ["configure"]
+
+
+async def test_status_shows_the_pinned_keys(make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=BASE)
+    await a.tick()
+    assert (await a.get("/status"))["runtime_settings"] == {}
+    await a.call("PATCH", "/admin/config", {"strategy": "adaptive", "memory_threshold_warning": 0.7})
+    for doc in (await a.get("/status"), await a.call("GET", "/admin/status")):
+        assert doc["runtime_settings"] == {"strategy": "adaptive", "memory_threshold_warning": 0.7}
+        assert doc["settings"]["max_batch_size"] == 32  # the file's
 
 
 BAD_IMPORTS: list[tuple[str, Any, str]] = [
@@ -768,12 +909,17 @@ async def test_every_admin_change_is_saved_at_once(make_admin: MakeAdmin, tmp_pa
     assert a.saved()["services"][0]["override"] is None
 
     await a.call("POST", "/admin/config/import", {"strategy": "balanced"})
-    assert a.saved()["settings"] == settings_to_dict(Settings())
+    assert a.saved()["settings"] == {"strategy": "balanced"}  # exactly what the import holds
+
+    await a.call("POST", "/admin/config/reset", {"all": True})
+    assert a.saved()["settings"] == {}
+    await a.call("POST", "/admin/config/import", {"strategy": "balanced"})
 
     # saved immediately: a fresh engine restores exactly the state the admin API left
     fresh = Engine(Settings(max_batch_size=8))
     assert Persister(fresh, StateFile(a.state_path)).load(a.clock())
-    assert fresh.settings == a.engine.settings
+    assert fresh.runtime == a.engine.runtime == {"strategy": "balanced"}
+    assert fresh.settings == Settings(max_batch_size=8)  # the new configuration, with what was pinned on top
     assert fresh.state.services[(0, "svc")].override is None
 
 

@@ -20,7 +20,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from optimizer.api import build_app
-from optimizer.config import Settings, Strategy
+from optimizer.config import RUNTIME_KEYS, ServiceProfile, Settings, Strategy, apply_settings, settings_to_dict
 from optimizer.engine import Engine
 from optimizer.persistence import STATE_VERSION, Persister, StateFile, dump, restore
 from optimizer.policy.types import Snapshot
@@ -291,22 +291,48 @@ def test_bad_entries_are_skipped_and_the_rest_restored(tmp_path: Path, logs: Log
     assert path.exists() and listing(tmp_path) == ["state.json"]  # a partly bad file is not corrupt
 
 
-@pytest.mark.parametrize("settings", [{"strategy": "turbo"}, {"min_batch_size": 20}, {"no_such_key": 1},
-                                      {"max_batch_size": 12, "memory_threshold_warning": 5}])
-def test_invalid_runtime_settings_are_ignored_with_a_warning(tmp_path: Path, logs: LogList,
-                                                             settings: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("settings", "kept", "skipped"), [
+    ({"strategy": "turbo"}, {}, ["strategy"]),
+    ({"min_batch_size": 20}, {}, ["min_batch_size"]),  # above the configuration's maximum (16)
+    ({"no_such_key": 1, "gc_threshold": 0.7}, {"gc_threshold": 0.7}, ["no_such_key"]),
+    ({"max_batch_size": 12, "memory_threshold_warning": 5}, {"max_batch_size": 12}, ["memory_threshold_warning"]),
+    ({"profiles": [], "strategy": "adaptive"}, {"strategy": "adaptive"}, ["profiles"]),  # file-only
+    # a pinned minimum above the new file's maximum fits once the pinned maximum is back, whatever the order
+    ({"min_batch_size": 20, "max_batch_size": 32}, {"min_batch_size": 20, "max_batch_size": 32}, []),
+])
+def test_saved_runtime_settings_are_reapplied_key_by_key(tmp_path: Path, logs: LogList, settings: dict[str, Any],
+                                                         kept: dict[str, Any], skipped: list[str]) -> None:
     doc = dump(learned_engine())
     doc["settings"] = settings
     path = tmp_path / "state.json"
     path.write_text(json.dumps(doc))
-    config = Settings(max_batch_size=16, strategy=Strategy.AGGRESSIVE)
+    config = Settings(max_batch_size=16, strategy=Strategy.AGGRESSIVE,
+                      profiles=(ServiceProfile("svc-a", per_item_mb=100.0),))
     engine = Engine(config)
     assert Persister(engine, StateFile(path)).load(T0 + 10) is True
-    assert engine.settings == config  # all or nothing: not even the valid keys
-    assert engine.runtime == {}
-    [warning] = events_named(logs, "state_settings_ignored")
-    assert warning["log_level"] == "warning"
+    assert engine.runtime == kept
+    assert engine.settings == apply_settings(config, kept)  # the others: the configuration's
+    assert engine.settings.profiles == config.profiles
+    warnings = events_named(logs, "state_setting_ignored")
+    assert sorted(w["key"] for w in warnings) == skipped
+    assert all(w["log_level"] == "warning" and w["error"] for w in warnings)
     assert set(engine.state.services) == {(0, "svc-a"), (0, "svc-b")}  # the services are restored all the same
+
+
+def test_an_old_state_file_that_pins_every_key_is_read(tmp_path: Path, logs: LogList) -> None:
+    """Files written when an import pinned every key (profiles included) stay readable; profiles are the file's."""
+    doc = dump(learned_engine())
+    doc["settings"] = settings_to_dict(Settings(strategy=Strategy.CONSERVATIVE))
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(doc))
+    config = Settings(max_batch_size=24, profiles=(ServiceProfile("svc-a", per_item_mb=100.0),))
+    engine = Engine(config)
+    assert Persister(engine, StateFile(path)).load(T0 + 10) is True
+    assert set(engine.runtime) == set(RUNTIME_KEYS)
+    assert engine.settings == dataclasses.replace(Settings(strategy=Strategy.CONSERVATIVE), profiles=config.profiles)
+    assert [w["key"] for w in events_named(logs, "state_setting_ignored")] == ["profiles"]
+    engine.reset_runtime()  # what configure --reset-all does: the configuration holds again
+    assert engine.settings == config and engine.runtime == {}
 
 
 @pytest.mark.parametrize("settings", [["strategy", "turbo"], "aggressive", 5])

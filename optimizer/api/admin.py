@@ -27,8 +27,8 @@ from optimizer.api.schemas import (
     parse_service,
     read_limited,
 )
-from optimizer.config import SETTING_KEYS, ConfigError, Settings, apply_settings, settings_to_dict
-from optimizer.engine import UnknownGpu
+from optimizer.config import FILE_ONLY_KEYS, RUNTIME_KEYS, ConfigError, apply_settings, settings_to_dict
+from optimizer.engine import Engine, SettingsChange, UnknownGpu
 
 log = structlog.get_logger(__name__)
 
@@ -194,47 +194,122 @@ async def get_config(request: web.Request) -> web.Response:
     return _json(settings_to_dict(request.app[ENGINE].settings))
 
 
+def _config_reply(engine: Engine, change: SettingsChange, **extra: Any) -> web.Response:
+    """The effective settings after a change, what moved, and which keys are now pinned at runtime."""
+    return _json({"settings": settings_to_dict(engine.settings), "changed": sorted(change.changed), **extra,
+                  "pinned": sorted(engine.runtime)})
+
+
+def _changes(change: SettingsChange) -> dict[str, dict[str, Any]]:
+    return {k: {"old": o, "new": n} for k, (o, n) in change.changed.items()}
+
+
 @admin_routes.patch("/admin/config")
 async def patch_config(request: web.Request) -> web.Response:
-    """A partial update, validated like the config file; all-or-nothing: a bad field changes nothing."""
+    """A partial update, validated like the config file; all-or-nothing: a bad field changes nothing.
+
+    Pins only the keys whose value differs from the effective one; ``profiles`` are refused (file only).
+    """
     engine = request.app[ENGINE]
     try:
         body = await _body(request)
         if not isinstance(body, dict) or not body:
             raise InvalidInput("body", "must be a non-empty JSON object of settings", kind="field")
-        changed = engine.update_settings(body, request.app[SAMPLER].clock())
+        change = engine.set_runtime(body, request.app[SAMPLER].clock())
     except (InvalidInput, ConfigError) as exc:
         return _bad(exc)
-    _audit(request, "configure", changes={k: {"old": o, "new": n} for k, (o, n) in changed.items()})
-    return _json({"settings": settings_to_dict(engine.settings), "changed": sorted(changed)})
+    _audit(request, "configure", changes=_changes(change), pinned=list(change.pinned),
+           unchanged=list(change.unchanged))
+    return _config_reply(engine, change, unchanged=list(change.unchanged))
 
 
 @admin_routes.get("/admin/config/export")
 async def export_config(request: web.Request) -> web.Response:
-    return _json({"format": EXPORT_FORMAT, "version": 1, "settings": settings_to_dict(request.app[ENGINE].settings)})
+    """The effective settings, and which of them are pinned at runtime (what an import re-pins)."""
+    engine = request.app[ENGINE]
+    return _json({"format": EXPORT_FORMAT, "version": 1, "settings": settings_to_dict(engine.settings),
+                  "pinned": sorted(engine.runtime)})
+
+
+def _import_layer(engine: Engine, body: Any) -> dict[str, Any]:
+    """The runtime layer an import document stands for. Raises :class:`InvalidInput` or :class:`ConfigError`.
+
+    A plain mapping is the runtime layer itself. An export document is a snapshot of the effective
+    settings: its ``pinned`` keys, and every key whose value differs from this server's base, are pinned;
+    the rest follow the file. ``profiles`` are not imported: they must be the file's (or be left out).
+    """
+    pinned: set[str] = set()
+    exported = isinstance(body, dict) and "settings" in body
+    if exported:
+        unknown = sorted(set(body) - {"format", "version", "settings", "pinned"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field; allowed: format, version, settings, pinned", kind="field")
+        if body.get("format", EXPORT_FORMAT) != EXPORT_FORMAT or body.get("version", 1) != 1:
+            raise InvalidInput("format", f"must be {EXPORT_FORMAT!r} version 1", kind="field")
+        listed = body.get("pinned", [])
+        if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+            raise InvalidInput("pinned", "must be a list of setting names", kind="field")
+        pinned = set(listed)
+        body = body["settings"]
+    if not isinstance(body, dict):
+        raise InvalidInput("settings", "must be a JSON object of settings", kind="field")
+    full = settings_to_dict(apply_settings(engine.base_settings, body))  # every value checked, all-or-nothing
+    stray = sorted(pinned - set(body))
+    if stray:
+        raise InvalidInput("pinned", f"{stray[0]!r} is not among the document's settings", kind="field")
+    base = settings_to_dict(engine.base_settings)
+    for key in FILE_ONLY_KEYS:
+        if key in body and full[key] != base[key]:
+            raise ConfigError(key, "profiles are set only in the config file (--config) and differ from the "
+                                   "file's: leave them out of the document, or change the file and restart")
+    keys = [k for k in body if k not in FILE_ONLY_KEYS]
+    if exported:
+        keys = [k for k in keys if k in pinned or full[k] != base[k]]
+    return {k: full[k] for k in keys}
 
 
 @admin_routes.post("/admin/config/import")
 async def import_config(request: web.Request) -> web.Response:
-    """Replace the whole configuration (keys left out take their defaults); all-or-nothing."""
+    """Replace the runtime layer with the document's (keys left out follow the file); all-or-nothing."""
+    engine = request.app[ENGINE]
+    try:
+        layer = _import_layer(engine, await _body(request))
+        change = engine.replace_runtime(layer, request.app[SAMPLER].clock())
+    except (InvalidInput, ConfigError) as exc:
+        return _bad(exc)
+    _audit(request, "import_config", changes=_changes(change), pinned=sorted(layer), unpinned=list(change.unpinned))
+    return _config_reply(engine, change, unpinned=list(change.unpinned))
+
+
+@admin_routes.post("/admin/config/reset")
+async def reset_config(request: web.Request) -> web.Response:
+    """Unpin runtime keys (``{"keys": [...]}`` or ``{"all": true}``): each takes its file/env/flag value again."""
     engine = request.app[ENGINE]
     try:
         body = await _body(request)
-        if isinstance(body, dict) and "settings" in body:
-            if body.get("format", EXPORT_FORMAT) != EXPORT_FORMAT or body.get("version", 1) != 1:
-                raise InvalidInput("format", f"must be {EXPORT_FORMAT!r} version 1", kind="field")
-            body = body["settings"]
         if not isinstance(body, dict):
-            raise InvalidInput("settings", "must be a JSON object of settings", kind="field")
-        new = apply_settings(Settings(), body)
+            raise InvalidInput("body", 'must be a JSON object: {"keys": [...]} or {"all": true}', kind="field")
+        unknown = sorted(set(body) - {"keys", "all"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field; allowed: keys, all", kind="field")
+        if ("keys" in body) == ("all" in body):
+            raise InvalidInput("body", 'give exactly one of "keys" (a list of settings) and "all": true',
+                               kind="field")
+        if "all" in body and body["all"] is not True:
+            raise InvalidInput("all", f"must be true, got {body['all']!r}", kind="field")
+        keys = body.get("keys")
+        if keys is not None and (not isinstance(keys, list) or not keys
+                                 or not all(isinstance(k, str) for k in keys)):
+            raise InvalidInput("keys", f"must be a non-empty list of settings; allowed keys are "
+                                       f"{', '.join(RUNTIME_KEYS)}", kind="field")
+        before = engine.runtime
+        change = engine.reset_runtime(keys, request.app[SAMPLER].clock())
     except (InvalidInput, ConfigError) as exc:
         return _bad(exc)
-    before = settings_to_dict(engine.settings)
-    after = settings_to_dict(new)
-    engine.update_settings({k: after[k] for k in SETTING_KEYS}, request.app[SAMPLER].clock())
-    changes = {k: {"old": before[k], "new": after[k]} for k in SETTING_KEYS if before[k] != after[k]}
-    _audit(request, "import_config", changes=changes)
-    return _json({"settings": after, "changed": sorted(changes)})
+    not_pinned = sorted({k for k in keys or () if k not in before})
+    _audit(request, "reset_config", keys="all" if keys is None else sorted(set(keys)),
+           unpinned=list(change.unpinned), changes=_changes(change))
+    return _config_reply(engine, change, unpinned=list(change.unpinned), not_pinned=not_pinned)
 
 
 def build_admin_app(base: web.Application, token: bytes | None) -> web.Application:

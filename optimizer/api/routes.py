@@ -109,6 +109,7 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
         "samples": sampler.stats.samples,
         "sample_errors": sampler.stats.errors,
         "settings": settings_to_dict(engine.settings),
+        "runtime_settings": engine.runtime,  # the keys pinned through the admin API (the rest: file, env, flags)
         "gpus": gpus,
         "services": [d.to_dict() for d in engine.decisions()],
     }
