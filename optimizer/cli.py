@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from optimizer import __version__, manage
-from optimizer.config import BackendName, Config, ConfigError, Strategy, load_config
+from optimizer.config import RUNTIME_KEYS, BackendName, Config, ConfigError, Strategy, load_config
 from optimizer.logs import configure_logging
 from optimizer.simulation.run import MEASURES, SimulationResult, simulate, with_scenario_profiles
 from optimizer.simulation.scenario import DEFAULT_SCENARIO, ScenarioError, load_scenario
@@ -182,11 +182,20 @@ def _admin_commands(sub: Any) -> None:
         "Pause sampling the GPUs (the last decisions stay published; /health says paused). "
         "POST /admin/monitoring/stop.")
 
-    p = add("configure", "change settings of a running optimizer",
+    p = add("configure", "change settings of a running optimizer, or unpin them",
             "Change the given settings at runtime, validated like the config file and all-or-nothing: a bad "
-            "value changes nothing and its setting is named. Settings not given keep their values. "
-            "PATCH /admin/config.")
-    g = p.add_argument_group("settings (at least one)")
+            "value changes nothing and its setting is named. PATCH /admin/config. A setting whose value "
+            "differs from the running one is pinned: it wins over the config file, environment and flags, "
+            "also after a restart, until unpinned; one given at its running value is left as it is, not "
+            "pinned. Settings not given keep their values. --reset KEY and --reset-all unpin instead: the "
+            "setting takes its config file, environment or flag value again at once. POST /admin/config/reset. "
+            "Profiles are set only in the config file. `status` shows what is pinned.")
+    r = p.add_argument_group("unpin (instead of setting)")
+    r.add_argument("--reset", action="append", choices=RUNTIME_KEYS, metavar="KEY",
+                   help="unpin the setting KEY, by its name as `status` shows it (repeatable): "
+                        f"{', '.join(RUNTIME_KEYS)}")
+    r.add_argument("--reset-all", action="store_true", help="unpin every setting pinned at runtime")
+    g = p.add_argument_group("settings (at least one, unless --reset or --reset-all)")
     g.add_argument("--strategy", choices=[s.value for s in Strategy], help="batch-size strategy")
     for flag, key, typ, metavar in (
             ("--warning-threshold", "memory_threshold_warning", float, "FRACTION"),
@@ -206,14 +215,18 @@ def _admin_commands(sub: Any) -> None:
         g.add_argument(flag, type=typ, metavar=metavar, help=f"sets {key}")
 
     p = add("export-config", "save the running configuration to a file",
-            "Write the running configuration ({format, version, settings}) as JSON, or as YAML when the "
-            "file ends in .yaml or .yml. GET /admin/config/export.")
+            "Write the running configuration ({format, version, settings, pinned}: the effective settings, "
+            "and which of them are pinned at runtime) as JSON, or as YAML when the file ends in .yaml or "
+            ".yml. GET /admin/config/export.")
     p.add_argument("--output", "-o", metavar="FILE", help="where to write it (default or '-': stdout, as JSON)")
 
-    p = add("import-config", "replace the running configuration with a file's",
-            "Replace the whole running configuration with a file's (settings left out take their defaults), "
-            "all-or-nothing: an invalid file changes nothing. Takes export-config's format or a plain mapping "
-            "of settings, as JSON or YAML. POST /admin/config/import.")
+    p = add("import-config", "replace the settings pinned at runtime with a file's",
+            "Replace the settings pinned at runtime with a file's, all-or-nothing: an invalid file changes "
+            "nothing. A plain mapping of settings pins exactly its keys; every setting it leaves out follows "
+            "the config file, environment and flags again (not the built-in defaults). An export-config "
+            "document pins the settings it lists as pinned and those whose value differs from this "
+            "service's config file, environment and flags. Profiles are set only in the config file: a file "
+            "whose profiles differ from the service's is refused. JSON or YAML. POST /admin/config/import.")
     p.add_argument("file", metavar="FILE", help="JSON (.json) or YAML file; '-' reads stdin")
 
 

@@ -1090,3 +1090,57 @@ def test_serve_with_a_missing_token_file_is_a_config_error(tmp_path: Path) -> No
     assert done.returncode == 2, done.stderr
     assert "server.admin_token_file" in done.stderr and "absent" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- runtime settings across a restart
+
+
+def _cli(served: Served, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The management CLI as a process, against the served admin API (no token configured)."""
+    return subprocess.run([sys.executable, "-m", "optimizer", *argv, "--url", served.admin], capture_output=True,
+                          text=True, timeout=60, env=_env(), cwd=ROOT)
+
+
+def _profile_names(config: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in config["profiles"]}
+
+
+def test_a_partial_import_then_a_restart_on_a_new_config_file_takes_the_new_files_values(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    file_a, file_b, partial = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "partial.yaml"
+    file_a.write_text("strategy: conservative\nmax_batch_size: 24\nmemory_reserve_mb: 2048\ngc_threshold: 0.8\n"
+                      "profiles:\n  - {name: captioner, per_item_mb: 256}\n")
+    file_b.write_text("strategy: aggressive\nmax_batch_size: 8\nmemory_reserve_mb: 512\ncleanup_interval: 600\n"
+                      "profiles:\n  - {name: ocr, per_item_mb: 128}\n")
+    partial.write_text("max_batch_size: 40\ncleanup_interval: 120\n")
+
+    with serving(tmp_path, "--config", str(file_a), "--state-path", str(state), env=_env()) as served:
+        done = _cli(served, "import-config", str(partial))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[1] == "pinned at runtime: cleanup_interval, max_batch_size"
+        _, config = _http("GET", served.admin + "/admin/config")
+        # what the import left out is file A's, not the built-in defaults; A's profiles are kept
+        assert (config["strategy"], config["memory_reserve_mb"], config["gc_threshold"]) == ("conservative", 2048, 0.8)
+        assert (config["max_batch_size"], config["cleanup_interval"]) == (40, 120)
+        assert "captioner" in _profile_names(config)
+        _, status = _http("GET", served.api + "/status")
+        assert status["runtime_settings"] == {"max_batch_size": 40, "cleanup_interval": 120}
+    assert json.loads(state.read_bytes())["settings"] == {"max_batch_size": 40, "cleanup_interval": 120}
+
+    with serving(tmp_path, "--config", str(file_b), "--state-path", str(state), env=_env()) as served:
+        _, config = _http("GET", served.admin + "/admin/config")
+        assert (config["max_batch_size"], config["cleanup_interval"]) == (40, 120)  # the import's
+        assert (config["strategy"], config["memory_reserve_mb"]) == ("aggressive", 512)  # file B's
+        assert config["gc_threshold"] == Settings().gc_threshold  # B leaves it out: not A's 0.8 any more
+        names = _profile_names(config)
+        assert "ocr" in names and "captioner" not in names
+        done = _cli(served, "status")
+        assert done.returncode == 0, done.stderr
+        assert "pinned:    cleanup_interval=120.0, max_batch_size=40 (configure --reset" in done.stdout
+
+        done = _cli(served, "configure", "--reset", "max_batch_size")
+        assert done.returncode == 0, done.stderr
+        assert _http("GET", served.admin + "/admin/config")[1]["max_batch_size"] == 8  # file B's, at once
+    assert json.loads(state.read_bytes())["settings"] == {"cleanup_interval": 120}
+    restored = [e for e in served.log if e.get("event") == "state_restored"]
+    assert restored and restored[0]["settings"] == ["cleanup_interval", "max_batch_size"]

@@ -421,13 +421,16 @@ async def test_configure_sends_only_the_given_settings(svc: Service) -> None:
         Strategy.AGGRESSIVE, 0.7, 32, 2048)
     assert dataclasses.replace(s, strategy=before.strategy, memory_threshold_warning=0.8, max_batch_size=64,
                                memory_reserve_mb=1024) == before
-    assert r.out.splitlines() == ["changed:", "  max_batch_size = 32", "  memory_reserve_mb = 2048",
-                                  "  memory_threshold_warning = 0.7", '  strategy = "aggressive"']
-    assert set(svc.engine.runtime) == {"strategy", "memory_threshold_warning", "max_batch_size", "min_batch_size",
-                                       "memory_reserve_mb"}
+    assert r.out.splitlines() == ["changed (pinned at runtime; configure --reset KEY unpins):",
+                                  "  max_batch_size = 32", "  memory_reserve_mb = 2048",
+                                  "  memory_threshold_warning = 0.7", '  strategy = "aggressive"',
+                                  "unchanged (already so, not pinned): min_batch_size"]
+    # min_batch_size was 1 already: not pinned
+    assert set(svc.engine.runtime) == {"strategy", "memory_threshold_warning", "max_batch_size", "memory_reserve_mb"}
 
     again = await svc.run("configure", "--strategy", "aggressive")
-    assert again.code == 0 and again.out == "nothing changed: the settings already had these values\n"
+    assert again.code == 0
+    assert again.out == "nothing changed: the settings already had these values (nothing pinned)\n"
 
 
 async def test_configure_every_flag(svc: Service) -> None:
@@ -485,11 +488,75 @@ def test_configure_bad_flag_values_are_argparse_usage_errors(capsys: pytest.Capt
         assert "Traceback" not in capsys.readouterr().err
 
 
+async def test_configure_reset_unpins_one_setting_then_all(svc: Service) -> None:
+    await svc.run("configure", "--strategy", "aggressive", "--max-batch-size", "8", "--gc-threshold", "0.7")
+    assert set(svc.engine.runtime) == {"strategy", "max_batch_size", "gc_threshold"}
+
+    r = await svc.run("configure", "--reset", "max_batch_size", "--reset", "cleanup_interval")
+    assert r.code == 0 and r.err == ""
+    assert r.out.splitlines() == ["unpinned; now from the config file, environment or flags:",
+                                  "  max_batch_size = 64", "not pinned, left as they were: cleanup_interval"]
+    assert svc.engine.settings.max_batch_size == SETTINGS.max_batch_size  # the service's configuration, at once
+    assert svc.engine.runtime == {"strategy": "aggressive", "gc_threshold": 0.7}
+
+    r = await svc.run("configure", "--reset-all")
+    assert r.code == 0
+    assert r.out.splitlines() == ["unpinned; now from the config file, environment or flags:",
+                                  "  gc_threshold = 0.85", '  strategy = "balanced"']
+    assert svc.engine.settings == SETTINGS and svc.engine.runtime == {}
+    r = await svc.run("configure", "--reset-all")
+    assert r.out == "nothing to unpin: no setting was pinned at runtime\n"
+    r = await svc.run("configure", "--reset", "strategy")
+    assert r.out == "nothing to unpin: strategy was not pinned\n"
+    assert svc.audits() == ["configure", "reset_config", "reset_config", "reset_config", "reset_config"]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--reset", "strategy", "--reset-all"], "not both"),
+    (["--reset", "strategy", "--max-batch-size", "8"], "not both at once"),
+    (["--reset-all", "--strategy", "adaptive"], "not both at once"),
+])
+async def test_configure_reset_usage_errors(svc: Service, argv: list[str], says: str) -> None:
+    svc.engine.update_settings({"strategy": "aggressive"})
+    err = (await svc.run("configure", *argv)).failed_with(manage.EXIT_USAGE)
+    assert says in err
+    assert svc.engine.runtime == {"strategy": "aggressive"} and svc.audits() == []
+
+
+def test_configure_reset_of_an_unknown_setting_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for key in ("turbo", "profiles", "warning-threshold"):
+        with pytest.raises(SystemExit) as exc:
+            main(["configure", "--reset", key])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--reset" in err and "invalid choice" in err and "memory_threshold_warning" in err
+
+
+async def test_configure_reset_that_the_service_refuses_changes_nothing(svc: Service) -> None:
+    svc.engine.update_settings({"max_batch_size": 128, "min_batch_size": 100})
+    err = (await svc.run("configure", "--reset", "max_batch_size")).failed_with(manage.EXIT_SERVICE)
+    assert "HTTP 400): min_batch_size: must be <= max_batch_size (64)" in err and "nothing was changed" in err
+    assert svc.engine.runtime == {"max_batch_size": 128, "min_batch_size": 100}
+
+
+async def test_status_shows_what_is_pinned(svc: Service) -> None:
+    r = await svc.run("status")
+    assert r.out.splitlines()[2] == (
+        "pinned:    nothing (every setting follows the config file, environment and flags)")
+    await svc.run("configure", "--strategy", "adaptive", "--max-batch-size", "32")
+    r = await svc.run("status")
+    assert r.out.splitlines()[2] == (
+        'pinned:    max_batch_size=32, strategy="adaptive" (configure --reset KEY or --reset-all unpins)')
+    doc = json.loads((await svc.run("status", "--json")).out)
+    assert doc["runtime_settings"] == {"strategy": "adaptive", "max_batch_size": 32}
+
+
 # --------------------------------------------------------------------------- export, import
 
 
 def exported(svc: Service) -> dict[str, Any]:
-    return {"format": EXPORT_FORMAT, "version": 1, "settings": settings_to_dict(svc.engine.settings)}
+    return {"format": EXPORT_FORMAT, "version": 1, "settings": settings_to_dict(svc.engine.settings),
+            "pinned": sorted(svc.engine.runtime)}
 
 
 async def test_export_config_to_json_yaml_and_stdout(svc: Service, tmp_path: Path) -> None:
@@ -525,19 +592,25 @@ async def test_import_config_round_trips_an_export(svc: Service, tmp_path: Path,
     svc.engine.update_settings({"strategy": "aggressive", "max_batch_size": 20, "monitoring_interval": 2.0})
     r = await svc.run("import-config", str(path))
     assert r.code == 0 and r.err == ""
-    assert r.out == f"imported {path}; changed: max_batch_size, monitoring_interval, strategy\n"
+    assert r.out == (f"imported {path}; changed: max_batch_size, monitoring_interval, strategy\n"
+                     "pinned at runtime: gc_threshold, max_batch_size, strategy\n")
     assert svc.engine.settings == saved
+    assert set(svc.engine.runtime) == {"strategy", "max_batch_size", "gc_threshold"}  # monitoring_interval: unpinned
     again = await svc.run("import-config", str(path))
-    assert again.out == f"imported {path}; nothing changed\n"
+    assert again.out == f"imported {path}; nothing changed\npinned at runtime: gc_threshold, max_batch_size, strategy\n"
 
 
 async def test_import_config_takes_a_plain_mapping_of_settings(svc: Service, tmp_path: Path) -> None:
     path = tmp_path / "plain.yml"
-    path.write_text("strategy: conservative\nmax_batch_size: 12\n")
+    path.write_text("strategy: conservative\nmax_batch_size: 12\ncleanup_interval: 120\n")
+    svc.engine.update_settings({"gc_threshold": 0.7})
     r = await svc.run("import-config", str(path))
     assert r.code == 0
-    # the whole configuration is replaced: keys left out take their defaults
-    assert svc.engine.settings == Settings(strategy=Strategy.CONSERVATIVE, max_batch_size=12)
+    assert r.out.splitlines()[1] == "pinned at runtime: cleanup_interval, max_batch_size, strategy"
+    # the runtime layer is replaced: keys left out follow the service's configuration, not the defaults
+    assert svc.engine.settings == dataclasses.replace(SETTINGS, strategy=Strategy.CONSERVATIVE, max_batch_size=12,
+                                                      cleanup_interval=120.0)
+    assert svc.engine.runtime == {"strategy": "conservative", "max_batch_size": 12, "cleanup_interval": 120.0}
 
 
 @pytest.mark.parametrize(("name", "text", "code", "says"), [

@@ -9,7 +9,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from optimizer import __version__
@@ -224,6 +224,11 @@ class AdminClient:
 
     def configure(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         return _object(self.request("PATCH", "/admin/config", dict(settings)), "/admin/config")
+
+    def reset_config(self, keys: Sequence[str] | None) -> dict[str, Any]:
+        """Unpin ``keys`` (``None``: every key)."""
+        body: dict[str, Any] = {"all": True} if keys is None else {"keys": list(keys)}
+        return _object(self.request("POST", "/admin/config/reset", body), "/admin/config/reset")
 
     def export_config(self) -> dict[str, Any]:
         return _object(self.request("GET", "/admin/config/export"), "/admin/config/export")

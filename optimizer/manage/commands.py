@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -145,11 +145,20 @@ def _flag(key: str) -> str | None:
     return None
 
 
-def cmd_configure(client: AdminClient, *, settings: Mapping[str, Any], out: TextIO) -> int:
-    """Change the given settings, all-or-nothing. Raises :class:`UsageError` when none is given and
-    :class:`ManageError` otherwise (a rejected value names its setting and flag)."""
+def cmd_configure(client: AdminClient, *, settings: Mapping[str, Any], out: TextIO, reset: Sequence[str] = (),
+                  reset_all: bool = False) -> int:
+    """Change the given settings, all-or-nothing, or unpin (``reset`` keys, or ``reset_all``). Raises
+    :class:`UsageError` when none or both kinds are given and :class:`ManageError` otherwise (a rejected
+    value names its setting and flag)."""
+    if reset and reset_all:
+        raise UsageError("give --reset KEY or --reset-all, not both")
+    if (reset or reset_all) and settings:
+        raise UsageError("configure either sets settings or unpins them (--reset/--reset-all), not both at once")
+    if reset or reset_all:
+        return _reset(client, None if reset_all else list(dict.fromkeys(reset)), out)
     if not settings:
-        raise UsageError("configure needs at least one setting flag (see configure --help)")
+        raise UsageError("configure needs at least one setting flag, or --reset KEY / --reset-all "
+                         "(see configure --help)")
     try:
         result = client.configure(settings)
     except ServiceError as exc:
@@ -159,13 +168,46 @@ def cmd_configure(client: AdminClient, *, settings: Mapping[str, Any], out: Text
         flag = _flag(exc.field) if exc.field is not None and exc.field in settings else None
         hint = f" ({flag})" if flag else ""
         raise ServiceError(f"{exc}{hint}; nothing was changed", exc.status, exc.field) from None
-    changed = [k for k in result.get("changed") or [] if isinstance(k, str)]
+    changed = _names(result.get("changed"))
+    unchanged = _names(result.get("unchanged"))
     now = result.get("settings") if isinstance(result.get("settings"), dict) else {}
     assert isinstance(now, dict)
     if not changed:
-        emit(out, ["nothing changed: the settings already had these values"])
+        emit(out, ["nothing changed: the settings already had these values (nothing pinned)"])
         return EXIT_OK
-    emit(out, ["changed:", *(f"  {k} = {json.dumps(now.get(k))}" for k in changed)])
+    lines = ["changed (pinned at runtime; configure --reset KEY unpins):",
+             *(f"  {k} = {json.dumps(now.get(k))}" for k in changed)]
+    if unchanged:
+        lines.append(f"unchanged (already so, not pinned): {', '.join(unchanged)}")
+    emit(out, lines)
+    return EXIT_OK
+
+
+def _names(value: Any) -> list[str]:
+    return [k for k in value or [] if isinstance(k, str)] if isinstance(value, list) else []
+
+
+def _reset(client: AdminClient, keys: list[str] | None, out: TextIO) -> int:
+    """Unpin ``keys`` (``None``: all); print what was unpinned and the values the settings took."""
+    try:
+        result = client.reset_config(keys)
+    except ServiceError as exc:
+        if exc.status is not None and 400 <= exc.status < 500:
+            raise ServiceError(f"{exc}; nothing was changed", exc.status, exc.field) from None
+        raise
+    unpinned = _names(result.get("unpinned"))
+    not_pinned = _names(result.get("not_pinned"))
+    now = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+    assert isinstance(now, dict)
+    if not unpinned:
+        lines = ["nothing to unpin: " + (f"{', '.join(not_pinned)} {'was' if len(not_pinned) == 1 else 'were'} "
+                                         "not pinned" if not_pinned else "no setting was pinned at runtime")]
+    else:
+        lines = ["unpinned; now from the config file, environment or flags:",
+                 *(f"  {k} = {json.dumps(now.get(k))}" for k in unpinned)]
+        if not_pinned:
+            lines.append(f"not pinned, left as they were: {', '.join(not_pinned)}")
+    emit(out, lines)
     return EXIT_OK
 
 
@@ -223,8 +265,9 @@ def read_config_document(path: str, stdin: TextIO | None = None) -> dict[str, An
 
 
 def cmd_import_config(client: AdminClient, *, path: str, out: TextIO, stdin: TextIO | None = None) -> int:
-    """Replace the whole configuration with a file's (keys left out take their defaults), all-or-nothing.
-    Raises :class:`UsageError` for an unreadable file and :class:`ManageError` when the service rejects it.
+    """Replace the runtime layer with a file's (keys left out follow the config file, environment and flags),
+    all-or-nothing. Raises :class:`UsageError` for an unreadable file and :class:`ManageError` when the
+    service rejects it.
     """
     doc = read_config_document(path, stdin)
     try:
@@ -233,11 +276,12 @@ def cmd_import_config(client: AdminClient, *, path: str, out: TextIO, stdin: Tex
         if exc.status is not None and 400 <= exc.status < 500:
             raise ServiceError(f"{exc}; nothing was changed", exc.status, exc.field) from None
         raise
-    changed = [k for k in result.get("changed") or [] if isinstance(k, str)]
-    if changed:
-        emit(out, [f"imported {path}; changed: {', '.join(changed)}"])
-    else:
-        emit(out, [f"imported {path}; nothing changed"])
+    changed = _names(result.get("changed"))
+    pinned = _names(result.get("pinned"))
+    lines = [f"imported {path}; changed: {', '.join(changed)}" if changed else f"imported {path}; nothing changed"]
+    lines.append(f"pinned at runtime: {', '.join(pinned)}" if pinned else
+                 "pinned at runtime: nothing (every setting follows the config file, environment and flags)")
+    emit(out, lines)
     return EXIT_OK
 
 
@@ -314,7 +358,8 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
         if cmd == "configure":
             settings = {key: getattr(args, dest) for dest, key in CONFIGURE_FLAGS.items()
                         if getattr(args, dest, None) is not None}
-            return cmd_configure(client, settings=settings, out=out)
+            return cmd_configure(client, settings=settings, reset=args.reset or (), reset_all=args.reset_all,
+                                 out=out)
         if cmd == "export-config":
             return cmd_export_config(client, output=args.output, out=out)
         if cmd == "import-config":

@@ -81,7 +81,7 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
         f"strategy {settings.get('strategy', 'n/a')}",
         f"batch size in [{settings.get('min_batch_size', '?')}, {settings.get('max_batch_size', '?')}]",
     ]
-    lines = ["optimizer: " + ", ".join(flags), "policy:    " + ", ".join(policy)]
+    lines = ["optimizer: " + ", ".join(flags), "policy:    " + ", ".join(policy), runtime_line(status)]
     gpus = status.get("gpus") if isinstance(status.get("gpus"), list) else []
     assert isinstance(gpus, list)
     if not gpus:
@@ -93,6 +93,17 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     assert isinstance(services, list)
     lines += ["", "services:", *service_lines(services)]
     return lines
+
+
+def runtime_line(status: Mapping[str, Any]) -> str:
+    """Which settings are pinned at runtime (admin API), over the config file, environment and flags."""
+    pinned = status.get("runtime_settings")
+    if not isinstance(pinned, dict):
+        return "pinned:    unknown (the service does not say)"
+    if not pinned:
+        return "pinned:    nothing (every setting follows the config file, environment and flags)"
+    items = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(pinned.items()))
+    return f"pinned:    {items} (configure --reset KEY or --reset-all unpins)"
 
 
 def monitor_line(stamp: str, gpu: Mapping[str, Any], services: list[Any]) -> str:
