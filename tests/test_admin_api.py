@@ -166,6 +166,7 @@ ENDPOINTS: list[tuple[str, str, Any, bool]] = [
     ("GET", "/admin/config/export", None, False),
     ("POST", "/admin/config/import", {"format": EXPORT_FORMAT, "version": 1,
                                       "settings": {"strategy": "conservative"}}, True),
+    ("POST", "/admin/config/reset", {"all": True}, True),
 ]
 ENDPOINT_IDS = [f"{m} {p.split('?')[0]}" for m, p, _, _ in ENDPOINTS]
 
@@ -201,6 +202,8 @@ async def _auth_setup(make_admin: MakeAdmin, path: str, *, token: bytes | None =
         a.engine.update_settings({"enabled": False})
     if path == "/admin/monitoring/start":
         a.sampler.running = False
+    if path == "/admin/config/reset":
+        a.engine.update_settings({"strategy": "aggressive"})  # something to unpin
     return a
 
 
