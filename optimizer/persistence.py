@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +193,30 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
     log.info("state_restored", services=len(restored), settings=sorted(runtime))
 
 
-class Persister:
-    """Saves the engine's state when it changed: at once after operator actions, else periodically."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class SaveFailure:
+    """Why the last save failed: the state file, the OS error, and since when saves fail (Unix time)."""
 
-    def __init__(self, engine: Engine, file: StateFile) -> None:
+    path: str
+    error: str
+    since: float  # the first failure of this run of failures
+    at: float  # the latest
+
+
+class Persister:
+    """Saves the engine's state when it changed: at once after operator actions, else periodically.
+
+    A failed save is counted (``errors``, the metric ``vlm_optimizer_state_save_errors_total``) and
+    kept (``failure``, shown by ``GET /health``) until a save works again.
+    """
+
+    def __init__(self, engine: Engine, file: StateFile, *, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.file = file
+        self.clock = clock
         self.saved_revision = -1
+        self.errors = 0
+        self.failure: SaveFailure | None = None
 
     def load(self, now: float) -> bool:
         data = self.file.load()
@@ -216,7 +234,15 @@ class Persister:
         try:
             self.file.save(dump(self.engine))
         except OSError as exc:
-            log.error("state_save_failed", path=str(self.file.path), error=str(exc))
+            now = self.clock()
+            self.errors += 1
+            since = self.failure.since if self.failure is not None else now
+            self.failure = SaveFailure(str(self.file.path), str(exc), since, now)
+            log.error("state_save_failed", path=str(self.file.path), error=str(exc), failing_since=since,
+                      errors=self.errors)
             return False
+        if self.failure is not None:
+            log.info("state_save_recovered", path=str(self.file.path), failing_since=self.failure.since)
+            self.failure = None
         self.saved_revision = revision
         return True
