@@ -635,20 +635,30 @@ async def test_optimize_of_a_gpu_whose_sample_failed_is_deferred_until_it_answer
 
 
 async def test_monitoring_stop_pauses_and_start_resumes(adm: Admin) -> None:
+    paused_at = adm.clock()
     assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": True}
     assert adm.sampler.running is False
     adm.clock.advance(100 * INTERVAL)  # long past any sample: paused is not stale
-    health = await adm.get("/health")
+    resp = await adm.read.get("/health")
+    assert resp.status == 200  # a pod an operator paused is not restarted
+    health = await resp.json()
     assert health["status"] == "paused"
-    assert (await adm.call("GET", "/admin/status"))["monitoring"] is False
+    assert (health["paused_since"], health["paused_for_s"]) == (paused_at, 100 * INTERVAL)
+    assert health["last_sample_age_s"] == 100 * INTERVAL
+    status = await adm.call("GET", "/admin/status")
+    assert (status["monitoring"], status["paused_since"]) == (False, paused_at)
+    assert "vlm_optimizer_monitoring_enabled 0.0" in await (await adm.read.get("/metrics")).text()
     assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": False}
+    assert (await adm.get("/health"))["paused_since"] == paused_at  # a second stop does not move it
 
     assert await adm.call("POST", "/admin/monitoring/start") == {"monitoring": True, "changed": True}
     assert adm.sampler.running is True
-    assert (await adm.get("/health", status=503))["status"] == "stale"  # until the next sample
+    stale = await adm.get("/health", status=503)  # until the next sample
+    assert stale["status"] == "stale" and "paused_since" not in stale
     await adm.tick(advance=0)
     assert (await adm.get("/health"))["status"] == "ok"
-    assert (await adm.call("GET", "/admin/status"))["monitoring"] is True
+    status = await adm.call("GET", "/admin/status")
+    assert (status["monitoring"], status["paused_since"]) == (True, None)
 
 
 # --------------------------------------------------------------------------- configuration
