@@ -1059,6 +1059,28 @@ def test_serve_token_file_takes_precedence_over_the_environment(tmp_path: Path) 
         assert _http("GET", served.admin + "/admin/config", token="from-env")[0] == 401
 
 
+def test_serve_enable_right_after_a_batch_change_is_never_silent(tmp_path: Path) -> None:
+    """The finding replayed on a real process: optimize (a batch change), disable, enable, and read
+    the batch at once, without waiting: the reply says what moved or what waits, and the service
+    is not told "optimization disabled"."""
+    with serving(tmp_path, env=_env()) as served:
+        assert _http("GET", served.api + "/batch-size?service=vlm")[0] == 200
+        status, optimized = _http("POST", served.admin + "/admin/optimize")
+        assert status == 200
+        moved = [e for e in optimized["events"] if e["kind"] == "batch_changed"]
+        assert moved, optimized  # the simulated GPU has headroom: a batch change to be adopted
+        assert _http("POST", served.admin + "/admin/disable")[0] == 200
+        status, enabled = _http("POST", served.admin + "/admin/enable")
+        status_read, polled = _http("GET", served.api + "/batch-size?service=vlm")
+        assert (status, status_read) == (200, 200)
+        assert enabled["changed"] is True
+        assert "optimization disabled" not in polled["reason"], polled
+        # acted at once (the batch moved back) or deferred, and said which
+        assert enabled["batch_changes"] or enabled["deferred"], enabled
+        for d in enabled["deferred"]:
+            assert d["service"] == "vlm" and d["until"] is not None and "deferred" in d["reason"]
+
+
 @pytest.mark.parametrize("content", ["", "  \n\n"])
 def test_serve_with_an_empty_token_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     token_file = tmp_path / "token"
