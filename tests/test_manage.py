@@ -33,6 +33,7 @@ from optimizer.api.admin import EXPORT_FORMAT, build_admin_app
 from optimizer.cli import build_parser, main
 from optimizer.config import SETTING_KEYS, Settings, Strategy, settings_to_dict
 from optimizer.engine import Engine
+from optimizer.persistence import Persister, StateFile
 from optimizer.sampler import Sampler
 from optimizer.policy.operator import clock_text
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
@@ -417,6 +418,24 @@ async def test_enable_right_after_a_batch_change_says_what_it_deferred_and_until
     await svc.tick(advance=0)  # the first settled sample: the deferred optimization runs
     assert svc.engine.decisions()[0].batch_size == 43
     assert svc.engine.state.gpus[0].requested_at is None and svc.engine.deferred_optimizations() == ()
+
+
+async def test_a_change_that_could_not_be_saved_fails_with_one_line_naming_the_file(
+        aiohttp_server: AiohttpServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        logs: list[EventDict]) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    engine = Engine(SETTINGS)
+    sampler = Sampler(ScriptedBackend(1), engine, clock=FakeClock(), sleep=no_sleep)
+    persister = Persister(engine, StateFile(blocker / "state.json"))
+    admin = build_admin_app(build_app(engine, sampler, run_sampler=False, persister=persister), TOKEN.encode())
+    server = await aiohttp_server(admin)
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["disable", "--url", f"http://{server.host}:{server.port}", "--token", TOKEN])
+    r = Result(code, *capsys.readouterr())
+    err = r.failed_with(manage.EXIT_SERVICE)
+    assert "HTTP 503" in err and "applied in memory but not saved" in err and str(blocker / "state.json") in err
+    assert engine.settings.enabled is False  # applied, as the message says
 
 
 async def test_stop_and_start_monitoring(svc: Service) -> None:
