@@ -568,10 +568,16 @@ async def test_enable_right_after_a_batch_change_is_deferred_to_the_first_settle
     assert adopt_after == adm.clock() + 1.5 * INTERVAL
     await adm.call("POST", "/admin/disable")
     assert "optimization disabled" in (await adm.batch())["reason"]
+    await adm.call("PUT", "/admin/batch-size", {"service": "held", "batch_size": 3})
+    await adm.tick()  # a sample while disabled (still within the adoption window)
+    assert adm.clock() < adopt_after
+    assert (await adm.batch("held"))["reason"] == "manual override by an operator (optimization disabled)"
 
     body = await adm.call("POST", "/admin/enable")
     assert body["changed"] is True and body["batch_changes"] == []
-    [deferred] = body["deferred"]
+    assert (await adm.batch("held"))["reason"] == "manual override by an operator"
+    held, deferred = body["deferred"]  # by service name
+    assert held["service"] == "held"
     assert (deferred["service"], deferred["gpu"], deferred["deferred"], deferred["until"]) == (
         "svc", 0, "optimization", adopt_after)
     assert "first sample from" in deferred["reason"] and "last batch change" in deferred["reason"]
@@ -581,8 +587,6 @@ async def test_enable_right_after_a_batch_change_is_deferred_to_the_first_settle
     assert polled["reason"] == "optimization requested by an operator: " + deferred["reason"]
     assert polled["batch_size"] == 4
 
-    await adm.tick()  # still within the adoption window: waits
-    assert (await adm.batch())["batch_size"] == 4
     await adm.tick()  # the first sample from adopt_after on: the optimization runs there, not 60 s later
     assert adm.clock() >= adopt_after
     resumed = await adm.batch()

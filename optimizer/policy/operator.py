@@ -109,7 +109,10 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
             for svc in mine:
                 if svc.override_active(now) is None:
                     svc = publish(svc, svc.batch_size, svc.optimal, why, now, events, "optimization")
-                    services[(svc.gpu, svc.service)] = svc
+                elif svc.reason.endswith("(optimization disabled)"):  # enabled again: the override holds
+                    svc = publish(svc, svc.batch_size, svc.optimal, "manual override by an operator", now, events,
+                                  "manual")
+                services[(svc.gpu, svc.service)] = svc
             continue
         assert sample.memory_total_bytes and sample.memory_used_bytes is not None
         mine = [expire_override(x, now, events) for x in mine]
