@@ -3,7 +3,8 @@
 Every request needs ``Authorization: Bearer <token>`` when a token is configured (compared in
 constant time; 401 and nothing changes otherwise). Without a token the server binds this API to
 loopback only. Every change is logged as an ``admin_audit`` event: who (client address), what,
-old and new values. Changes are saved to the state file at once when one is configured.
+old and new values. Changes are saved to the state file at once when one is configured; a change
+that cannot be saved answers 503 (applied in memory, not saved, with the file and the OS error).
 """
 
 from __future__ import annotations
