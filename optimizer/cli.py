@@ -155,8 +155,9 @@ def _admin_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON status object per poll, one per line")
 
     p = add("optimize", "run the batch-size optimization now",
-            "Run the periodic optimization on every GPU now and print the batch sizes it changed. "
-            "POST /admin/optimize.")
+            "Run the periodic optimization on every GPU now and print the batch sizes it changed, and "
+            "the services whose optimization waits (a GPU whose last batch change its samples do not show "
+            "yet), until when and why. POST /admin/optimize.")
     p.add_argument("--json", action="store_true", help="print the service's answer as JSON")
 
     p = add("set-batch-size", "fix a service's batch size by hand (or --clear it)",
@@ -173,14 +174,15 @@ def _admin_commands(sub: Any) -> None:
                    help="expire the manual batch size after this long (default: until --clear)")
 
     add("enable", "enable batch-size optimization",
-        "Let the policy adjust batch sizes again. POST /admin/enable.")
+        "Let the policy adjust batch sizes again, optimizing at once; print the batch sizes that moved "
+        "and what waits for a settled sample, until when. POST /admin/enable.")
     add("disable", "disable batch-size optimization",
         "Stop adjusting batch sizes: services get the default batch size. POST /admin/disable.")
     add("start-monitoring", "resume GPU sampling",
         "Resume sampling the GPUs. POST /admin/monitoring/start.")
     add("stop-monitoring", "pause GPU sampling",
-        "Pause sampling the GPUs (the last decisions stay published; /health says paused). "
-        "POST /admin/monitoring/stop.")
+        "Pause sampling the GPUs (the last decisions stay published; /health answers 200 with status "
+        "paused and paused_since; an alert fires after 30 minutes paused). POST /admin/monitoring/stop.")
 
     p = add("configure", "change settings of a running optimizer, or unpin them",
             "Change the given settings at runtime, validated like the config file and all-or-nothing: a bad "

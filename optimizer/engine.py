@@ -341,6 +341,12 @@ class Engine:
         self._account(outcome.events)
         return outcome.events
 
+    def deferred_optimizations(self) -> tuple[policy.Deferral, ...]:
+        """The operator's optimizations that wait for a settled sample (see :func:`policy.optimize_now`)."""
+        if self.snapshot is None or not self.policy_settings.enabled:
+            return ()
+        return policy.deferred_optimizations(self.state, self.snapshot)
+
     def set_override(self, service: str, gpu: int | str | None, batch: int, ttl_s: float | None,
                      now: float) -> Decision:
         """Fix a service's batch size (for ``ttl_s`` seconds, or until cleared). Raises :class:`UnknownGpu`."""

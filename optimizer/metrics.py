@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -16,6 +17,9 @@ from prometheus_client.registry import Collector
 
 from optimizer.engine import Engine
 from optimizer.sampler import DURATION_BUCKETS, Sampler
+
+if TYPE_CHECKING:
+    from optimizer.persistence import Persister
 
 GPU = ["gpu", "uuid"]
 GPU_SERVICE = ["gpu", "uuid", "service"]
@@ -59,10 +63,11 @@ class KubeCounts:
 
 class OptimizerCollector(Collector):
     def __init__(self, engine: Engine, sampler: Sampler | None = None,
-                 kube: Callable[[], KubeCounts] | None = None) -> None:
+                 kube: Callable[[], KubeCounts] | None = None, *, persister: Persister | None = None) -> None:
         self.engine = engine
         self.sampler = sampler
         self.kube = kube
+        self.persister = persister
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()
@@ -72,6 +77,13 @@ class OptimizerCollector(Collector):
             yield from self._self_health(self.sampler)
         if self.kube is not None:
             yield from self._discovery(self.kube())
+        yield from self._saves()
+
+    def _saves(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily("vlm_optimizer_state_save_errors", "Saves of the state file that failed "
+                                     "(0 when no state file is configured)")
+        errors.add_metric([], float(self.persister.errors if self.persister is not None else 0))
+        yield errors
 
     def _discovery(self, k: KubeCounts) -> Iterator[Metric]:
         pods = GaugeMetricFamily("vlm_optimizer_discovered_pods", "VLM pods on this node matching the selector, "
@@ -225,9 +237,10 @@ class OptimizerCollector(Collector):
 
 
 def build_registry(engine: Engine, sampler: Sampler | None = None,
-                   kube: Callable[[], KubeCounts] | None = None) -> CollectorRegistry:
+                   kube: Callable[[], KubeCounts] | None = None, *,
+                   persister: Persister | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(OptimizerCollector(engine, sampler, kube))
+    registry.register(OptimizerCollector(engine, sampler, kube, persister=persister))
     return registry
 
 

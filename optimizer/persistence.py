@@ -11,6 +11,12 @@ overrides, and per (GPU, service) the learned figures: its memory model (fixed m
 observations, footprint, fragmentation, trust region, an OOM's floor), the OOM bar and strikes, the
 last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
 read, and the peaks ignored.)
+
+Restored entries are checked field by field (a hand-edited file is input like any other): batch
+sizes, optima and overrides within [1, 4096] (OOM bars and the trust region within what a report
+may carry), GPU indexes and counts non-negative integers, times finite, service names by the
+service-name rule, memory figures non-negative. A bad entry is skipped with a warning naming the
+entry and its field; the others are restored.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from optimizer.engine import Engine
-from optimizer.policy.adaptive.memory import MemoryModel
+from optimizer.policy.adaptive.memory import MAX_WASTE_FRACTION, MemoryModel
 from optimizer.policy.types import ServiceState
+from optimizer.values import SERVICE_RE, SERVICE_RULE
 
 log = structlog.get_logger(__name__)
 
@@ -105,37 +113,104 @@ def _memory_dump(m: MemoryModel) -> dict[str, Any]:
             "bare_peaks": [list(b) for b in m.bare_peaks]}
 
 
-def _finite(v: Any) -> float:
-    f = float(v)
-    if not math.isfinite(f):
-        raise ValueError(f"not a finite number: {v!r}")
+MAX_BATCH = 4096  # the largest batch published or set by an operator (PUT /admin/batch-size)
+MAX_REPORTED_BATCH = 1 << 20  # the largest batch a report may carry (POST /reports): OOM bars, the trust region
+
+
+class BadEntry(ValueError):
+    """A saved service entry whose ``field`` holds a value no running optimizer could have written."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _finite(v: Any, field: str = "value") -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadEntry(field, f"must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _count(v: Any, field: str, lo: int = 0, hi: int | None = None) -> int:
+    """A JSON integer in [lo, hi] (not a boolean, a float or a numeric string)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise BadEntry(field, f"must be an integer {bound}, got {v!r}")
+    return v
+
+
+def _bytes(v: Any, field: str) -> float:
+    f = _finite(v, field)
+    if f < 0:
+        raise BadEntry(field, f"must be a non-negative number of bytes, got {v!r}")
     return f
 
 
+def _pairs(raw: Any, field: str) -> list[tuple[Any, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
+        raise BadEntry(field, "must be a list of [a, b] pairs")
+    return [(a, b) for a, b in raw]
+
+
 def _memory_load(raw: Any) -> MemoryModel:
-    """A memory model from its saved form; raises ``ValueError``/``TypeError``/``KeyError`` on a bad one."""
+    """A memory model from its saved form; raises :class:`BadEntry` naming the field of a bad one."""
     if raw is None:
         return MemoryModel()
     if not isinstance(raw, dict):
-        raise TypeError(f"memory must be an object, got {type(raw).__name__}")
-    obs = raw.get("observations") or []
-    if not isinstance(obs, list):
-        raise TypeError("memory.observations must be a list")
+        raise BadEntry("memory", f"must be an object, got {type(raw).__name__}")
 
     def opt(key: str) -> float | None:
-        return None if raw.get(key) is None else _finite(raw[key])
+        return None if raw.get(key) is None else _bytes(raw[key], f"memory.{key}")
 
+    fraction = _finite(raw.get("waste_fraction") or 0.0, "memory.waste_fraction")
+    if not 0 <= fraction <= MAX_WASTE_FRACTION:
+        raise BadEntry("memory.waste_fraction", f"must be in [0, {MAX_WASTE_FRACTION}], got {fraction!r}")
     return MemoryModel(
         fixed=opt("fixed"),
-        observations=tuple((_finite(t), _finite(x)) for t, x in obs),
-        held=tuple((_finite(t), _finite(x)) for t, x in raw.get("held") or ()),
-        waste=_finite(raw.get("waste") or 0.0),
-        waste_fraction=_finite(raw.get("waste_fraction") or 0.0),
-        largest_ok=int(raw.get("largest_ok") or 0),
-        floor=_finite(raw.get("floor") or 0.0),
-        floor_until=float("-inf") if raw.get("floor_until") is None else _finite(raw["floor_until"]),
-        reports=int(raw.get("reports") or 0),
-        bare_peaks=tuple((int(b), _finite(p)) for b, p in raw.get("bare_peaks") or ()),
+        observations=tuple((_finite(t, "memory.observations"), _bytes(x, "memory.observations"))
+                           for t, x in _pairs(raw.get("observations"), "memory.observations")),
+        held=tuple((_finite(t, "memory.held"), _bytes(x, "memory.held"))
+                   for t, x in _pairs(raw.get("held"), "memory.held")),
+        waste=_bytes(raw.get("waste") or 0.0, "memory.waste"),
+        waste_fraction=fraction,
+        largest_ok=_count(raw.get("largest_ok") or 0, "memory.largest_ok", 0, MAX_REPORTED_BATCH),
+        floor=_bytes(raw.get("floor") or 0.0, "memory.floor"),
+        floor_until=float("-inf") if raw.get("floor_until") is None else _finite(raw["floor_until"],
+                                                                                 "memory.floor_until"),
+        reports=_count(raw.get("reports") or 0, "memory.reports"),
+        bare_peaks=tuple((_count(b, "memory.bare_peaks", 1, MAX_REPORTED_BATCH), _bytes(p, "memory.bare_peaks"))
+                         for b, p in _pairs(raw.get("bare_peaks"), "memory.bare_peaks")),
+    )
+
+
+def _service_load(item: Any, now: float) -> ServiceState:
+    """One saved service entry, checked field by field; raises :class:`BadEntry` naming the bad field."""
+    if not isinstance(item, dict):
+        raise BadEntry("entry", f"must be an object, got {type(item).__name__}")
+    for key in ("service", "gpu", "batch_size", "optimal"):
+        if key not in item:
+            raise BadEntry(key, "missing")
+    name = item["service"]
+    if not isinstance(name, str) or not SERVICE_RE.fullmatch(name):
+        raise BadEntry("service", f"must be {SERVICE_RULE}, got {name!r}")
+
+    def batch(key: str, hi: int = MAX_BATCH) -> int | None:
+        return None if item.get(key) is None else _count(item[key], key, 1, hi)
+
+    def when(key: str) -> float | None:
+        return None if item.get(key) is None else _finite(item[key], key)
+
+    ceiling_until = when("ceiling_until")
+    return ServiceState(
+        service=name, gpu=_count(item["gpu"], "gpu"), batch_size=_count(item["batch_size"], "batch_size", 1, MAX_BATCH),
+        optimal=_count(item["optimal"], "optimal", 1, MAX_BATCH), reason="restored from the state file",
+        changed_at=now, updated_at=now, last_seen=now, registered_at=now,
+        ceiling=batch("ceiling", MAX_REPORTED_BATCH),
+        ceiling_until=float("-inf") if ceiling_until is None else ceiling_until,
+        strikes=_count(item.get("strikes") or 0, "strikes"), last_oom_at=when("last_oom_at"),
+        memory=_memory_load(item.get("memory")), override=batch("override"), override_until=when("override_until"),
     )
 
 
@@ -164,22 +239,13 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
         log.warning("state_services_ignored", error=f"services must be a list, got {type(items).__name__}")
         items = []
     restored: dict[tuple[int, str], ServiceState] = {}
-    for item in items:
+    for number, item in enumerate(items):
         try:
-            svc = ServiceState(
-                service=str(item["service"]), gpu=int(item["gpu"]), batch_size=int(item["batch_size"]),
-                optimal=int(item["optimal"]), reason="restored from the state file", changed_at=now,
-                updated_at=now, last_seen=now, registered_at=now,
-                ceiling=None if item.get("ceiling") is None else int(item["ceiling"]),
-                ceiling_until=float("-inf") if item.get("ceiling_until") is None else float(item["ceiling_until"]),
-                strikes=int(item.get("strikes") or 0),
-                last_oom_at=None if item.get("last_oom_at") is None else float(item["last_oom_at"]),
-                memory=_memory_load(item.get("memory")),
-                override=None if item.get("override") is None else int(item["override"]),
-                override_until=None if item.get("override_until") is None else float(item["override_until"]),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            log.warning("state_service_ignored", item=str(item)[:200], error=repr(exc))
+            svc = _service_load(item, now)
+        except BadEntry as exc:
+            name = item.get("service") if isinstance(item, dict) else None
+            log.warning("state_service_ignored", entry=number, service=name if isinstance(name, str) else None,
+                        field=exc.field, error=str(exc), item=str(item)[:200])
             continue
         lo, hi = engine.settings.batch_limits(engine.settings.profile(svc.service))
         svc = dataclasses.replace(svc, batch_size=max(lo, min(hi, svc.batch_size)))
@@ -188,13 +254,30 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
     log.info("state_restored", services=len(restored), settings=sorted(engine.runtime))
 
 
-class Persister:
-    """Saves the engine's state when it changed: at once after operator actions, else periodically."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class SaveFailure:
+    """Why the last save failed: the state file, the OS error, and since when saves fail (Unix time)."""
 
-    def __init__(self, engine: Engine, file: StateFile) -> None:
+    path: str
+    error: str
+    since: float  # the first failure of this run of failures
+    at: float  # the latest
+
+
+class Persister:
+    """Saves the engine's state when it changed: at once after operator actions, else periodically.
+
+    A failed save is counted (``errors``, the metric ``vlm_optimizer_state_save_errors_total``) and
+    kept (``failure``, shown by ``GET /health``) until a save works again.
+    """
+
+    def __init__(self, engine: Engine, file: StateFile, *, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.file = file
+        self.clock = clock
         self.saved_revision = -1
+        self.errors = 0
+        self.failure: SaveFailure | None = None
 
     def load(self, now: float) -> bool:
         data = self.file.load()
@@ -212,7 +295,15 @@ class Persister:
         try:
             self.file.save(dump(self.engine))
         except OSError as exc:
-            log.error("state_save_failed", path=str(self.file.path), error=str(exc))
+            now = self.clock()
+            self.errors += 1
+            since = self.failure.since if self.failure is not None else now
+            self.failure = SaveFailure(str(self.file.path), str(exc), since, now)
+            log.error("state_save_failed", path=str(self.file.path), error=str(exc), failing_since=since,
+                      errors=self.errors)
             return False
+        if self.failure is not None:
+            log.info("state_save_recovered", path=str(self.file.path), failing_since=self.failure.since)
+            self.failure = None
         self.saved_revision = revision
         return True

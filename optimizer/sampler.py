@@ -54,10 +54,22 @@ class Sampler:
         self.clock = clock
         self.sleep = sleep
         self.stats = SamplerStats()
-        self.running = True  # false while monitoring is paused (the loop keeps ticking, sampling nothing)
+        self._running = True
+        self.paused_since: float | None = None  # when an operator paused monitoring (the sampler's clock)
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[GpuSample]] | None = None
         self._ready = False
+
+    @property
+    def running(self) -> bool:
+        """False while monitoring is paused (the loop keeps ticking, sampling nothing)."""
+        return self._running
+
+    @running.setter
+    def running(self, on: bool) -> None:
+        if on != self._running:
+            self.paused_since = None if on else self.clock()
+        self._running = on
 
     @property
     def interval(self) -> float:

@@ -522,7 +522,7 @@ async def test_optimize_now_grows_a_batch_with_headroom(adm: Admin) -> None:
 async def test_optimize_before_the_first_sample_does_nothing(make_admin: MakeAdmin) -> None:
     a = await make_admin()
     body = await a.call("POST", "/admin/optimize")
-    assert body == {"events": [], "services": []}
+    assert body == {"events": [], "services": [], "deferred": []}
 
 
 # --------------------------------------------------------------------------- enable/disable, monitoring
@@ -533,7 +533,9 @@ async def test_disable_publishes_the_default_and_enable_resumes(adm: Admin) -> N
     await adm.call("POST", "/admin/optimize")
     assert (await adm.batch())["batch_size"] == 16
 
-    assert await adm.call("POST", "/admin/disable") == {"enabled": False, "changed": True}
+    assert await adm.call("POST", "/admin/disable") == {
+        "enabled": False, "changed": True, "deferred": [],
+        "batch_changes": [{"service": "svc", "gpu": 0, "old": 16, "new": 4}]}
     assert adm.engine.settings.enabled is False
     assert (await adm.call("GET", "/admin/config"))["enabled"] is False
     await adm.tick()
@@ -542,7 +544,8 @@ async def test_disable_publishes_the_default_and_enable_resumes(adm: Admin) -> N
     assert "disabled" in body["reason"]
     fresh = await adm.batch("newcomer")
     assert fresh["batch_size"] == 4 and "disabled" in fresh["reason"]
-    assert await adm.call("POST", "/admin/disable") == {"enabled": False, "changed": False}
+    assert await adm.call("POST", "/admin/disable") == {"enabled": False, "changed": False, "batch_changes": [],
+                                                        "deferred": []}
     # no optimization while disabled, whoever asks
     assert (await adm.call("POST", "/admin/optimize"))["events"] == []
     await adm.tick(advance=OPT_INTERVAL)
@@ -553,29 +556,117 @@ async def test_disable_publishes_the_default_and_enable_resumes(adm: Admin) -> N
     manual = await adm.batch("newcomer")
     assert manual["batch_size"] == 6 and "manual override" in manual["reason"]
 
-    assert await adm.call("POST", "/admin/enable") == {"enabled": True, "changed": True}
+    enabled = await adm.call("POST", "/admin/enable")  # optimizes at once, from the latest sample
+    assert enabled == {"enabled": True, "changed": True, "deferred": [],
+                       "batch_changes": [{"service": "svc", "gpu": 0, "old": 4, "new": 16}]}
     assert adm.engine.settings.enabled is True
-    await adm.tick(advance=OPT_INTERVAL)
     resumed = await adm.batch()
-    assert resumed["batch_size"] > 4
+    assert resumed["batch_size"] == 16
     assert resumed["reason"].startswith("balanced:")
 
 
+async def test_enable_right_after_a_batch_change_is_deferred_to_the_first_settled_sample(adm: Admin) -> None:
+    await adm.batch()
+    await adm.call("POST", "/admin/optimize")  # 4 -> 16: the samples do not show it for 1.5 intervals
+    adopt_after = adm.engine.state.gpus[0].adopt_after
+    assert adopt_after == adm.clock() + 1.5 * INTERVAL
+    await adm.call("POST", "/admin/disable")
+    assert "optimization disabled" in (await adm.batch())["reason"]
+    await adm.call("PUT", "/admin/batch-size", {"service": "held", "batch_size": 3})
+    await adm.tick()  # a sample while disabled (still within the adoption window)
+    assert adm.clock() < adopt_after
+    assert (await adm.batch("held"))["reason"] == "manual override by an operator (optimization disabled)"
+
+    body = await adm.call("POST", "/admin/enable")
+    assert body["changed"] is True and body["batch_changes"] == []
+    assert (await adm.batch("held"))["reason"] == "manual override by an operator"
+    held, deferred = body["deferred"]  # by service name
+    assert held["service"] == "held"
+    assert (deferred["service"], deferred["gpu"], deferred["deferred"], deferred["until"]) == (
+        "svc", 0, "optimization", adopt_after)
+    assert "first sample from" in deferred["reason"] and "last batch change" in deferred["reason"]
+    # what the service reads says so at once: not "optimization disabled"
+    polled = await adm.batch()
+    assert "optimization disabled" not in polled["reason"]
+    assert polled["reason"] == "optimization requested by an operator: " + deferred["reason"]
+    assert polled["batch_size"] == 4
+
+    await adm.tick()  # the first sample from adopt_after on: the optimization runs there, not 60 s later
+    assert adm.clock() >= adopt_after
+    resumed = await adm.batch()
+    assert resumed["batch_size"] == 16 and resumed["reason"].startswith("balanced:")
+    assert (await adm.call("POST", "/admin/optimize"))["deferred"][0]["until"] == adm.clock() + 1.5 * INTERVAL
+
+
+async def test_optimize_right_after_a_batch_change_names_what_waits_and_until_when(adm: Admin) -> None:
+    await adm.batch("svc-a")
+    await adm.batch("svc-b")
+    first = await adm.call("POST", "/admin/optimize")
+    assert [e["kind"] for e in first["events"]].count("batch_changed") == 2
+    assert first["deferred"] == []
+    again = await adm.call("POST", "/admin/optimize")
+    assert again["events"] == []
+    until = adm.clock() + 1.5 * INTERVAL
+    assert [(d["service"], d["gpu"], d["until"]) for d in again["deferred"]] == [("svc-a", 0, until),
+                                                                                ("svc-b", 0, until)]
+    assert all(s["reason"].startswith("optimization requested by an operator: deferred") for s in again["services"])
+
+
+async def test_adaptive_enable_right_after_a_change_is_deferred_and_runs_at_the_settled_sample(
+        make_admin: MakeAdmin) -> None:
+    a = await make_admin(settings=Settings(strategy=Strategy.ADAPTIVE))
+    await a.tick()
+    await a.batch()
+    await a.call("POST", "/admin/optimize")
+    grown = (await a.batch())["batch_size"]
+    assert grown > 4
+    await a.call("POST", "/admin/disable")
+    body = await a.call("POST", "/admin/enable")
+    assert [d["service"] for d in body["deferred"]] == ["svc"]
+    assert "optimization disabled" not in (await a.batch())["reason"]
+    await a.tick()
+    await a.tick()  # settled: the deferred optimization grows it again at once
+    assert (await a.batch())["batch_size"] == grown
+    assert a.engine.deferred_optimizations() == ()
+
+
+async def test_optimize_of_a_gpu_whose_sample_failed_is_deferred_until_it_answers(adm: Admin) -> None:
+    await adm.batch()
+    adm.gpus.failed.add(0)
+    await adm.tick()
+    body = await adm.call("POST", "/admin/optimize")
+    assert [(d["service"], d["until"]) for d in body["deferred"]] == [("svc", None)]
+    assert "answers a sample again" in body["deferred"][0]["reason"]
+    adm.gpus.failed.discard(0)
+    await adm.tick()
+    assert (await adm.batch())["batch_size"] == 16
+
+
 async def test_monitoring_stop_pauses_and_start_resumes(adm: Admin) -> None:
+    paused_at = adm.clock()
     assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": True}
     assert adm.sampler.running is False
     adm.clock.advance(100 * INTERVAL)  # long past any sample: paused is not stale
-    health = await adm.get("/health")
+    resp = await adm.read.get("/health")
+    assert resp.status == 200  # a pod an operator paused is not restarted
+    health = await resp.json()
     assert health["status"] == "paused"
-    assert (await adm.call("GET", "/admin/status"))["monitoring"] is False
+    assert (health["paused_since"], health["paused_for_s"]) == (paused_at, 100 * INTERVAL)
+    assert health["last_sample_age_s"] == 100 * INTERVAL
+    status = await adm.call("GET", "/admin/status")
+    assert (status["monitoring"], status["paused_since"]) == (False, paused_at)
+    assert "vlm_optimizer_monitoring_enabled 0.0" in await (await adm.read.get("/metrics")).text()
     assert await adm.call("POST", "/admin/monitoring/stop") == {"monitoring": False, "changed": False}
+    assert (await adm.get("/health"))["paused_since"] == paused_at  # a second stop does not move it
 
     assert await adm.call("POST", "/admin/monitoring/start") == {"monitoring": True, "changed": True}
     assert adm.sampler.running is True
-    assert (await adm.get("/health", status=503))["status"] == "stale"  # until the next sample
+    stale = await adm.get("/health", status=503)  # until the next sample
+    assert stale["status"] == "stale" and "paused_since" not in stale
     await adm.tick(advance=0)
     assert (await adm.get("/health"))["status"] == "ok"
-    assert (await adm.call("GET", "/admin/status"))["monitoring"] is True
+    status = await adm.call("GET", "/admin/status")
+    assert (status["monitoring"], status["paused_since"]) == (True, None)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -926,18 +1017,65 @@ async def test_every_admin_change_is_saved_at_once(make_admin: MakeAdmin, tmp_pa
     assert fresh.state.services[(0, "svc")].override is None
 
 
-async def test_a_failing_save_does_not_fail_the_admin_request(make_admin: MakeAdmin, tmp_path: Path,
-                                                              logs: LogList) -> None:
+async def test_a_failing_save_is_a_503_that_says_the_change_is_applied_but_not_saved(
+        make_admin: MakeAdmin, tmp_path: Path, logs: LogList) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the state directory should be")
-    a = await make_admin(state_path=blocker / "state.json")
+    path = blocker / "state.json"
+    a = await make_admin(state_path=path)
     await a.tick()
-    body = await a.call("PUT", "/admin/batch-size", {"service": "svc", "batch_size": 6})
-    assert body["batch_size"] == 6
-    assert a.engine.state.services[(0, "svc")].override == 6
+    assert (await a.get("/health"))["status"] == "ok"
+    resp = await a.client.put("/admin/batch-size", json={"service": "svc", "batch_size": 6}, headers=auth())
+    assert resp.status == 503 and resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["applied"] is True and body["saved"] is False and body["state_file"] == str(path)
+    assert "File exists" in body["os_error"] or "Not a directory" in body["os_error"]
+    assert body["error"].startswith("set_batch_size: the change is applied in memory but not saved")
+    assert str(path) in body["error"] and body["os_error"] in body["error"]
+    assert a.engine.state.services[(0, "svc")].override == 6  # applied, as it says
+    assert (await a.batch())["batch_size"] == 6
     failed = events_named(logs, "state_save_failed")
-    assert len(failed) == 1 and failed[0]["path"] == str(blocker / "state.json")
+    assert len(failed) == 1 and failed[0]["path"] == str(path) and failed[0]["log_level"] == "error"
+    [not_saved] = events_named(logs, "admin_change_not_saved")
+    assert (not_saved["action"], not_saved["path"], not_saved["log_level"]) == ("set_batch_size", str(path), "error")
     assert len(events_named(logs, "admin_audit")) == 1
+
+    # the metric counts it, and /health says degraded (still 200: a restart does not fix a disk)
+    metrics = await (await a.read.get("/metrics")).text()
+    assert "vlm_optimizer_state_save_errors_total 1.0" in metrics
+    health = await a.get("/health")
+    assert health["status"] == "degraded"
+    detail = health["degraded"]["state_save"]
+    assert (detail["path"], detail["error"], detail["failed_saves"]) == (str(path), body["os_error"], 1)
+    assert detail["since"] == detail["last_failed_at"]
+
+    # every mutating endpoint answers the same way while the disk is broken
+    for method, endpoint, payload in [("POST", "/admin/optimize", None), ("POST", "/admin/disable", None),
+                                      ("POST", "/admin/enable", None), ("POST", "/admin/monitoring/stop", None),
+                                      ("POST", "/admin/monitoring/start", None),
+                                      ("PATCH", "/admin/config", {"strategy": "aggressive"})]:
+        resp = await a.client.request(method, endpoint, json=payload, headers=auth())
+        assert resp.status == 503, (endpoint, await resp.text())
+        assert (await resp.json())["saved"] is False
+    assert a.engine.settings.strategy is Strategy.AGGRESSIVE
+    later = (await a.get("/health"))["degraded"]["state_save"]
+    assert later["since"] == detail["since"] and later["failed_saves"] == 7
+
+    # the disk is fixed: the next change is saved, and /health is ok again
+    blocker.unlink()
+    await a.call("DELETE", "/admin/batch-size?service=svc")
+    assert a.saved()["settings"] == {"strategy": "aggressive", "enabled": True}
+    health = await a.get("/health")
+    assert health["status"] == "ok" and "degraded" not in health
+    assert "vlm_optimizer_state_save_errors_total 7.0" in await (await a.read.get("/metrics")).text()
+    assert len(events_named(logs, "state_save_recovered")) == 1
+
+
+async def test_without_a_state_file_nothing_is_degraded_and_the_counter_is_zero(adm: Admin) -> None:
+    await adm.call("POST", "/admin/optimize")
+    health = await adm.get("/health")
+    assert health["status"] == "ok" and "degraded" not in health
+    assert "vlm_optimizer_state_save_errors_total 0.0" in await (await adm.read.get("/metrics")).text()
 
 
 # --------------------------------------------------------------------------- serve as a real process
@@ -1055,7 +1193,7 @@ def test_serve_with_a_token_in_the_environment_requires_it(tmp_path: Path) -> No
         status, body = _http("GET", served.admin + "/admin/config", token="s3cret-from-env")
         assert status == 200 and body["enabled"] is True
         status, body = _http("POST", served.admin + "/admin/disable", token="s3cret-from-env")
-        assert status == 200 and body == {"enabled": False, "changed": True}
+        assert status == 200 and (body["enabled"], body["changed"]) == (False, True)
         status, _ = _http("GET", served.api + "/batch-size?service=vlm")  # the read API needs no token
         assert status == 200
     names = [e.get("event") for e in served.log]
@@ -1072,6 +1210,28 @@ def test_serve_token_file_takes_precedence_over_the_environment(tmp_path: Path) 
                  env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="from-env")) as served:
         assert _http("GET", served.admin + "/admin/config", token="from-the-file")[0] == 200
         assert _http("GET", served.admin + "/admin/config", token="from-env")[0] == 401
+
+
+def test_serve_enable_right_after_a_batch_change_is_never_silent(tmp_path: Path) -> None:
+    """The finding replayed on a real process: optimize (a batch change), disable, enable, and read
+    the batch at once, without waiting: the reply says what moved or what waits, and the service
+    is not told "optimization disabled"."""
+    with serving(tmp_path, env=_env()) as served:
+        assert _http("GET", served.api + "/batch-size?service=vlm")[0] == 200
+        status, optimized = _http("POST", served.admin + "/admin/optimize")
+        assert status == 200
+        moved = [e for e in optimized["events"] if e["kind"] == "batch_changed"]
+        assert moved, optimized  # the simulated GPU has headroom: a batch change to be adopted
+        assert _http("POST", served.admin + "/admin/disable")[0] == 200
+        status, enabled = _http("POST", served.admin + "/admin/enable")
+        status_read, polled = _http("GET", served.api + "/batch-size?service=vlm")
+        assert (status, status_read) == (200, 200)
+        assert enabled["changed"] is True
+        assert "optimization disabled" not in polled["reason"], polled
+        # acted at once (the batch moved back) or deferred, and said which
+        assert enabled["batch_changes"] or enabled["deferred"], enabled
+        for d in enabled["deferred"]:
+            assert d["service"] == "vlm" and d["until"] is not None and "deferred" in d["reason"]
 
 
 @pytest.mark.parametrize("content", ["", "  \n\n"])

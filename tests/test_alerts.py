@@ -115,6 +115,10 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
     "gpu-failed-for": ("VLMOptimizerGPUFailed", lambda r: r.update({"for": "5m"})),
     "stale-measured-at-evaluation": ("VLMOptimizerSamplingStale", lambda r: r.update(
         expr=r["expr"].replace("timestamp(vlm_optimizer_last_sample_timestamp_seconds)", "time()"))),
+    "paused-for": ("VLMOptimizerMonitoringPaused", lambda r: r.update({"for": "10m"})),
+    "paused-on-running": ("VLMOptimizerMonitoringPaused", lambda r: r.update(expr=r["expr"].replace("== 0", "== 1"))),
+    "save-window": ("VLMOptimizerStateSaveFailing", lambda r: r.update(expr=r["expr"].replace("[10m]", "[1m]"))),
+    "save-threshold": ("VLMOptimizerStateSaveFailing", lambda r: r.update(expr=r["expr"].replace("> 0", "> 10"))),
 }
 
 
@@ -238,4 +242,5 @@ def test_every_exported_metric_family_is_seen() -> None:
     # guards exposition_names(): a collector change that hid families would make the check above vacuous
     assert {"vlm_memory_usage_percent", "vlm_memory_optimizations_failed_total", "vlm_gpu_up",
             "vlm_optimizer_sample_errors_total", "vlm_optimizer_last_sample_timestamp_seconds",
-            "vlm_optimizer_sample_duration_seconds_count"} <= exposition_names()
+            "vlm_optimizer_sample_duration_seconds_count", "vlm_optimizer_state_save_errors_total",
+            "vlm_optimizer_monitoring_enabled"} <= exposition_names()

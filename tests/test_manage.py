@@ -33,7 +33,9 @@ from optimizer.api.admin import EXPORT_FORMAT, build_admin_app
 from optimizer.cli import build_parser, main
 from optimizer.config import SETTING_KEYS, Settings, Strategy, settings_to_dict
 from optimizer.engine import Engine
+from optimizer.persistence import Persister, StateFile
 from optimizer.sampler import Sampler
+from optimizer.policy.operator import clock_text
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
 
 GIB = 1024**3
@@ -317,8 +319,12 @@ async def test_optimize_twice_before_a_new_sample_does_not_grow_the_batch_again(
     await svc.tick()
     assert (await svc.run("optimize")).code == 0
     assert svc.engine.decisions()[0].batch_size == 23  # 40 + 19 GiB: 74 % of 80 GiB, the 75 % target
-    again = await svc.run("optimize")  # no new sample: nothing new is known
-    assert again.out == "optimization ran: no batch size changed\n"
+    again = await svc.run("optimize")  # no new sample: nothing new is known, and the reply says when it runs
+    assert again.out == (
+        "optimization ran: no batch size changed\n"
+        "optimization deferred for 1 service:\n"
+        f"  GPU 0 (vlm): deferred to the first sample from {clock_text(svc.clock() + 7.5)} on, when the samples "
+        "show the last batch change (earlier ones would count its headroom twice); batch kept until then\n")
     batch = svc.engine.decisions()[0].batch_size
     safety_gib = 0.95 * 80 - 1  # memory_threshold_oom of total, less memory_reserve_mb
     assert 40 - 4 + batch <= safety_gib
@@ -387,11 +393,49 @@ async def test_disable_and_enable(svc: Service) -> None:
     assert svc.engine.settings.enabled is False
     r = await svc.run("disable")
     assert (r.code, r.out) == (0, "optimization was already disabled\n")
-    r = await svc.run("enable")
-    assert (r.code, r.out) == (0, "optimization enabled\n")
+    r = await svc.run("enable")  # optimizes at once: the batch grows into the headroom
+    assert (r.code, r.out) == (0, "optimization enabled: 1 batch size changed\n  vlm on GPU 0: 4 -> 43\n")
     assert svc.engine.settings.enabled is True
     r = await svc.run("enable")
-    assert (r.code, r.out) == (0, "optimization was already enabled\n")
+    assert (r.code, r.out) == (0, "optimization was already enabled: no batch size changed\n")
+    r = await svc.run("disable")
+    assert (r.code, r.out) == (0, "optimization disabled: 1 batch size back to the default\n  vlm on GPU 0: 43 -> 4\n")
+
+
+async def test_enable_right_after_a_batch_change_says_what_it_deferred_and_until_when(svc: Service) -> None:
+    assert (await svc.run("optimize")).code == 0  # a batch change: the samples do not show it yet
+    assert (await svc.run("disable")).code == 0
+    r = await svc.run("enable")
+    adopted = svc.engine.state.gpus[0].adopt_after
+    assert adopted > svc.clock()
+    assert r.out == (
+        "optimization enabled: no batch size changed\n"
+        "optimization deferred for 1 service:\n"
+        f"  GPU 0 (vlm): deferred to the first sample from {clock_text(adopted)} on, when the samples show the "
+        "last batch change (earlier ones would count its headroom twice); batch kept until then\n")
+    assert "optimization disabled" not in svc.engine.decisions()[0].reason
+    svc.clock.advance(adopted - svc.clock())
+    await svc.tick(advance=0)  # the first settled sample: the deferred optimization runs
+    assert svc.engine.decisions()[0].batch_size == 43
+    assert svc.engine.state.gpus[0].requested_at is None and svc.engine.deferred_optimizations() == ()
+
+
+async def test_a_change_that_could_not_be_saved_fails_with_one_line_naming_the_file(
+        aiohttp_server: AiohttpServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        logs: list[EventDict]) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    engine = Engine(SETTINGS)
+    sampler = Sampler(ScriptedBackend(1), engine, clock=FakeClock(), sleep=no_sleep)
+    persister = Persister(engine, StateFile(blocker / "state.json"))
+    admin = build_admin_app(build_app(engine, sampler, run_sampler=False, persister=persister), TOKEN.encode())
+    server = await aiohttp_server(admin)
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["disable", "--url", f"http://{server.host}:{server.port}", "--token", TOKEN])
+    r = Result(code, *capsys.readouterr())
+    err = r.failed_with(manage.EXIT_SERVICE)
+    assert "HTTP 503" in err and "applied in memory but not saved" in err and str(blocker / "state.json") in err
+    assert engine.settings.enabled is False  # applied, as the message says
 
 
 async def test_stop_and_start_monitoring(svc: Service) -> None:
@@ -667,7 +711,7 @@ async def test_token_from_a_file_or_the_environment_and_url_from_the_environment
     monkeypatch.setenv(manage.URL_ENV, svc.url + "/")
     svc.capsys.readouterr()
     code = await asyncio.to_thread(main, ["disable"])
-    assert code == 0 and svc.capsys.readouterr().out == "optimization disabled\n"
+    assert code == 0 and svc.capsys.readouterr().out.startswith("optimization disabled")
     assert svc.engine.settings.enabled is False
 
 

@@ -291,6 +291,75 @@ def test_bad_entries_are_skipped_and_the_rest_restored(tmp_path: Path, logs: Log
     assert path.exists() and listing(tmp_path) == ["state.json"]  # a partly bad file is not corrupt
 
 
+GOOD_ENTRY: dict[str, Any] = {"service": "hand-written", "gpu": 0, "batch_size": 6, "optimal": 8, "ceiling": 9,
+                              "ceiling_until": T0 + 100, "strikes": 1, "last_oom_at": T0 - 5, "override": None,
+                              "override_until": None, "memory": {"fixed": 20.0 * GIB, "observations": [[T0, GIB]],
+                                                                 "reports": 3, "largest_ok": 8}}
+# (what is wrong, the field the warning must name, the entry's changes)
+BAD_ENTRIES: list[tuple[str, str, dict[str, Any]]] = [
+    ("negative optimal", "optimal", {"optimal": -9}),
+    ("zero batch", "batch_size", {"batch_size": 0}),
+    ("batch above 4096", "batch_size", {"batch_size": 5000}),
+    ("batch a string", "batch_size", {"batch_size": "6"}),
+    ("batch a float", "batch_size", {"batch_size": 6.5}),
+    ("batch true", "batch_size", {"batch_size": True}),
+    ("override negative", "override", {"override": -1}),
+    ("override above 4096", "override", {"override": 4097}),
+    ("ceiling zero", "ceiling", {"ceiling": 0}),
+    ("negative gpu", "gpu", {"gpu": -1}),
+    ("gpu a float", "gpu", {"gpu": 0.5}),
+    ("gpu a string", "gpu", {"gpu": "0"}),
+    ("infinite bar", "ceiling_until", {"ceiling_until": float("inf")}),
+    ("NaN oom time", "last_oom_at", {"last_oom_at": float("nan")}),
+    ("override_until a string", "override_until", {"override": 5, "override_until": "soon"}),
+    ("negative strikes", "strikes", {"strikes": -2}),
+    ("service with a space", "service", {"service": "bad name"}),
+    ("service too long", "service", {"service": "s" * 129}),
+    ("service empty", "service", {"service": ""}),
+    ("service a number", "service", {"service": 7}),
+    ("service missing", "service", {"service": None}),
+    ("negative fixed memory", "memory.fixed", {"memory": {"fixed": -1.0}}),
+    ("negative per-item memory", "memory.observations", {"memory": {"observations": [[T0, -GIB]]}}),
+    ("observation not a pair", "memory.observations", {"memory": {"observations": [[T0]]}}),
+    ("waste fraction above its bound", "memory.waste_fraction", {"memory": {"waste_fraction": 50}}),
+    ("negative reports", "memory.reports", {"memory": {"reports": -1}}),
+    ("bare peak at batch 0", "memory.bare_peaks", {"memory": {"bare_peaks": [[0, GIB]]}}),
+    ("memory a list", "memory", {"memory": [1, 2]}),
+]
+
+
+@pytest.mark.parametrize(("field", "change"), [(f, c) for _, f, c in BAD_ENTRIES], ids=[n for n, _, _ in BAD_ENTRIES])
+def test_a_hand_written_bad_entry_is_skipped_naming_its_field_and_the_others_restored(
+        tmp_path: Path, logs: LogList, field: str, change: dict[str, Any]) -> None:
+    bad = {**GOOD_ENTRY, "service": "bad-one", **change}
+    if change.get("service", "") is None:
+        del bad["service"]
+    doc = {"version": STATE_VERSION, "saved_at": T0, "settings": {},
+           "services": [GOOD_ENTRY, bad, {**GOOD_ENTRY, "service": "after-it", "gpu": 1}]}
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(doc))  # NaN and Infinity as Python's json writes them (and reads them back)
+    engine = Engine(Settings())
+    assert Persister(engine, StateFile(path)).load(T0 + 10) is True
+    assert set(engine.state.services) == {(0, "hand-written"), (1, "after-it")}
+    kept = engine.state.services[(0, "hand-written")]
+    assert (kept.batch_size, kept.optimal, kept.ceiling, kept.strikes, kept.memory.fixed) == (6, 8, 9, 1, 20.0 * GIB)
+    [warning] = events_named(logs, "state_service_ignored")
+    assert warning["log_level"] == "warning"
+    assert (warning["entry"], warning["field"]) == (1, field)
+    assert warning["error"].startswith(f"{field}: ")
+    assert warning["service"] == (bad.get("service") if isinstance(bad.get("service"), str) else None)
+    [restored] = events_named(logs, "state_restored")
+    assert restored["services"] == 2
+
+
+def test_a_restored_batch_above_the_configured_limit_is_clamped_not_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": STATE_VERSION, "settings": {},
+                                "services": [{**GOOD_ENTRY, "batch_size": 4000, "optimal": 4000}]}))
+    engine = Engine(Settings(max_batch_size=16))
+    assert Persister(engine, StateFile(path)).load(T0) is True
+    assert engine.state.services[(0, "hand-written")].batch_size == 16
+
 @pytest.mark.parametrize(("settings", "kept", "skipped"), [
     ({"strategy": "turbo"}, {}, ["strategy"]),
     ({"min_batch_size": 20}, {}, ["min_batch_size"]),  # above the configuration's maximum (16)
@@ -462,6 +531,24 @@ async def test_the_app_saves_every_optimization_interval_when_changed_and_at_exi
     saved = StateFile(path).load() or {}
     assert saved["services"][0]["ceiling"] == 8
     assert len(events_named(logs, "state_saved_at_exit")) == 1
+
+
+async def test_a_failed_exit_save_is_an_error_not_state_saved_at_exit(
+        aiohttp_client: AiohttpClient, tmp_path: Path, logs: LogList) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"a file where the state directory should be")
+    engine = Engine(Settings())
+    gate = Gate()
+    sampler = Sampler(ScriptedBackend(1), engine, clock=FakeClock(T0), sleep=gate.sleep)
+    persister = Persister(engine, StateFile(blocker / "state.json"), clock=FakeClock(T0 + 7))
+    client = await aiohttp_client(build_app(engine, sampler, run_sampler=False, persister=persister))
+    await asyncio.wait_for(gate.sleeping.wait(), timeout=10)
+    assert await sampler.tick() is not None
+    await client.close()
+    assert events_named(logs, "state_saved_at_exit") == []
+    [failed] = events_named(logs, "state_not_saved_at_exit")
+    assert failed["log_level"] == "error" and failed["path"] == str(blocker / "state.json") and failed["error"]
+    assert persister.errors == 1 and persister.failure is not None and persister.failure.since == T0 + 7
 
 
 # --------------------------------------------------------------------------- kill -9 at random points

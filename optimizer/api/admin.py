@@ -3,7 +3,8 @@
 Every request needs ``Authorization: Bearer <token>`` when a token is configured (compared in
 constant time; 401 and nothing changes otherwise). Without a token the server binds this API to
 loopback only. Every change is logged as an ``admin_audit`` event: who (client address), what,
-old and new values. Changes are saved to the state file at once when one is configured.
+old and new values. Changes are saved to the state file at once when one is configured; a change
+that cannot be saved answers 503 (applied in memory, not saved, with the file and the OS error).
 """
 
 from __future__ import annotations
@@ -50,10 +51,38 @@ def _bad(exc: InvalidInput | ConfigError) -> web.Response:
 
 
 def _audit(request: web.Request, action: str, **fields: Any) -> None:
+    """Log the change and save it. Raises a 503 (JSON) when it could not be saved: the change is
+    applied in memory, but a restart would lose it, and the operator must know."""
     log.info("admin_audit", client=request.remote, action=action, **fields)
     persister = request.app[PERSISTER]
-    if persister is not None:
-        persister.save(force=True)
+    if persister is None or persister.save(force=True):
+        return
+    failure = persister.failure
+    path = failure.path if failure is not None else str(persister.file.path)
+    error = failure.error if failure is not None else "unknown error"
+    log.error("admin_change_not_saved", client=request.remote, action=action, path=path, error=error)
+    body = {"error": f"{action}: the change is applied in memory but not saved to the state file {path} "
+                     f"({error}); a restart would lose it. Free or fix the disk; the next save writes it",
+            "applied": True, "saved": False, "state_file": path, "os_error": error}
+    raise web.HTTPServiceUnavailable(text=json.dumps(body, separators=(",", ":")), content_type="application/json")
+
+
+def _deferred(engine: Engine) -> list[dict[str, Any]]:
+    """The operator's optimizations that wait, per service: what, until when (Unix time; null: until
+    the GPU answers again), and why."""
+    return [{"service": d.service, "gpu": d.gpu, "deferred": "optimization", "until": d.until, "reason": d.why}
+            for d in engine.deferred_optimizations()]
+
+
+def _batches(engine: Engine) -> dict[tuple[int, str], int]:
+    return {k: v.batch_size for k, v in engine.state.services.items()}
+
+
+def _batch_changes(engine: Engine, before: dict[tuple[int, str], int]) -> list[dict[str, Any]]:
+    """The published batches that moved since ``before``."""
+    return [{"service": name, "gpu": gpu, "old": before.get((gpu, name)), "new": svc.batch_size}
+            for (gpu, name), svc in sorted(engine.state.services.items())
+            if before.get((gpu, name)) != svc.batch_size]
 
 
 async def _body(request: web.Request) -> Any:
@@ -96,10 +125,15 @@ async def history(request: web.Request) -> web.Response:
 
 @admin_routes.post("/admin/optimize")
 async def optimize(request: web.Request) -> web.Response:
+    """Optimize every GPU now; a GPU whose samples do not show its last batch change yet is deferred
+    to its first settled sample, and ``deferred`` says which services wait, until when and why."""
     engine = request.app[ENGINE]
     events = engine.optimize_now()
-    _audit(request, "optimize", changes=[event_dict(e) for e in events if e.kind == "batch_changed"])
-    return _json({"events": [event_dict(e) for e in events], "services": [d.to_dict() for d in engine.decisions()]})
+    deferred = _deferred(engine)
+    _audit(request, "optimize", changes=[event_dict(e) for e in events if e.kind == "batch_changed"],
+           deferred=[(d["service"], d["gpu"], d["until"]) for d in deferred])
+    return _json({"events": [event_dict(e) for e in events], "services": [d.to_dict() for d in engine.decisions()],
+                  "deferred": deferred})
 
 
 @admin_routes.put("/admin/batch-size")
@@ -155,10 +189,16 @@ async def clear_batch_size(request: web.Request) -> web.Response:
 
 
 async def _set(request: web.Request, action: str, key: str, value: Any) -> web.Response:
+    """Enable or disable: the reply lists the batches that moved at once and, when enabled, the
+    optimizations that wait for a settled sample (``deferred``)."""
     engine = request.app[ENGINE]
+    before = _batches(engine)
     changed = engine.update_settings({key: value}, request.app[SAMPLER].clock())
-    _audit(request, action, key=key, old=changed.get(key, (value, value))[0], new=value)
-    return _json({key: value, "changed": key in changed})
+    body = {key: value, "changed": key in changed, "batch_changes": _batch_changes(engine, before),
+            "deferred": _deferred(engine)}
+    _audit(request, action, key=key, old=changed.get(key, (value, value))[0], new=value,
+           batch_changes=body["batch_changes"])
+    return _json(body)
 
 
 @admin_routes.post("/admin/enable")

@@ -35,6 +35,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.content_type == "application/json" and exc.text:  # a handler's own JSON error: kept
+            return web.json_response(text=exc.text, status=exc.status)
         return web.json_response({"error": exc.reason}, status=exc.status, headers={
             k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except asyncio.CancelledError:
@@ -53,7 +55,8 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
     app[ENGINE] = engine
     app[SAMPLER] = sampler
-    app[REGISTRY] = build_registry(engine, sampler, discovery.counts if discovery is not None else None)
+    app[REGISTRY] = build_registry(engine, sampler, discovery.counts if discovery is not None else None,
+                                   persister=persister)
     app[PERSISTER] = persister
     app[DISCOVERY] = discovery
     app[ENCODED] = EncodedDecisions(lambda: engine.state.services.keys())
@@ -72,8 +75,13 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        persister.save()
-        log.info("state_saved_at_exit", path=str(persister.file.path))
+        if persister.save(force=True):
+            log.info("state_saved_at_exit", path=str(persister.file.path))
+        else:
+            failure = persister.failure
+            log.error("state_not_saved_at_exit", path=str(persister.file.path),
+                      error=failure.error if failure is not None else None,
+                      detail="the changes since the last successful save are lost")
 
     async def sampling(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(sampler.run(), name="sampler")

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.schemas import (
     MAX_REPORT_BYTES,
     InvalidInput,
@@ -105,6 +105,7 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
         "ready": sampler.ready,
         "healthy": sampler.healthy(sampler.clock()),
         "monitoring": sampler.running,
+        "paused_since": sampler.paused_since,
         "last_sample_at": sampler.stats.last_sample_at,
         "samples": sampler.stats.samples,
         "sample_errors": sampler.stats.errors,
@@ -175,15 +176,33 @@ async def workers(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
+    """Liveness: 503 only while sampling is stale (a restart may cure a stuck sampler).
+
+    ``status``: ``ok``; ``degraded`` (sampling works, but the state file cannot be saved: a restart
+    does not fix a full or read-only disk, so still 200); ``paused`` (an operator paused monitoring:
+    200, so Kubernetes does not restart a pod on purpose idle, with ``paused_since``); ``stale``
+    (503). A failing save shows in ``degraded.state_save`` whatever the status.
+    """
     sampler = request.app[SAMPLER]
     now = sampler.clock()
     last = sampler.stats.last_sample_at
-    body = {"status": "ok" if sampler.healthy(now) else "stale", "last_sample_age_s": None if last is None
-            else round(now - last, 3), "max_age_s": 3 * sampler.interval}
+    healthy = sampler.healthy(now)
+    body: dict[str, Any] = {"status": "ok" if healthy else "stale", "last_sample_age_s": None if last is None
+                            else round(now - last, 3), "max_age_s": 3 * sampler.interval}
     if not sampler.running:
         body["status"] = "paused"
-        return _json(body)
-    return _json(body, status=200 if sampler.healthy(now) else 503)
+        since = sampler.paused_since
+        body["paused_since"] = since
+        body["paused_for_s"] = None if since is None else round(now - since, 3)
+    persister = request.app[PERSISTER]
+    failure = persister.failure if persister is not None else None
+    if failure is not None:
+        assert persister is not None
+        body["degraded"] = {"state_save": {"path": failure.path, "error": failure.error, "since": failure.since,
+                                           "last_failed_at": failure.at, "failed_saves": persister.errors}}
+        if body["status"] == "ok":
+            body["status"] = "degraded"
+    return _json(body, status=200 if healthy or not sampler.running else 503)
 
 
 @routes.get("/ready")

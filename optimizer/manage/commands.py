@@ -29,7 +29,7 @@ from optimizer.manage.client import (
     Sleep,
     UsageError,
 )
-from optimizer.manage.render import emit, monitor_line, now_stamp, status_lines
+from optimizer.manage.render import change_lines, emit, monitor_line, now_stamp, optimize_lines, status_lines
 
 
 def cmd_status(client: AdminClient, *, as_json: bool, out: TextIO) -> int:
@@ -81,19 +81,17 @@ def cmd_monitor(client: AdminClient, *, duration: float, interval: float, as_jso
 
 
 def cmd_optimize(client: AdminClient, *, as_json: bool, out: TextIO) -> int:
-    """Run the optimization now; print the batch sizes it changed. Raises :class:`ManageError`."""
+    """Run the optimization now; print the batch sizes it changed and what it deferred, until when and
+    why. Raises :class:`ManageError`."""
     result = client.optimize()
     if as_json:
         emit(out, [json.dumps(result, indent=2)])
         return EXIT_OK
     events = [e for e in result.get("events") or [] if isinstance(e, dict)]
     changes = [e for e in events if e.get("kind") == "batch_changed"]
-    if not changes:
-        emit(out, ["optimization ran: no batch size changed"])
-        return EXIT_OK
-    lines = [f"optimization ran: {len(changes)} batch size{'s' if len(changes) != 1 else ''} changed"]
-    lines += [f"  {e.get('service')} on GPU {e.get('gpu')}: {e.get('old')} -> {e.get('new')}" for e in changes]
-    emit(out, lines)
+    deferred = result.get("deferred") if isinstance(result.get("deferred"), list) else []
+    assert isinstance(deferred, list)
+    emit(out, optimize_lines(changes, deferred, head="optimization ran"))
     return EXIT_OK
 
 
@@ -120,10 +118,21 @@ def cmd_set_batch_size(client: AdminClient, *, service: str, gpu: int | str | No
 
 
 def cmd_enable(client: AdminClient, *, on: bool, out: TextIO) -> int:
-    """Enable or disable optimization. Raises :class:`ManageError`."""
+    """Enable or disable optimization; print the batch sizes that moved and, when enabled, the
+    optimizations deferred (until when and why). Raises :class:`ManageError`."""
     result = client.set_enabled(on)
     word = "enabled" if on else "disabled"
-    emit(out, [f"optimization {word}" if result.get("changed") else f"optimization was already {word}"])
+    changes = result.get("batch_changes") if isinstance(result.get("batch_changes"), list) else []
+    deferred = result.get("deferred") if isinstance(result.get("deferred"), list) else []
+    assert isinstance(changes, list) and isinstance(deferred, list)
+    head = f"optimization {word}" if result.get("changed") else f"optimization was already {word}"
+    if on:
+        emit(out, optimize_lines(changes, deferred, head=head))
+    elif changes:
+        emit(out, [f"{head}: {len(changes)} batch size{'s' if len(changes) != 1 else ''} back to the default",
+                   *change_lines(changes)])
+    else:
+        emit(out, [head])
     return EXIT_OK
 
 

@@ -120,6 +120,37 @@ def monitor_line(stamp: str, gpu: Mapping[str, Any], services: list[Any]) -> str
             f" batch={batches or '-'}")
 
 
+def change_lines(changes: list[Any]) -> list[str]:
+    """Batch changes (``{service, gpu, old, new}``, or ``batch_changed`` events), one indented line each."""
+    return [f"  {c.get('service')} on GPU {c.get('gpu')}: {c.get('old')} -> {c.get('new')}"
+            for c in changes if isinstance(c, dict)]
+
+
+def deferred_lines(deferred: list[Any]) -> list[str]:
+    """The optimizations that wait (``deferred`` of optimize and enable): one line per GPU with its
+    services, and when and why (the service's own words)."""
+    by_gpu: dict[Any, tuple[list[str], str]] = {}
+    for d in deferred:
+        if isinstance(d, dict):
+            names, _ = by_gpu.setdefault(d.get("gpu"), ([], str(d.get("reason", ""))))
+            names.append(str(d.get("service")))
+    return [f"  GPU {gpu} ({', '.join(names)}): {why}" for gpu, (names, why) in by_gpu.items()]
+
+
+def _services(n: int) -> str:
+    return f"{n} service{'' if n == 1 else 's'}"
+
+
+def optimize_lines(changes: list[Any], deferred: list[Any], *, head: str) -> list[str]:
+    """What an optimization did (``head``: what ran) and what it deferred; never silent."""
+    lines = [f"{head}: {'no batch size changed' if not changes else _count(len(changes), 'batch size') + ' changed'}"]
+    lines += change_lines(changes)
+    if deferred:
+        lines.append(f"optimization deferred for {_services(len(deferred))}:")
+        lines += deferred_lines(deferred)
+    return lines
+
+
 def now_stamp() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 

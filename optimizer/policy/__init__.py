@@ -1,7 +1,15 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
 from optimizer.policy.core import apply_report, decide, initial_batch, touch
-from optimizer.policy.operator import apply_disabled, clear_override, optimize_now, rebalance, set_override
+from optimizer.policy.operator import (
+    Deferral,
+    apply_disabled,
+    clear_override,
+    deferred_optimizations,
+    optimize_now,
+    rebalance,
+    set_override,
+)
 from optimizer.policy.types import (
     Event,
     GpuState,
@@ -15,6 +23,7 @@ from optimizer.policy.types import (
 )
 
 __all__ = [
+    "Deferral",
     "Event",
     "GpuState",
     "Outcome",
@@ -28,6 +37,7 @@ __all__ = [
     "apply_report",
     "clear_override",
     "decide",
+    "deferred_optimizations",
     "initial_batch",
     "optimize_now",
     "rebalance",

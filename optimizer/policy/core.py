@@ -101,6 +101,12 @@ def _adaptive_gpu(sample: GpuSample, gs: GpuState, services: list[ServiceState],
         gs = raise_cleanup(gs, "oom", now, events)
         gs = start_pending(gs, Pending("oom", "usage", s.memory_threshold_oom, now, used, True), events)
     gs, out = adaptive.step(sample, gs, services, s, now, events, roster, settled=ready)
+    if ready and gs.requested_at is not None:
+        # An operator's optimization waited for this settled sample (see operator.optimize_now): this
+        # sample's plan is one; where it changed no batch, grow now as "optimize now" does.
+        if all(a.batch_size == b.batch_size for a, b in zip(out, services)):
+            gs, out = adaptive.step(sample, gs, out, s, now, events, roster, settled=True, mode="now")
+        gs = dataclasses.replace(gs, optimized_at=now, requested_at=None)
     if any(a.batch_size != b.batch_size for a, b in zip(out, services)):
         gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
     return gs, out
@@ -156,8 +162,9 @@ def _step_gpu(
         # A heat step is a batch change, not a memory optimization: it is not counted as one.
         gs = dataclasses.replace(gs, heat_step_at=now)
         out = [_heat_step(x, now, s, events, temp) for x in services]
-    elif window and gs.optimized_at is not None and now - gs.optimized_at >= s.optimization_interval:
-        gs = dataclasses.replace(gs, optimized_at=now)
+    elif window and (gs.requested_at is not None  # an operator's request waited for this settled sample
+                     or gs.optimized_at is not None and now - gs.optimized_at >= s.optimization_interval):
+        gs = dataclasses.replace(gs, optimized_at=now, requested_at=None)
         out = [optimize_service(x, g, gs, now, s, events, sample) for x in services]
 
     if not cleaned:

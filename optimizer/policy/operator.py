@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from dataclasses import dataclass
 
 from optimizer.config import Settings, Strategy
 from optimizer.gpu.types import GpuSample
@@ -80,8 +82,12 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
     """Run the periodic optimization on every GPU now (an operator's request), from the latest snapshot.
 
     Unlike :func:`decide` it does not take the snapshot as a new sample: no window, pending or
-    pressure changes; only the optimization and its clock. A GPU whose last batch change is not
-    in its samples yet is skipped (its headroom is not known until then).
+    pressure changes; only the optimization and its clock. Not held back by what damps the periodic
+    loop (the optimization interval). One rule holds for safety: a GPU whose last batch change is
+    not in its samples yet (or whose last sample failed) is not optimized from them, since its
+    headroom is not known until then (optimizing would count the same headroom twice). Its
+    optimization is deferred to the first settled sample (``requested_at``), not to the next
+    interval, and its services' reasons say so; :func:`deferred_optimizations` lists them.
     """
     s = settings
     now = snapshot.timestamp
@@ -92,13 +98,23 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
         return Outcome(state, ())
     for sample in snapshot.gpus:
         gs = gpus.get(sample.index)
-        if gs is None or sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None:
-            continue
-        if not gs.window or now < gs.adopt_after:
-            # The last change is not in the samples yet: optimizing again now would count the same
-            # headroom twice. As on the periodic path, wait for samples taken after adoption.
+        if gs is None:
             continue
         mine = sorted((v for (gi, _), v in services.items() if gi == sample.index), key=lambda v: v.service)
+        failed = sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None
+        if failed or not gs.window or now < gs.adopt_after:
+            gs = dataclasses.replace(gs, requested_at=now)
+            gpus[sample.index] = gs
+            why = "optimization requested by an operator: " + _deferral_text(gs, failed)
+            for svc in mine:
+                if svc.override_active(now) is None:
+                    svc = publish(svc, svc.batch_size, svc.optimal, why, now, events, "optimization")
+                elif svc.reason.endswith("(optimization disabled)"):  # enabled again: the override holds
+                    svc = publish(svc, svc.batch_size, svc.optimal, "manual override by an operator", now, events,
+                                  "manual")
+                services[(svc.gpu, svc.service)] = svc
+            continue
+        assert sample.memory_total_bytes and sample.memory_used_bytes is not None
         mine = [expire_override(x, now, events) for x in mine]
         if s.strategy is Strategy.ADAPTIVE:
             gs, out = adaptive.step(sample, gs, mine, s, now, events, state.roster, settled=True, mode="now")
@@ -106,13 +122,56 @@ def optimize_now(snapshot: Snapshot, state: PolicyState, settings: Settings) -> 
             g = gpu_view(sample.index, sample.memory_total_bytes, sample.memory_used_bytes, max(gs.window), mine, s,
                          state.roster, now)
             out = [optimize_service(x, g, gs, now, s, events, sample) for x in mine]
-        gs = dataclasses.replace(gs, optimized_at=now)
+        gs = dataclasses.replace(gs, optimized_at=now, requested_at=None)
         if any(a.batch_size != b.batch_size for a, b in zip(out, mine)):
             gs = dataclasses.replace(gs, window=(), adopt_after=now + ADOPTION_INTERVALS * s.monitoring_interval)
         gpus[sample.index] = gs
         for svc in out:
             services[(svc.gpu, svc.service)] = svc
     return Outcome(state.with_(gpus=gpus, services=services), tuple(events))
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """An operator's optimization of ``service`` on ``gpu`` that waits (see :func:`optimize_now`).
+
+    ``until``: the earliest time it runs, at the first sample from then on (``None``: when the GPU
+    answers a sample again); ``why``: the same in words.
+    """
+
+    service: str
+    gpu: int
+    until: float | None
+    why: str
+
+
+def deferred_optimizations(state: PolicyState, snapshot: Snapshot) -> tuple[Deferral, ...]:
+    """The operator's optimizations still waiting for a settled sample, one per service."""
+    samples = {g.index: g for g in snapshot.gpus}
+    out: list[Deferral] = []
+    for index, gs in sorted(state.gpus.items()):
+        sample = samples.get(index)
+        if gs.requested_at is None or sample is None:
+            continue
+        failed = sample.failed or not sample.memory_total_bytes or sample.memory_used_bytes is None
+        until = None if failed else max(gs.adopt_after, snapshot.timestamp)
+        why = _deferral_text(gs, failed)
+        out.extend(Deferral(name, index, until, why) for gi, name in sorted(state.services) if gi == index)
+    return tuple(out)
+
+
+def _deferral_text(gs: GpuState, failed: bool) -> str:
+    if failed:
+        return f"deferred until GPU {gs.index} answers a sample again (its last sample failed); batch kept"
+    return (f"deferred to the first sample from {clock_text(gs.adopt_after)} on, when the samples show the last "
+            "batch change (earlier ones would count its headroom twice); batch kept until then")
+
+
+def clock_text(t: float) -> str:
+    """A time of the sampler's clock (Unix time when serving) for a reason text: ``HH:MM:SS UTC``."""
+    if not math.isfinite(t):
+        return "now"
+    return time.strftime("%H:%M:%S UTC", time.gmtime(t))
 
 
 def rebalance(snapshot: Snapshot, state: PolicyState, settings: Settings, now: float) -> Outcome:

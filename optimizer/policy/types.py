@@ -83,6 +83,9 @@ class GpuState:
     window: tuple[int, ...] = ()  # used bytes of the samples since the batches in force were adopted
     adopt_after: float = float("-inf")  # samples before this time predate a batch change
     optimized_at: float | None = None
+    # An operator asked for an optimization (optimize, enable) while the samples did not show the last
+    # batch change yet: it runs at the first settled sample, not an optimization interval later.
+    requested_at: float | None = None
     heat_step_at: float | None = None
     pending: tuple[Pending, ...] = ()
     tenants: Tenants = field(default_factory=Tenants)  # adaptive: the other tenants' memory
