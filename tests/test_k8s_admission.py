@@ -297,8 +297,9 @@ async def test_the_publishers_patches_pass_and_a_forged_one_with_its_token_does_
             api.close()
 
 
-async def test_the_base_rbac_is_all_discovery_needs(shipped_kube: Callable[[], FakeKube], tmp_path: Path) -> None:
-    async with shipped_kube() as kube:
+async def test_the_base_rbac_is_all_discovery_needs(tmp_path: Path) -> None:
+    base = [d for d in yaml.safe_load_all((ROOT / "ops/k8s/vlm-gpu-memory-optimizer.yaml").read_text()) if d]
+    async with FakeKube(authorize=rbac(base)) as kube:
         kube.add_pod(make_pod("vlm-0", namespace="medical-kg"))
         kube.add_pod(make_pod("vlm-1", namespace="team-2"))
         changes = Changes()
