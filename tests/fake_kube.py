@@ -12,6 +12,9 @@ sends it); and PATCH of a pod with a merge patch (``application/merge-patch+json
 415, as the server answers). Requests must carry ``Authorization: Bearer <token>``.
 
 Switches: ``down`` (503 for every request), ``forbid_patch`` / ``forbidden_namespaces`` (403),
+``authorize`` (RBAC: asked ``(verb, namespace)`` for every list, watch and patch, ``None`` for the
+cluster scope; 403 where it answers False), ``admit_patch`` (validating admission: asked
+``(old, new)`` for every patch, before it is stored; the Status it returns refuses the patch),
 ``delay`` (seconds before each answer), ``gate`` (an ``asyncio.Event``: answers wait while it is
 clear), :meth:`expire_history` (every RV so far becomes too old), :meth:`end_watches` (open
 watches end as by their time-out), :meth:`bookmark` (BOOKMARK to the watches that allow them).
@@ -37,6 +40,7 @@ from aiohttp.test_utils import TestServer
 
 Obj = dict[str, Any]
 PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+USERNAME = "system:serviceaccount:medical-kg:vlm-gpu-memory-optimizer"  # who the token is (in 403 messages)
 
 
 def make_pod(name: str, namespace: str = "default", node: str = "node-a", labels: Mapping[str, str] | None = None,
@@ -141,6 +145,8 @@ class FakeKube:
     forbid_patch: bool = False
     forbidden_namespaces: set[str] = field(default_factory=set)
     delay: float = 0.0
+    authorize: Callable[[str, str | None], bool] | None = None
+    admit_patch: Callable[[Obj, Obj], Obj | None] | None = None
     pods: dict[tuple[str, str], Obj] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     watches_opened: int = 0
@@ -295,6 +301,14 @@ class FakeKube:
             return self._error(503, "ServiceUnavailable", "the server is currently unable to handle the request")
         return None
 
+    def _forbidden(self, verb: str, namespace: str | None) -> web.Response | None:
+        """403 as RBAC answers it, where ``authorize`` does not allow ``verb`` on pods there."""
+        if self.authorize is None or self.authorize(verb, namespace):
+            return None
+        where = "at the cluster scope" if namespace is None else f'in the namespace "{namespace}"'
+        return self._error(403, "Forbidden", f'pods is forbidden: User "{USERNAME}" cannot {verb} resource '
+                                             f'"pods" in API group "" {where}')
+
     def _matcher(self, request: web.Request) -> Callable[[Obj], bool]:
         ns = request.match_info.get("ns")
         labels = _label_terms(request.query.get("labelSelector", ""))
@@ -307,6 +321,9 @@ class FakeKube:
 
     async def _list_or_watch(self, request: web.Request) -> web.StreamResponse:
         if (refused := await self._admit(request)) is not None:
+            return refused
+        verb = "watch" if request.query.get("watch") in ("true", "1") else "list"
+        if (refused := self._forbidden(verb, request.match_info.get("ns"))) is not None:
             return refused
         try:
             match = self._matcher(request)
@@ -379,6 +396,8 @@ class FakeKube:
         if (refused := await self._admit(request)) is not None:
             return refused
         ns, name = request.match_info["ns"], request.match_info["name"]
+        if (refused := self._forbidden("patch", ns)) is not None:
+            return refused
         if self.forbid_patch or ns in self.forbidden_namespaces:
             return self._error(403, "Forbidden", f'pods "{name}" is forbidden: User "system:serviceaccount:'
                                                  f'vlm:optimizer" cannot patch resource "pods" in API group "" '
@@ -396,9 +415,13 @@ class FakeKube:
         if not isinstance(body, dict):
             return self._error(400, "BadRequest", "a merge patch must be a JSON object")
 
+        old = self.pods[(ns, name)]
+        patched = merge_patch(old, body)
+        patched["metadata"].update(name=name, namespace=ns, uid=old["metadata"]["uid"])
+        if self.admit_patch is not None and (refusal := self.admit_patch(old, patched)) is not None:
+            return web.json_response(refusal, status=int(refusal["code"]))
+
         def change(pod: Obj) -> None:
-            patched = merge_patch(pod, body)
-            patched["metadata"].update(name=name, namespace=ns, uid=pod["metadata"]["uid"])
             pod.clear()
             pod.update(patched)
 

@@ -306,7 +306,7 @@ def test_the_success_rate_is_undefined_without_optimizations_not_a_division_by_z
 
 
 def test_the_kustomization_ships_the_dashboard_as_a_sidecar_configmap() -> None:
-    kubectl = require("kubectl", optional_in_ci=True)
+    kubectl = require("kubectl")
     done = subprocess.run([kubectl, "kustomize", str(DASHBOARD.parent)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     (cm,) = list(yaml.safe_load_all(done.stdout))

@@ -3,6 +3,7 @@ probes, ports, labels and selectors that agree with each other and with the serv
 
 from __future__ import annotations
 
+import difflib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from optimizer.api.app import build_app
+from optimizer.cli import build_parser
 from optimizer.config import BackendName, ServerSettings, Settings, load_config
 from optimizer.engine import Engine
 from optimizer.kube.settings import KubeSettings
@@ -59,42 +61,90 @@ def test_one_object_per_source_file() -> None:
         assert len(load_all(path)) == 1, path
 
 
-@pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "DaemonSet", "Service",
+@pytest.mark.parametrize("kind", ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet", "Service",
                                   "NetworkPolicy", "ClusterRole", "ClusterRoleBinding"])
 def test_every_object_is_valid_for_a_current_kubernetes(objects: dict[str, Obj], kind: str) -> None:
     version = kubernetes_validate.latest_version()
     kubernetes_validate.validate(objects[kind], version, strict=True)  # raises ValidationError
 
 
+# Keeps the bundle's two header comment lines; the test ignores comment lines.
+REGENERATE = ("{ head -n 2 ops/k8s/vlm-gpu-memory-optimizer.yaml; kubectl kustomize ops/k8s; } > /tmp/bundle.yaml "
+              "&& mv /tmp/bundle.yaml ops/k8s/vlm-gpu-memory-optimizer.yaml")
+
+
+def kustomize(path: Path) -> dict[str, Obj]:
+    """``kubectl kustomize path``, by kind (one object per kind in every kustomization here)."""
+    out = subprocess.run([require("kubectl"), "kustomize", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), f"{path}: one object per kind expected"
+    return by_kind
+
+
 def test_the_single_file_manifest_is_kustomize_output() -> None:
-    kubectl = require("kubectl", optional_in_ci=True)
+    kubectl = require("kubectl")
     rendered = subprocess.run([kubectl, "kustomize", str(K8S)], check=True, capture_output=True, text=True).stdout
     committed = "".join(line for line in BUNDLE.read_text().splitlines(keepends=True) if not line.startswith("#"))
-    assert committed == rendered, "regenerate: kubectl kustomize ops/k8s > ops/k8s/vlm-gpu-memory-optimizer.yaml"
+    diff = "".join(list(difflib.unified_diff(committed.splitlines(keepends=True), rendered.splitlines(keepends=True),
+                                             "committed", "kubectl kustomize ops/k8s"))[:40])
+    assert committed == rendered, f"{BUNDLE.name} is out of date; from the repository root, regenerate it with\n" \
+                                  f"  {REGENERATE}\n{diff}"
 
 
-def test_rbac_is_read_only_pods_and_the_publish_overlay_adds_patch_in_one_namespace(objects: dict[str, Obj]) -> None:
+POD_READER = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]  # what discovery calls
+
+
+def test_rbac_is_list_and_watch_pods_and_nothing_else(objects: dict[str, Obj]) -> None:
     role, binding = objects["ClusterRole"], objects["ClusterRoleBinding"]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert role["rules"] == POD_READER  # not get (discovery never reads one pod), no other resource
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
     sa = objects["ServiceAccount"]["metadata"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
-    kubectl = require("kubectl", optional_in_ci=True)
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "publish")], check=True, capture_output=True,
-                         text=True).stdout
-    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
-    assert set(docs) == {"Role", "RoleBinding"}
-    version = kubernetes_validate.latest_version()
+    assert {k for k in objects if "Role" in k} == {"ClusterRole", "ClusterRoleBinding"}
+
+
+def test_the_publish_overlay_adds_patch_pods_in_one_namespace_and_the_policy_that_limits_it(
+        objects: dict[str, Obj]) -> None:
+    docs = kustomize(K8S / "publish")
+    assert set(docs) == {"Role", "RoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for d in docs.values():
-        kubernetes_validate.validate(d, version, strict=True)
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
     assert docs["Role"]["metadata"]["namespace"] == NAMESPACE
-    assert docs["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
-    assert docs["RoleBinding"]["subjects"] == binding["subjects"]
-    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert docs["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]  # no subresource
+    assert docs["RoleBinding"]["subjects"] == objects["ClusterRoleBinding"]["subjects"]
+    assert docs["RoleBinding"]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                              "name": docs["Role"]["metadata"]["name"]}
+    # what the policy allows and refuses is in tests/test_k8s_admission.py
+
+
+def test_the_namespaced_variant_reads_pods_only_in_its_namespaces(tmp_path: Path) -> None:
+    docs = kustomize(ROOT / "ops/k8s-namespaced")
+    assert not {k for k in docs if k.startswith("Cluster")}  # no ClusterRole, no ClusterRoleBinding
+    for d in docs.values():
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    role, binding = docs["Role"], docs["RoleBinding"]
+    assert role["rules"] == POD_READER
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    sa = docs["ServiceAccount"]["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+    # discovery, configured by the DaemonSet's environment, watches exactly where the Role applies
+    (c,) = [c for c in docs["DaemonSet"]["spec"]["template"]["spec"]["containers"] if c["name"] == "optimizer"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    f = tmp_path / "config.yaml"
+    f.write_text(docs["ConfigMap"]["data"]["config.yaml"])
+    cfg = load_config(f, environ={**env, "NODE_NAME": "gpu-node-1"})
+    assert cfg.kube.namespaces == (role["metadata"]["namespace"],) == (binding["metadata"]["namespace"],)
+    # everything else is the base bundle's
+    base = load_all(BUNDLE)
+    assert {d["kind"] for d in base} - set(docs) == {"ClusterRole", "ClusterRoleBinding"}
 
 
 def test_the_monitoring_overlay_renders() -> None:
-    kubectl = require("kubectl", optional_in_ci=True)
+    kubectl = require("kubectl")
     out = subprocess.run([kubectl, "kustomize", str(K8S / "monitoring")], check=True, capture_output=True,
                          text=True).stdout
     kinds = {d["kind"] for d in yaml.safe_load_all(out) if d}
@@ -230,11 +280,56 @@ def test_config_map_is_the_full_configuration(objects: dict[str, Obj], tmp_path:
     assert _mounts(init)["state"] == state_dir and state_dir in " ".join(init["command"])
 
 
-def test_admin_token_comes_from_the_secret_optionally(objects: dict[str, Obj]) -> None:
-    env = {e["name"]: e for e in container(objects)["env"]}
-    ref = env["VLM_OPTIMIZER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": objects["Secret"]["metadata"]["name"], "key": "token", "optional": True}
-    assert not objects["Secret"].get("data") and not objects["Secret"].get("stringData")  # no token shipped
+ADMIN_SECRET = "vlm-gpu-memory-optimizer-admin"
+
+
+def test_the_admin_token_is_a_read_only_file_from_the_optional_secret(objects: dict[str, Obj]) -> None:
+    spec = pod(objects)
+    for ctr in iter_containers(objects):  # never an environment variable
+        for e in ctr.get("env", []):
+            assert "secretKeyRef" not in e.get("valueFrom", {}) and "TOKEN" not in e["name"], (ctr["name"], e)
+        assert "envFrom" not in ctr
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (name,) = [n for n, v in volumes.items() if "secret" in v]
+    secret = volumes[name]["secret"]
+    # optional: the pod starts before the Secret exists; only the key "token", as the file "token"
+    assert secret == {"secretName": ADMIN_SECRET, "optional": True, "defaultMode": 0o400,
+                      "items": [{"key": "token", "path": "token"}]}
+    c = container(objects)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == name]
+    assert mount["readOnly"] is True and "subPath" not in mount  # subPath would freeze the file at start
+    args = c["args"]
+    assert args[args.index("--admin-token-file") + 1] == f"{mount['mountPath']}/token"
+    assert all(m["name"] != name for m in spec["initContainers"][0]["volumeMounts"])
+    # the kubelet makes the file root-owned, mode 0400; with fsGroup it gives it that group and adds
+    # group read (0440), so the optimizer's user reads it through its group
+    sc = spec["securityContext"]
+    assert sc["fsGroup"] == sc["runAsGroup"] and sc["runAsUser"] != 0
+
+
+def test_no_secret_is_shipped(objects: dict[str, Obj]) -> None:
+    """Applying the bundle again must not replace (empty) the token an operator created."""
+    assert "Secret" not in objects
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not kustomization.get("secretGenerator")
+    assert not [r for r in kustomization["resources"] if (K8S / r).is_file() and
+                any(d.get("kind") == "Secret" for d in load_all(K8S / r))]
+    for overlay in (K8S / "publish", K8S / "monitoring", ROOT / "ops/k8s-namespaced"):
+        assert "Secret" not in kustomize(overlay), overlay
+
+
+def test_the_daemonset_runs_nvml_explicitly(objects: dict[str, Obj], tmp_path: Path) -> None:
+    """Parsed by the real command line: a GPU node never falls back to the "none" backend."""
+    c = container(objects)
+    assert "command" not in c  # the image's ENTRYPOINT, vlm-gpu-optimizer, runs these args
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "serve" and args.backend == BackendName.NVML.value
+    f = tmp_path / "config.yaml"
+    f.write_text(objects["ConfigMap"]["data"]["config.yaml"])
+    cfg = load_config(f, cli_server={"backend": args.backend, "admin_token_file": args.admin_token_file},
+                      environ={"NODE_NAME": "gpu-node-1"})
+    assert cfg.server.backend is BackendName.NVML
+    assert cfg.server.admin_token_file == "/var/run/secrets/vlm-gpu-optimizer/token"
 
 
 def servicemonitor() -> Obj:
