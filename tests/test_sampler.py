@@ -274,6 +274,7 @@ async def test_not_ready_after_a_backend_error() -> None:
 
 async def test_ready_after_a_tick_with_no_gpus() -> None:
     sampler, engine, _ = make(NoGpuBackend())
+    engine.has_gpus = False  # as serve sets it for backend none
     assert not sampler.ready
     snap = await sampler.tick()
     assert snap is not None and snap.gpus == ()

@@ -27,6 +27,7 @@ from optimizer.api.schemas import (
     parse_service,
     read_limited,
 )
+from optimizer.api.timeouts import body_timeout
 from optimizer.config import SETTING_KEYS, ConfigError, Settings, apply_settings, settings_to_dict
 from optimizer.engine import UnknownGpu
 
@@ -57,7 +58,7 @@ def _audit(request: web.Request, action: str, **fields: Any) -> None:
 
 
 async def _body(request: web.Request) -> Any:
-    raw = await read_limited(request.content)
+    raw = await read_limited(request.content, timeout=body_timeout(request.app))
     if raw is None:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_REPORT_BYTES, actual_size=MAX_REPORT_BYTES + 1)
     try:
