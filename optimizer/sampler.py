@@ -101,7 +101,7 @@ class Sampler:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure must not stop the loop
             self.stats.errors += 1
-            self._not_ready = f"the GPU backend failed: {exc}"
+            self._not_ready = f"the GPU backend failed: {str(exc) or repr(exc)}"
             log.error("sample_failed", backend=self.backend.name, error=repr(exc), errors=self.stats.errors)
             return None
         elapsed = time.perf_counter() - started
