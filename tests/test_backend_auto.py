@@ -15,7 +15,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from optimizer.config import BackendName, Settings
+from optimizer.config import BackendName, ServiceProfile, Settings
 from optimizer.gpu.driver import DRIVER_PATHS, LINUX_LIBRARY, nvidia_driver, nvml_library
 from optimizer.gpu.factory import make_hardware_backend
 from optimizer.gpu.none import NoGpuBackend
@@ -30,6 +30,7 @@ from tests.test_nvml_backend import INIT, FakeNvml, three_gpus
 DEFAULT = Settings().default_batch(Settings().default_profile)  # 4
 MAXIMUM = Settings().max_batch_size  # 16
 DRIVER = "/dev/nvidiactl exists"
+DECLARED = Settings(profiles=(ServiceProfile(name="vlm"),))  # a service the optimizer knows
 
 
 def failing_nvml() -> GpuBackend:
@@ -117,7 +118,7 @@ async def test_driver_present_and_nvml_failing_is_not_ready_and_never_the_maximu
     fake.fail(None, INIT, pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
     backend = make_hardware_backend(BackendName.AUTO, nvml=lambda: NvmlBackend(nvml=fake), driver=lambda: DRIVER)
     assert isinstance(backend, PendingNvmlBackend)
-    a = await make_api(backend=backend)
+    a = await make_api(backend=backend, settings=DECLARED)
     for _ in range(3):  # every sample retries NVML and fails
         assert await a.sampler.tick() is None
     assert fake.count(INIT) == 4  # the start, then once per sample
@@ -146,7 +147,7 @@ async def test_driver_present_and_nvml_failing_is_not_ready_and_never_the_maximu
 
 
 async def test_a_gpu_backend_that_sees_no_gpu_is_not_ready_and_publishes_the_default(make_api: MakeApi) -> None:
-    a = await make_api(backend=ScriptedBackend(0))  # e.g. NVML in a container given no GPU
+    a = await make_api(backend=ScriptedBackend(0), settings=DECLARED)  # e.g. NVML in a container given no GPU
     assert await a.sampler.tick() is not None
     ready = await a.get("/ready", status=503)
     assert ready["reason"] == "the GPU backend scripted found no GPU"

@@ -22,7 +22,7 @@ import pytest
 from optimizer.api import build_app
 from optimizer.api.admin import build_admin_app
 from optimizer.api.timeouts import KEEPALIVE_S, ReadTimeouts
-from optimizer.config import Settings
+from optimizer.config import ServiceProfile, Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler
 from optimizer.server import Listener, StartupError, listening
@@ -48,7 +48,7 @@ def _port(addresses: list[str]) -> int:
 
 
 def _apps(backend: ScriptedBackend, *, run_sampler: bool = False) -> tuple[Engine, Listener, Listener]:
-    engine = Engine(Settings())
+    engine = Engine(Settings(profiles=(ServiceProfile(name="vlm"),)))  # a service the optimizer knows
     sampler = Sampler(backend, engine, clock=FakeClock(), sleep=no_sleep)
     app = build_app(engine, sampler, run_sampler=run_sampler)
     admin = build_admin_app(app, TOKEN.encode())
