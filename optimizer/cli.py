@@ -22,8 +22,7 @@ from optimizer.simulation.scenario import DEFAULT_SCENARIO, ScenarioError, load_
 
 log = structlog.get_logger("optimizer")
 
-EXIT_CONFIG = 2
-EXIT_BACKEND = 3
+EXIT_CONFIG = 2  # every start-up error of serve (configuration, GPU backend, listeners): one line on stderr
 
 
 def _policy_flags(p: argparse.ArgumentParser) -> None:
@@ -49,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "/status, /history, /health, /ready, /metrics).")
     serve.add_argument("--config", metavar="FILE", help="YAML configuration (seed MemoryConfig keys at top level)")
     serve.add_argument("--backend", choices=[b.value for b in BackendName],
-                       help="GPU backend: nvml, simulated (needs no GPU), none (CPU-only host), or auto "
-                            "(nvml when NVML initialises, else none; the default)")
+                       help="GPU backend: nvml (a GPU node; exit 2 if NVML does not start), simulated (needs no "
+                            "GPU), none (CPU-only host: the maximum batch size), or auto (the default): nvml when "
+                            "NVML starts, none only where no NVIDIA driver is present; with a driver present and "
+                            "NVML failing, not ready (/ready 503 says why) and NVML retried every sample")
     serve.add_argument("--scenario", metavar="FILE",
                        help="scenario for --backend simulated (default: one simulated H100 80GB with one service)")
     serve.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
@@ -260,13 +261,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from optimizer.api import build_app
     from optimizer.api.admin import build_admin_app
+    from optimizer.api.timeouts import ReadTimeouts
     from optimizer.engine import Engine
     from optimizer.gpu.factory import make_hardware_backend
     from optimizer.gpu.simulated import SimulatedBackend
     from optimizer.gpu.types import BackendError, GpuBackend
     from optimizer.persistence import Persister, StateFile
     from optimizer.sampler import Sampler
-    from optimizer.server import serve_until_signalled
+    from optimizer.server import StartupError, serve_until_signalled
     from optimizer.simulation.link import EngineLink
 
     settings = cfg.settings
@@ -292,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend = make_hardware_backend(cfg.server.backend)
         except BackendError as exc:
             print(f"vlm-gpu-optimizer: GPU backend {cfg.server.backend.value} failed: {exc}", file=sys.stderr)
-            return EXIT_BACKEND
+            return EXIT_CONFIG
         engine = Engine(settings)
         engine.has_gpus = backend.name != "none"
     persister = None
@@ -315,8 +317,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving", host=cfg.server.host, port=cfg.server.port, backend=backend.name,
              strategy=engine.settings.strategy.value, monitoring_interval_s=engine.settings.monitoring_interval,
              admin_port=cfg.server.admin_port, state_path=cfg.server.state_path)
-    asyncio.run(serve_until_signalled(app, cfg.server.host, cfg.server.port, admin, admin_host,
-                                      cfg.server.admin_port))
+    timeouts = ReadTimeouts(header_s=cfg.server.header_timeout, body_s=cfg.server.body_timeout)
+    try:
+        asyncio.run(serve_until_signalled(app, cfg.server.host, cfg.server.port, admin, admin_host,
+                                          cfg.server.admin_port, timeouts))
+    except StartupError as exc:
+        backend.close()
+        print(f"vlm-gpu-optimizer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -127,6 +127,8 @@ class ServerSettings:
     admin_port: int = 8081
     admin_token_file: str | None = None  # a file holding the bearer token (else VLM_OPTIMIZER_ADMIN_TOKEN)
     state_path: str | None = None  # where durable state is kept (None: nothing survives a restart)
+    header_timeout: float = 10.0  # seconds a request's line and headers have to arrive in (both APIs)
+    body_timeout: float = 30.0  # seconds a request's body has to arrive in (both APIs)
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,8 @@ def _coerce_server(key: str, value: Any) -> Any:
         return _as_choice(f"server.{key}", value, _LOG_FORMATS)
     if key == "log_level":
         return _as_choice(f"server.{key}", value, _LOG_LEVELS)
+    if key in ("header_timeout", "body_timeout"):
+        return _as_float(f"server.{key}", value, 0.0, 3600.0, lo_open=True)
     raise ConfigError(f"server.{key}", f"unknown key; allowed keys are {', '.join(SERVER_KEYS)}")
 
 
@@ -354,6 +358,8 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, A
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"{p} is not valid YAML: {exc}") from exc
+    except RecursionError:  # the YAML parser recurses once per level of nesting
+        raise ConfigError("config", f"{p} is nested too deeply to be a configuration") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):

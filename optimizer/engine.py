@@ -429,8 +429,8 @@ class Engine:
             if known:
                 return known[0]
             if not indexes:
-                if self.has_gpus and self.snapshot is None:
-                    return 0  # before the first sample: assume the usual first GPU
+                if self.has_gpus:
+                    return 0  # before the first sample (or NVML sees none yet): assume the usual first GPU
                 return None
             working = [g.index for g in self.snapshot.gpus if not g.failed] if self.snapshot else []
             return (working or indexes)[0]

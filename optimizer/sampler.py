@@ -59,6 +59,7 @@ class Sampler:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[GpuSample]] | None = None
         self._ready = False
+        self._not_ready = "no sample yet"  # why not ready, from the latest tick (see not_ready_reason)
 
     @property
     def running(self) -> bool:
@@ -77,8 +78,14 @@ class Sampler:
 
     @property
     def ready(self) -> bool:
-        """After the first sample with a working GPU (or at once on a host without GPUs)."""
+        """After the first sample with a working GPU, or the first sample of a host without GPUs
+        (``engine.has_gpus`` false: backend ``none``). An empty sample from a GPU backend is not ready."""
         return self._ready
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why the sampler is not ready (the latest tick's failure), or ``None`` once it is."""
+        return None if self._ready else self._not_ready
 
     def healthy(self, now: float) -> bool:
         last = self.stats.last_sample_at
@@ -106,6 +113,7 @@ class Sampler:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure must not stop the loop
             self.stats.errors += 1
+            self._not_ready = f"the GPU backend failed: {str(exc) or repr(exc)}"
             log.error("sample_failed", backend=self.backend.name, error=repr(exc), errors=self.stats.errors)
             return None
         elapsed = time.perf_counter() - started
@@ -122,10 +130,18 @@ class Sampler:
         self.stats.samples += 1
         self.stats.last_sample_at = now
         self.stats.observe_duration(elapsed)
-        if not self._ready and (not samples or any(not g.failed for g in samples)):
+        if not self._ready:
+            self._note_readiness(samples)
+        return snapshot
+
+    def _note_readiness(self, samples: list[GpuSample]) -> None:
+        if any(not g.failed for g in samples) or (not samples and not self.engine.has_gpus):
             self._ready = True
             log.info("sampler_ready", backend=self.backend.name, gpus=len(samples))
-        return snapshot
+        elif not samples:
+            self._not_ready = f"the GPU backend {self.backend.name} found no GPU"
+        else:
+            self._not_ready = "every GPU failed: " + "; ".join(f"GPU {g.index}: {g.error}" for g in samples)
 
     async def run(self) -> None:
         """Tick every interval until cancelled; the schedule does not drift with the tick's duration."""

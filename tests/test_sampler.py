@@ -268,12 +268,21 @@ async def test_not_ready_after_a_backend_error() -> None:
     backend = ScriptedBackend()
     backend.error = RuntimeError("no driver")
     sampler, _, _ = make(backend)
+    assert sampler.not_ready_reason == "no sample yet"
     await sampler.tick()
     assert not sampler.ready
+    assert sampler.not_ready_reason == "the GPU backend failed: no driver"
+    backend.error = TimeoutError()  # an exception without a message is named by its type
+    await sampler.tick()
+    assert sampler.not_ready_reason == "the GPU backend failed: TimeoutError()"
+    backend.error = None
+    await sampler.tick()
+    assert sampler.ready and sampler.not_ready_reason is None
 
 
 async def test_ready_after_a_tick_with_no_gpus() -> None:
     sampler, engine, _ = make(NoGpuBackend())
+    engine.has_gpus = False  # as serve sets it for backend none
     assert not sampler.ready
     snap = await sampler.tick()
     assert snap is not None and snap.gpus == ()

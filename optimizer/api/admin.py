@@ -28,6 +28,7 @@ from optimizer.api.schemas import (
     parse_service,
     read_limited,
 )
+from optimizer.api.timeouts import body_timeout
 from optimizer.config import FILE_ONLY_KEYS, RUNTIME_KEYS, ConfigError, apply_settings, settings_to_dict
 from optimizer.engine import Engine, SettingsChange, UnknownGpu
 
@@ -86,7 +87,7 @@ def _batch_changes(engine: Engine, before: dict[tuple[int, str], int]) -> list[d
 
 
 async def _body(request: web.Request) -> Any:
-    raw = await read_limited(request.content)
+    raw = await read_limited(request.content, timeout=body_timeout(request.app))
     if raw is None:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_REPORT_BYTES, actual_size=MAX_REPORT_BYTES + 1)
     try:

@@ -13,7 +13,8 @@ from aiohttp import web
 from optimizer.api.encoded import EncodedDecisions
 from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
 from optimizer.api.routes import routes
-from optimizer.api.schemas import MAX_REPORT_BYTES
+from optimizer.api.schemas import MAX_REPORT_BYTES, BodyTimeout
+from optimizer.api.timeouts import close_after
 from optimizer.engine import Engine
 from optimizer.metrics import build_registry
 from optimizer.persistence import Persister
@@ -29,9 +30,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """HTTP errors answer JSON; an unexpected exception is logged and answers 500, the server goes on."""
+    """HTTP errors answer JSON; an unexpected exception is logged and answers 500, the server goes on.
+
+    A body that did not arrive in time answers 408 and closes the connection.
+    """
     try:
         return await handler(request)
+    except BodyTimeout as exc:
+        log.info("request_body_timeout", client=request.remote, method=request.method, path=request.path)
+        return await close_after(request, web.json_response({"error": str(exc), "field": "body"}, status=408))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -23,6 +23,7 @@ from optimizer.api.schemas import (
     sample_dict,
 )
 from optimizer.api.services import services_body
+from optimizer.api.timeouts import body_timeout
 from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, UnknownGpu
@@ -70,7 +71,7 @@ async def batch_size(request: web.Request) -> web.Response:
 async def reports(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
-    raw = await read_limited(request.content)
+    raw = await read_limited(request.content, timeout=body_timeout(request.app))
     if raw is None:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
     try:
@@ -103,6 +104,7 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
     return {
         "backend": sampler.backend.name,
         "ready": sampler.ready,
+        "not_ready_reason": sampler.not_ready_reason,
         "healthy": sampler.healthy(sampler.clock()),
         "monitoring": sampler.running,
         "paused_since": sampler.paused_since,
@@ -211,7 +213,7 @@ async def ready(request: web.Request) -> web.Response:
     if sampler.ready:
         return _json({"status": "ready", "backend": sampler.backend.name})
     return _json({"status": "not ready", "backend": sampler.backend.name,
-                  "reason": "no sample with a working GPU yet"}, status=503)
+                  "reason": sampler.not_ready_reason or "no sample with a working GPU yet"}, status=503)
 
 
 @routes.get("/metrics")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -11,6 +12,7 @@ from optimizer.policy.types import Event
 from optimizer.values import SERVICE_RE, SERVICE_RULE
 
 MAX_REPORT_BYTES = 64 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0  # serve sets server.body_timeout (optimizer.api.timeouts)
 MAX_BYTES_FIELD = 1 << 50  # 1 PiB: anything above is a client bug, not a GPU
 
 
@@ -142,17 +144,28 @@ class StreamReaderLike(Protocol):
     async def read(self, n: int = -1) -> bytes: ...
 
 
-async def read_limited(content: StreamReaderLike, limit: int = MAX_REPORT_BYTES) -> bytes | None:
+class BodyTimeout(Exception):
+    """The request body did not arrive within its read timeout (answered 408, the connection closed)."""
+
+
+async def read_limited(content: StreamReaderLike, limit: int = MAX_REPORT_BYTES, *,
+                       timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes | None:
     """The whole request body, or ``None`` when it is longer than ``limit`` bytes.
 
-    A body may arrive in pieces (chunked, or split by the network): read to its end or past the limit.
+    A body may arrive in pieces (chunked, or split by the network): read to its end or past the limit,
+    all within ``timeout`` seconds, else :class:`BodyTimeout` (a client sending a byte at a time
+    must not hold a handler forever).
     """
     raw = b""
-    while len(raw) <= limit:
-        chunk = await content.read(limit + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
+    try:
+        async with asyncio.timeout(timeout):
+            while len(raw) <= limit:
+                chunk = await content.read(limit + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except TimeoutError:
+        raise BodyTimeout(f"body: not received within {timeout:g} s ({len(raw)} bytes came)") from None
     return None if len(raw) > limit else raw
 
 

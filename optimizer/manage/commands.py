@@ -263,6 +263,8 @@ def read_config_document(path: str, stdin: TextIO | None = None) -> dict[str, An
         kind = "JSON" if path.lower().endswith(".json") else "YAML or JSON"
         detail = " ".join(str(exc).split())
         raise UsageError(f"{path} is not valid {kind}: {detail}") from None
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise UsageError(f"{path} is nested too deeply to be a configuration") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} must hold a mapping of settings (or an export-config document), "
                          f"got {type(data).__name__}")
@@ -270,6 +272,8 @@ def read_config_document(path: str, stdin: TextIO | None = None) -> dict[str, An
         json.dumps(data)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path} holds a value JSON cannot carry: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path} is nested too deeply to be a configuration") from None
     return data
 
 

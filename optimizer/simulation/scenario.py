@@ -323,6 +323,8 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError("scenario", f"{p} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ScenarioError("scenario", f"{p} is not valid YAML: {exc}") from exc
+    except RecursionError:  # the YAML parser recurses once per level of nesting
+        raise ScenarioError("scenario", f"{p} is nested too deeply to be a scenario") from None
     return parse_scenario(raw)
 
 
