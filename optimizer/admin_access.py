@@ -99,7 +99,10 @@ class GeneratedToken:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise AccessError(f"cannot create {directory}: {exc.strerror or exc}") from None
-        check_private_dir(directory)
+        try:
+            check_private_dir(directory)
+        except FileNotFoundError:
+            raise AccessError(f"{directory} disappeared") from None
         tmp = directory / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file holding the admin bearer token (else VLM_OPTIMIZER_ADMIN_TOKEN). Without "
                             "either, or when FILE does not exist, a random token is generated and written, "
                             "readable by this user only, to admin-token-PORT next to --state-path, else in "
-                            "$XDG_RUNTIME_DIR/vlm-gpu-optimizer/, else in /tmp/vlm-gpu-optimizer-UID/ (where "
-                            "the management commands find it), and the admin API listens on 127.0.0.1 only")
+                            "$XDG_RUNTIME_DIR/vlm-gpu-optimizer/, else in ${TMPDIR:-/tmp}/vlm-gpu-optimizer-UID/ "
+                            "(where the management commands find it), and the admin API listens on 127.0.0.1 "
+                            "only")
     serve.add_argument("--admin-allowed-host", dest="admin_allowed_hosts", action="append", metavar="NAME",
                        help="a Host name the admin API answers for besides its address and localhost, e.g. a "
                             "DNS name it is reached by (repeatable; default: none)")
@@ -141,8 +142,8 @@ def _admin_parent() -> argparse.ArgumentParser:
                    help=f"admin bearer token (default: ${manage.TOKEN_ENV}, else, for a loopback --url, the "
                         "token a serve on this machine generated: admin-token-PORT next to "
                         f"${manage.STATE_PATH_ENV}, else in $XDG_RUNTIME_DIR/vlm-gpu-optimizer/, else in "
-                        "/tmp/vlm-gpu-optimizer-UID/; prefer --token-file: a token on the command line is "
-                        "visible to other users of the host)")
+                        "${TMPDIR:-/tmp}/vlm-gpu-optimizer-UID/; prefer --token-file: a token on the command "
+                        "line is visible to other users of the host)")
     g.add_argument("--token-file", metavar="FILE",
                    help="file holding the admin bearer token (instead of --token)")
     g.add_argument("--timeout", type=_positive_seconds, default=manage.DEFAULT_TIMEOUT_S, metavar="SECONDS",

@@ -32,7 +32,15 @@ from pytest_aiohttp import AiohttpClient
 from optimizer.api import build_app
 from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
 from optimizer.api.schemas import MAX_REPORT_BYTES
-from optimizer.config import Settings, Strategy, settings_to_dict
+from optimizer.config import (
+    ConfigError,
+    ServerSettings,
+    Settings,
+    Strategy,
+    apply_server,
+    load_config,
+    settings_to_dict,
+)
 from optimizer.engine import Engine
 from optimizer.persistence import Persister, StateFile
 from optimizer.policy.types import PolicyState
@@ -317,7 +325,8 @@ async def test_the_attacks_of_the_report_change_neither_the_configuration_nor_mo
     doc = {"format": EXPORT_FORMAT, "version": 1, "settings": {"enabled": False, "max_batch_size": 1}}
     config = settings_to_dict(adm.engine.settings)
     for path, body in (("/admin/config/import", doc), ("/admin/monitoring/stop", None)):
-        for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "text/plain", "Origin": "https://evil.example"},
+        for headers in ({"Content-Type": "text/plain"},
+                        {"Content-Type": "text/plain", "Origin": "https://evil.example"},
                         {**auth(), "Content-Type": "text/plain"}):
             resp = await adm.client.post(path, data=_as_bytes(body), headers=headers)
             assert resp.status in (401, 403, 415), await resp.text()
@@ -400,6 +409,31 @@ async def test_headers_that_are_not_valid_utf8_are_refused_and_logged_printably(
     assert [e["value"] for e in events_named(logs, "admin_refused")] == [
         "\\xff\\xfe.example", "http://\\xff", "text/\\xff"]
     assert events_named(logs, "request_failed") == []
+
+
+def test_allowed_hosts_come_from_the_file_the_environment_and_the_flag(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  admin_allowed_hosts: [Optimizer.Example., '[fd00::1]', 10.0.0.7]\n")
+    assert load_config(cfg, environ={}).server.admin_allowed_hosts == ("optimizer.example", "fd00::1", "10.0.0.7")
+    env = {"VLM_OPTIMIZER_ADMIN_ALLOWED_HOSTS": "a.example, b.example,,a.example"}
+    assert load_config(cfg, environ=env).server.admin_allowed_hosts == ("a.example", "b.example")
+    flags = {"admin_allowed_hosts": ["c.example"]}
+    assert load_config(cfg, environ=env, cli_server=flags).server.admin_allowed_hosts == ("c.example",)
+    assert load_config(None, environ={}).server.admin_allowed_hosts == ()
+
+
+@pytest.mark.parametrize("value", ["optimizer.example:8081", "http://optimizer.example", "a/b", "two words",
+                                   "[::1]:8081", "*.example", 8081, {"a": 1}, ["ok.example", 5]])
+def test_a_bad_allowed_host_is_a_config_error_naming_the_key(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_server(ServerSettings(), {"admin_allowed_hosts": [value] if isinstance(value, str) else value})
+    assert info.value.key == "server.admin_allowed_hosts"
+    assert "host name" in str(info.value)
+
+
+def test_a_bad_allowed_host_flag_stops_serve_with_one_line(tmp_path: Path) -> None:
+    line = _serve_fails(tmp_path, "--admin-allowed-host", "optimizer.example:8081")
+    assert "server.admin_allowed_hosts" in line and "without a port" in line
 
 
 def test_there_is_no_admin_api_without_a_token() -> None:
@@ -1146,10 +1180,13 @@ def test_a_second_serve_that_cannot_bind_the_admin_port_leaves_the_first_ones_to
 
 def test_serve_with_a_token_in_the_environment_requires_it(tmp_path: Path) -> None:
     run = _runtime_dir(tmp_path)
-    with serving(tmp_path, "--admin-host", "127.0.0.1",
+    with serving(tmp_path, "--admin-host", "127.0.0.1", "--admin-allowed-host", "optimizer.example",
                  env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="s3cret-from-env", XDG_RUNTIME_DIR=str(run))) as served:
         status, body = _http("GET", served.admin + "/admin/status")
         assert status == 401 and "error" in body
+        for host, answer in (("optimizer.example:8081", 200), ("other.example", 421)):
+            assert _http("GET", served.admin + "/admin/status", token="s3cret-from-env",
+                         headers={"Host": host})[0] == answer, host
         status, _ = _http("POST", served.admin + "/admin/disable", token="wrong")
         assert status == 401
         status, body = _http("GET", served.admin + "/admin/config", token="s3cret-from-env")
