@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from optimizer.admin_access import TOKEN_RE, AccessError, GeneratedToken, generated_token_path
 from optimizer.api import build_app
 from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
 from optimizer.api.schemas import MAX_REPORT_BYTES
@@ -434,6 +435,67 @@ def test_a_bad_allowed_host_is_a_config_error_naming_the_key(value: Any) -> None
 def test_a_bad_allowed_host_flag_stops_serve_with_one_line(tmp_path: Path) -> None:
     line = _serve_fails(tmp_path, "--admin-allowed-host", "optimizer.example:8081")
     assert "server.admin_allowed_hosts" in line and "without a port" in line
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_generated_token_file_is_0600_from_its_creation_whatever_the_umask(tmp_path: Path) -> None:
+    directory = tmp_path / "tokens"
+    saved = os.umask(0)
+    try:
+        gen = GeneratedToken(directory / "admin-token-1")
+        gen.prepare()
+    finally:
+        os.umask(saved)
+    [pending] = list(directory.iterdir())  # written, not yet in place: a serve that cannot bind stops here
+    assert _mode(pending) == 0o600 and _mode(directory) == 0o700
+    assert not gen.path.exists()
+    gen.publish()
+    assert gen.path.read_text() == gen.token + "\n" and _mode(gen.path) == 0o600
+    assert TOKEN_RE.fullmatch(gen.token) and len(gen.token) >= 40
+    later = GeneratedToken(gen.path)  # a later serve on the same port replaced it
+    later.prepare()
+    later.publish()
+    gen.discard()
+    assert gen.path.read_text().strip() == later.token  # never removes another's token
+    later.discard()
+    assert list(directory.iterdir()) == []
+
+
+def test_a_generated_token_is_kept_only_in_a_directory_of_this_user_nobody_else_can_write(tmp_path: Path) -> None:
+    for mode in (0o770, 0o757, 0o1777):
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(AccessError, match="writable by other users"):
+            GeneratedToken(shared / "admin-token-1").prepare()
+        assert list(shared.iterdir()) == []
+    if os.geteuid() == 0:  # only root can hand a directory to another user
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, -1)
+        with pytest.raises(AccessError, match="belongs to another user"):
+            GeneratedToken(foreign / "admin-token-1").prepare()
+    not_dir = tmp_path / "file"
+    not_dir.write_text("")
+    with pytest.raises(AccessError):
+        GeneratedToken(not_dir / "admin-token-1").prepare()
+
+
+def test_where_a_generated_token_is_kept(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    state = str(tmp_path / "state" / "s.json")
+    assert generated_token_path(8081, state, {"XDG_RUNTIME_DIR": str(run)}) == tmp_path / "state" / "admin-token-8081"
+    in_run = run / "vlm-gpu-optimizer" / "admin-token-8081"
+    assert generated_token_path(8081, None, {"XDG_RUNTIME_DIR": str(run)}) == in_run
+    fallback = Path(f"/tmp/vlm-gpu-optimizer-{os.geteuid()}/admin-token-8082")
+    assert generated_token_path(8082, None, {}) == fallback
+    assert generated_token_path(8082, None, {"XDG_RUNTIME_DIR": str(tmp_path / "absent")}) == fallback
+    assert generated_token_path(8082, None, {"XDG_RUNTIME_DIR": "relative"}) == fallback
+    assert generated_token_path(8082, None, {"TMPDIR": str(tmp_path)}) == (
+        tmp_path / f"vlm-gpu-optimizer-{os.geteuid()}" / "admin-token-8082")
 
 
 def test_there_is_no_admin_api_without_a_token() -> None:
