@@ -27,6 +27,7 @@ import asyncio
 import gc
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from measure_resources import free_port, memory_kib, wait_ready
 HERE = os.path.dirname(os.path.abspath(__file__))
 EIGHT_GPUS = os.path.join(HERE, "scenarios", "eight-h100.yaml")
 INTERVAL = 5.0
+TOKEN_ENV = "VLM_OPTIMIZER_ADMIN_TOKEN"
 
 
 # --------------------------------------------------------------------------- the server under test
@@ -74,7 +76,7 @@ async def serve(port: int, admin_port: int, scenario_path: str, speedup: float, 
 
     sampler = Sampler(sim, engine, clock=lambda: now[0], sleep=sleep)
     app = build_app(engine, sampler)
-    admin = build_admin_app(app, None)
+    admin = build_admin_app(app, os.environ[TOKEN_ENV].encode())
 
     async def sizes(request: web.Request) -> web.Response:
         """What could grow inside the process (a bench-only route on the admin app)."""
@@ -158,8 +160,9 @@ def pinned(cpu: int | None) -> Callable[[], None] | None:
     return None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
 
 
-async def get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as session:
+async def get_json(url: str, token: str | None = None) -> Any:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
         async with session.get(url) as r:
             return await r.json()
 
@@ -168,8 +171,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, gen_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
     port, admin = free_port(), free_port()
+    token = secrets.token_urlsafe(32)  # the admin API always needs one (the bench reads /bench/sizes there)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(admin), args.scenario,
-                               str(args.speedup), args.log_level],
+                               str(args.speedup), args.log_level], env={**os.environ, TOKEN_ENV: token},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(server_cpu))
     base, sizes_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}/bench/sizes"
     try:
@@ -184,7 +188,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         step = 600.0  # a checkpoint every 10 virtual minutes
         next_at = 0.0
         while gen.poll() is None:
-            s = asyncio.run(get_json(sizes_url))
+            s = asyncio.run(get_json(sizes_url, token))
             if s["virtual_s"] >= next_at:
                 points.append({"virtual_min": round(s["virtual_s"] / 60, 1),
                                "rss_mib": round(memory_kib(server.pid)["VmRSS"] / 1024, 1), **s})
@@ -192,7 +196,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(min(1.0, step / args.speedup / 4))
         out, _ = gen.communicate()
         counts = json.loads(out)
-        s = asyncio.run(get_json(sizes_url))
+        s = asyncio.run(get_json(sizes_url, token))
         mem = memory_kib(server.pid)
         points.append({"virtual_min": round(s["virtual_s"] / 60, 1), "rss_mib": round(mem["VmRSS"] / 1024, 1), **s})
     finally:

@@ -7,15 +7,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from optimizer import __version__, manage
-from optimizer.config import RUNTIME_KEYS, BackendName, Config, ConfigError, Strategy, load_config
+from optimizer.admin_access import (
+    TOKEN_RE,
+    TOKEN_RULE,
+    AccessError,
+    GeneratedToken,
+    generated_token_path,
+    read_token_file,
+)
+from optimizer.config import RUNTIME_KEYS, BackendName, Config, ConfigError, ServerSettings, Strategy, load_config
 from optimizer.logs import configure_logging
 from optimizer.simulation.run import MEASURES, SimulationResult, simulate, with_scenario_profiles
 from optimizer.simulation.scenario import DEFAULT_SCENARIO, ScenarioError, load_scenario
@@ -59,12 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["auto", "json", "console"],
                        help="log format (default: auto: console on a terminal, else JSON)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
-    serve.add_argument("--admin-host", help="address of the admin API (default: 0.0.0.0 with a token, "
-                                            "127.0.0.1 without one)")
+    serve.add_argument("--admin-host", help="address of the admin API (default: 0.0.0.0 with a configured token; "
+                                            "always 127.0.0.1 with a generated one)")
     serve.add_argument("--admin-port", type=int, help="port of the admin API (default: 8081)")
     serve.add_argument("--admin-token-file", metavar="FILE",
-                       help="file holding the admin bearer token (or set VLM_OPTIMIZER_ADMIN_TOKEN); without a "
-                            "token the admin API listens on loopback only")
+                       help="file holding the admin bearer token (else VLM_OPTIMIZER_ADMIN_TOKEN). Without "
+                            "either, or when FILE does not exist, a random token is generated and written, "
+                            "readable by this user only, to admin-token-PORT next to --state-path, else in "
+                            "$XDG_RUNTIME_DIR/vlm-gpu-optimizer/, else in ${TMPDIR:-/tmp}/vlm-gpu-optimizer-UID/ "
+                            "(where the management commands find it), and the admin API listens on 127.0.0.1 "
+                            "only")
+    serve.add_argument("--admin-allowed-host", dest="admin_allowed_hosts", action="append", metavar="NAME",
+                       help="a Host name the admin API answers for besides its address and localhost, e.g. a "
+                            "DNS name it is reached by (repeatable; default: none)")
     serve.add_argument("--state-path", metavar="FILE",
                        help="durable state (overrides, runtime settings, what the policy learned); "
                             "default: none, nothing survives a restart")
@@ -120,10 +137,14 @@ def _admin_parent() -> argparse.ArgumentParser:
     g = p.add_argument_group("admin API connection")
     g.add_argument("--url", metavar="URL",
                    help=f"base URL of the service's admin API (default: ${manage.URL_ENV}, else "
-                        f"{manage.DEFAULT_URL})")
+                        f"{manage.DEFAULT_URL}); reached directly: no proxy is used (http_proxy and the like "
+                        "are ignored) and no redirect is followed")
     g.add_argument("--token", metavar="TOKEN",
-                   help=f"admin bearer token (default: ${manage.TOKEN_ENV}; prefer --token-file: a token on "
-                        "the command line is visible to other users of the host)")
+                   help=f"admin bearer token (default: ${manage.TOKEN_ENV}, else, for a loopback --url, the "
+                        "token a serve on this machine generated: admin-token-PORT next to "
+                        f"${manage.STATE_PATH_ENV}, else in $XDG_RUNTIME_DIR/vlm-gpu-optimizer/, else in "
+                        "${TMPDIR:-/tmp}/vlm-gpu-optimizer-UID/; prefer --token-file: a token on the command "
+                        "line is visible to other users of the host)")
     g.add_argument("--token-file", metavar="FILE",
                    help="file holding the admin bearer token (instead of --token)")
     g.add_argument("--timeout", type=_positive_seconds, default=manage.DEFAULT_TIMEOUT_S, metavar="SECONDS",
@@ -245,7 +266,8 @@ def _load(args: argparse.Namespace, server: dict[str, Any] | None = None) -> Con
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server_flags = {k: getattr(args, k) for k in ("backend", "scenario", "host", "port", "log_format", "log_level",
-                                                  "admin_host", "admin_port", "admin_token_file", "state_path")
+                                                  "admin_host", "admin_port", "admin_token_file",
+                                                  "admin_allowed_hosts", "state_path")
                     if getattr(args, k) is not None}
     try:
         cfg = _load(args, server_flags)
@@ -254,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(cfg.server.log_format, cfg.server.log_level)
     try:
-        token = _admin_token(cfg.server.admin_token_file)
+        token, generated = _admin_token(cfg.server)
     except ConfigError as exc:
         print(f"vlm-gpu-optimizer: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -308,40 +330,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         discovery = Discovery(engine, cfg.kube, clock=sampler.clock)
     app = build_app(engine, sampler, persister=persister, discovery=discovery)
-    admin = build_admin_app(app, token)
+    admin = build_admin_app(app, token, allowed_hosts=(*cfg.server.admin_allowed_hosts, cfg.server.admin_host))
     admin_host = cfg.server.admin_host
-    if token is None:
+    on_listening = None
+    if generated is not None:
+        try:
+            generated.prepare()
+        except AccessError as exc:
+            print(f"vlm-gpu-optimizer: invalid configuration: server.admin_token_file: no token configured, and "
+                  f"the generated one cannot be kept: {exc} (give --admin-token-file, or a --state-path in a "
+                  "directory only this user can write)", file=sys.stderr)
+            return EXIT_CONFIG
         admin_host = "127.0.0.1"
         log.warning("admin_api_loopback_only", reason="no admin token configured (--admin-token-file or "
-                    "VLM_OPTIMIZER_ADMIN_TOKEN)", admin_port=cfg.server.admin_port)
+                    "VLM_OPTIMIZER_ADMIN_TOKEN): a generated one is used", token_file=str(generated.path),
+                    admin_port=cfg.server.admin_port)
+        on_listening = _publisher(generated)
+
+        async def discard(_: Any) -> None:
+            generated.discard()
+
+        admin.on_cleanup.append(discard)
     log.info("serving", host=cfg.server.host, port=cfg.server.port, backend=backend.name,
              strategy=engine.settings.strategy.value, monitoring_interval_s=engine.settings.monitoring_interval,
              admin_port=cfg.server.admin_port, state_path=cfg.server.state_path)
     timeouts = ReadTimeouts(header_s=cfg.server.header_timeout, body_s=cfg.server.body_timeout)
     try:
         asyncio.run(serve_until_signalled(app, cfg.server.host, cfg.server.port, admin, admin_host,
-                                          cfg.server.admin_port, timeouts))
+                                          cfg.server.admin_port, timeouts, on_listening))
     except StartupError as exc:
         backend.close()
+        if generated is not None:
+            generated.discard()  # its temporary file (the one in place, if any, is another server's)
         print(f"vlm-gpu-optimizer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
 
 
-def _admin_token(path: str | None) -> bytes | None:
-    """The admin bearer token: from the file, else ``VLM_OPTIMIZER_ADMIN_TOKEN``; ``None`` when neither is set."""
-    import os
-
+def _admin_token(server: ServerSettings,
+                 environ: Mapping[str, str] | None = None) -> tuple[bytes, GeneratedToken | None]:
+    """The admin bearer token: from ``admin_token_file``, else ``VLM_OPTIMIZER_ADMIN_TOKEN``, else a
+    generated one (returned with its unwritten file too). A token file that does not exist counts as none
+    given (an optional Kubernetes Secret not created yet), loudly; one that exists but cannot be read, is
+    empty or holds no valid token is a :class:`ConfigError`.
+    """
+    env = os.environ if environ is None else environ
+    path = server.admin_token_file
+    missing = False
     if path is not None:
         try:
-            text = open(path, encoding="utf-8").read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("server.admin_token_file", f"cannot read {path}: {exc}") from exc
-        if not text:
-            raise ConfigError("server.admin_token_file", f"{path} is empty")
-        return text.encode()
-    value = os.environ.get("VLM_OPTIMIZER_ADMIN_TOKEN", "").strip()
-    return value.encode() if value else None
+            return read_token_file(Path(path)).encode(), None
+        except FileNotFoundError:
+            missing = True
+        except OSError as exc:
+            raise ConfigError("server.admin_token_file", f"cannot read {path}: {exc.strerror or exc}") from exc
+        except AccessError as exc:
+            raise ConfigError("server.admin_token_file", str(exc)) from exc
+    value = env.get(manage.TOKEN_ENV, "").strip()
+    if value and not TOKEN_RE.fullmatch(value):
+        raise ConfigError(manage.TOKEN_ENV, f"must be {TOKEN_RULE}")
+    generated = None if value else GeneratedToken(generated_token_path(server.admin_port, server.state_path, env))
+    if missing:
+        log.warning("admin_token_file_missing", path=path,
+                    detail=f"{path} does not exist; using {manage.TOKEN_ENV}" if value else
+                    f"{path} does not exist: a token is generated and the admin API listens on 127.0.0.1 "
+                    "only until the file is there and the service restarts")
+    return (value.encode(), None) if generated is None else (generated.token.encode(), generated)
+
+
+def _publisher(generated: GeneratedToken) -> Callable[[], None]:
+    """Put the generated token's file in place once the admin API listens; log where (never the token)."""
+    def publish() -> None:
+        try:
+            generated.publish()
+        except OSError as exc:
+            log.error("admin_token_write_failed", path=str(generated.path), error=exc.strerror or str(exc))
+            return
+        log.info("admin_token_written", path=str(generated.path),
+                 detail="readable by this user only; the management commands read it from there")
+    return publish
 
 
 def _table(result: SimulationResult) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from optimizer.admin_access import parse_host_name
 from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
 from optimizer.values import BOOL_RULE, parse_bool
 
@@ -126,6 +127,7 @@ class ServerSettings:
     admin_host: str = "0.0.0.0"  # the admin API's address; forced to 127.0.0.1 when no token is configured
     admin_port: int = 8081
     admin_token_file: str | None = None  # a file holding the bearer token (else VLM_OPTIMIZER_ADMIN_TOKEN)
+    admin_allowed_hosts: tuple[str, ...] = ()  # Host names the admin API answers for, besides its address
     state_path: str | None = None  # where durable state is kept (None: nothing survives a restart)
     header_timeout: float = 10.0  # seconds a request's line and headers have to arrive in (both APIs)
     body_timeout: float = 30.0  # seconds a request's body has to arrive in (both APIs)
@@ -277,6 +279,8 @@ def _coerce_server(key: str, value: Any) -> Any:
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"server.{key}", "must be a file path")
         return value
+    if key == "admin_allowed_hosts":
+        return _host_names(f"server.{key}", value)
     if key == "backend":
         return _as_enum(f"server.{key}", value, BackendName)
     if key == "scenario":
@@ -290,6 +294,24 @@ def _coerce_server(key: str, value: Any) -> Any:
     if key in ("header_timeout", "body_timeout"):
         return _as_float(f"server.{key}", value, 0.0, 3600.0, lo_open=True)
     raise ConfigError(f"server.{key}", f"unknown key; allowed keys are {', '.join(SERVER_KEYS)}")
+
+
+def _host_names(key: str, value: Any) -> tuple[str, ...]:
+    """A list of host names or IP addresses (or one comma-separated string), without ports, normalised."""
+    items = value.split(",") if isinstance(value, str) else [] if value is None else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(key, f"must be a list of host names (or comma-separated), got {value!r}")
+    names = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name = parse_host_name(item)
+        ported = item.count(":") == 1 or (item.startswith("[") and not item.endswith("]"))
+        if name is None or ported:
+            raise ConfigError(key, f"{item!r} is not a host name or IP address without a port "
+                                   "(the port is not compared)")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 SETTING_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))

@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -117,8 +117,12 @@ async def listening(api: Listener, admin: Listener,
 
 
 async def serve_until_signalled(app: web.Application, host: str, port: int, admin: web.Application,
-                                admin_host: str, admin_port: int, timeouts: ReadTimeouts = ReadTimeouts()) -> None:
-    """Serve both APIs until SIGTERM or SIGINT, then shut down gracefully. Raises :class:`StartupError`."""
+                                admin_host: str, admin_port: int, timeouts: ReadTimeouts = ReadTimeouts(),
+                                on_listening: Callable[[], None] | None = None) -> None:
+    """Serve both APIs until SIGTERM or SIGINT, then shut down gracefully. Raises :class:`StartupError`.
+
+    ``on_listening`` runs once both listen (``serve`` publishes a generated admin token's file there).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,5 +131,7 @@ async def serve_until_signalled(app: web.Application, host: str, port: int, admi
                          timeouts) as addresses:
         log.info("listening", api=_where(host, port), admin=_where(admin_host, admin_port), bound=addresses,
                  header_timeout_s=timeouts.header_s, body_timeout_s=timeouts.body_s)
+        if on_listening is not None:
+            on_listening()
         await stop.wait()
         log.info("shutting_down")

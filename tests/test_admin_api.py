@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -29,10 +30,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from optimizer.admin_access import TOKEN_RE, AccessError, GeneratedToken, generated_token_path
 from optimizer.api import build_app
 from optimizer.api.admin import EXPORT_FORMAT, HISTORY_KINDS, MAX_TTL_S, build_admin_app
 from optimizer.api.schemas import MAX_REPORT_BYTES
-from optimizer.config import ServiceProfile, Settings, Strategy, settings_to_dict
+from optimizer.config import (
+    ConfigError,
+    ServerSettings,
+    ServiceProfile,
+    Settings,
+    Strategy,
+    apply_server,
+    load_config,
+    settings_to_dict,
+)
 from optimizer.engine import Engine
 from optimizer.persistence import Persister, StateFile
 from optimizer.policy.types import PolicyState
@@ -55,7 +66,8 @@ async def park(delay: float) -> None:
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    """The headers of a good admin request: the token, and JSON, which every write must say it sends."""
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 
 @dataclass
@@ -102,21 +114,21 @@ class Admin:
 
 
 class MakeAdmin(Protocol):
-    def __call__(self, *, token: bytes | None = ..., settings: Settings | None = ...,
-                 state_path: Path | None = ...) -> Awaitable[Admin]: ...
+    def __call__(self, *, token: bytes = ..., settings: Settings | None = ..., state_path: Path | None = ...,
+                 allowed_hosts: tuple[str, ...] = ...) -> Awaitable[Admin]: ...
 
 
 @pytest.fixture
 def make_admin(aiohttp_client: AiohttpClient) -> MakeAdmin:
-    async def make(*, token: bytes | None = TOKEN.encode(), settings: Settings | None = None,
-                   state_path: Path | None = None) -> Admin:
+    async def make(*, token: bytes = TOKEN.encode(), settings: Settings | None = None,
+                   state_path: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> Admin:
         clock = FakeClock()
         backend = ScriptedBackend(1)
         engine = Engine(settings or Settings())
         sampler = Sampler(backend, engine, clock=clock, sleep=park)
         persister = None if state_path is None else Persister(engine, StateFile(state_path))
         app = build_app(engine, sampler, run_sampler=False, persister=persister)
-        admin = build_admin_app(app, token)
+        admin = build_admin_app(app, token, allowed_hosts=allowed_hosts)
         read = await aiohttp_client(app)
         client = await aiohttp_client(admin)
         return Admin(client, read, engine, sampler, backend, clock, state_path)
@@ -192,7 +204,7 @@ BAD_AUTH: list[dict[str, str]] = [
 ]
 
 
-async def _auth_setup(make_admin: MakeAdmin, path: str, *, token: bytes | None = TOKEN.encode(),
+async def _auth_setup(make_admin: MakeAdmin, path: str, *, token: bytes = TOKEN.encode(),
                       state_path: Path | None = None) -> Admin:
     """A state every mutating endpoint would change: an override to clear, the opposite of what is asked."""
     a = await make_admin(token=token, state_path=state_path)
@@ -252,17 +264,250 @@ async def test_unknown_admin_path_needs_the_token_too(adm: Admin) -> None:
     assert "error" in await resp.json()
 
 
-@pytest.mark.parametrize(("method", "path", "body", "mutates"), ENDPOINTS, ids=ENDPOINT_IDS)
-async def test_without_a_token_requests_pass_without_a_header(make_admin: MakeAdmin, method: str, path: str,
-                                                              body: Any, mutates: bool) -> None:
-    a = await _auth_setup(make_admin, path, token=None)
+# --------------------------------------------------------------------------- what a web page could send
+
+WRITES = [(m, p, b) for m, p, b, mutates in ENDPOINTS if mutates]
+WRITE_IDS = [f"{m} {p.split('?')[0]}" for m, p, _ in WRITES]
+# a browser sends these across origins without asking first ("simple requests"), or none at all
+SIMPLE_TYPES = ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x", None, "application/jsonp", "text/json"]
+
+
+def _as_bytes(body: Any) -> bytes:
+    return b"" if body is None else json.dumps(body).encode()
+
+
+async def _refused(a: Admin, logs: LogList, method: str, path: str, body: Any, headers: dict[str, str],
+                   status: int, header: str) -> dict[str, Any]:
+    """Send it (the body as raw bytes, so aiohttp adds no Content-Type); check it changed nothing."""
     before = observe(a)
-    resp = await a.client.request(method, path, json=body)
+    resp = await a.client.request(method, path, data=_as_bytes(body), headers=headers)
+    assert resp.status == status, (headers, await resp.text())
+    assert resp.content_type == "application/json"
+    answer: dict[str, Any] = await resp.json()
+    assert answer["header"] == header and header in answer["error"]
+    assert observe(a) == before
+    assert events_named(logs, "admin_audit") == []
+    refused = events_named(logs, "admin_refused")[-1]
+    assert (refused["client"], refused["status"], refused["header"], refused["log_level"]) == (
+        "127.0.0.1", status, header, "warning")
+    return answer
+
+
+@pytest.mark.parametrize(("method", "path", "body"), WRITES, ids=WRITE_IDS)
+async def test_a_write_that_is_not_json_is_a_415_and_changes_nothing(
+        make_admin: MakeAdmin, tmp_path: Path, logs: LogList, method: str, path: str, body: Any) -> None:
+    a = await _auth_setup(make_admin, path, state_path=tmp_path / "state.json")
+    for content_type in SIMPLE_TYPES:
+        headers = {"Authorization": f"Bearer {TOKEN}"}  # even with the token (CSRF does not need it read)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        answer = await _refused(a, logs, method, path, body, headers, 415, "Content-Type")
+        assert answer["allowed"] == ["application/json"] and "application/json" in answer["error"]
+    assert not (tmp_path / "state.json").exists()
+    # the same write as JSON goes through (with a charset parameter too)
+    resp = await a.client.request(method, path, data=_as_bytes(body), headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json; charset=utf-8"})
     assert 200 <= resp.status < 300, await resp.text()
-    assert (observe(a) != before) == mutates
-    # a header that would be wrong with a token is ignored without one
-    resp = await a.client.request(method, path, json=body, headers={"Authorization": "Bearer whatever"})
-    assert 200 <= resp.status < 300, await resp.text()
+
+
+@pytest.mark.parametrize(("method", "path", "body"), WRITES, ids=WRITE_IDS)
+async def test_a_request_with_an_origin_is_a_403_and_changes_nothing(
+        make_admin: MakeAdmin, logs: LogList, method: str, path: str, body: Any) -> None:
+    a = await _auth_setup(make_admin, path)
+    for origin in ("https://evil.example", "null", f"http://127.0.0.1:{a.client.port}", "http://localhost"):
+        await _refused(a, logs, method, path, body, {**auth(), "Origin": origin}, 403, "Origin")
+        # what a page's form would send: no token, text/plain
+        await _refused(a, logs, method, path, body, {"Origin": origin, "Content-Type": "text/plain"}, 403, "Origin")
+    await _refused(a, logs, "OPTIONS", path, None, {"Origin": "https://evil.example",  # a preflight
+                                                    "Access-Control-Request-Method": method}, 403, "Origin")
+    await _refused(a, logs, "GET", "/admin/config/export", None, {**auth(), "Origin": "https://evil.example"}, 403,
+                   "Origin")
+
+
+async def test_the_attacks_of_the_report_change_neither_the_configuration_nor_monitoring(
+        adm: Admin, logs: LogList) -> None:
+    """A page's text/plain POST to import a configuration and to pause monitoring, with and without Origin."""
+    doc = {"format": EXPORT_FORMAT, "version": 1, "settings": {"enabled": False, "max_batch_size": 1}}
+    config = settings_to_dict(adm.engine.settings)
+    for path, body in (("/admin/config/import", doc), ("/admin/monitoring/stop", None)):
+        for headers in ({"Content-Type": "text/plain"},
+                        {"Content-Type": "text/plain", "Origin": "https://evil.example"},
+                        {**auth(), "Content-Type": "text/plain"}):
+            resp = await adm.client.post(path, data=_as_bytes(body), headers=headers)
+            assert resp.status in (401, 403, 415), await resp.text()
+    assert settings_to_dict(adm.engine.settings) == config
+    assert adm.sampler.running is True
+    assert (await adm.call("GET", "/admin/status"))["monitoring"] is True
+    assert events_named(logs, "admin_audit") == []
+
+
+REBOUND = ["evil.example", "rebound.evil.example:{port}", "127.0.0.1.nip.io:{port}", "0.0.0.0:{port}",
+           "localhost.evil.example", "[::2]:{port}", "", "not a host", "127.0.0.1:port", "10.0.0.1"]
+
+
+@pytest.mark.parametrize("host", REBOUND)
+async def test_a_host_that_does_not_name_the_admin_api_is_a_421(adm: Admin, logs: LogList, host: str) -> None:
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name, and the browser sends that name as Host."""
+    value = host.format(port=adm.client.port)
+    for method, path, body in (("POST", "/admin/monitoring/stop", None), ("GET", "/admin/status", None),
+                               ("PATCH", "/admin/config", {"strategy": "aggressive"})):
+        answer = await _refused(adm, logs, method, path, body, {**auth(), "Host": value}, 421, "Host")
+        assert "server.admin_allowed_hosts" in answer["error"]
+    assert adm.sampler.running
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST.:{port}", "[::1]:{port}",
+                                  "127.0.0.1", "localhost:9999", "127.0.0.2:{port}", "admin.example:{port}",
+                                  "ADMIN.example", "10.1.2.3:80"])
+async def test_loopback_names_the_listening_address_and_configured_names_are_answered(
+        make_admin: MakeAdmin, host: str) -> None:
+    """Ports are not compared: a port-forward (kubectl port-forward 9999:8081) changes the port, not the name."""
+    a = await make_admin(allowed_hosts=("admin.example", "10.1.2.3", "0.0.0.0"))
+    resp = await a.client.get("/admin/status", headers={**auth(), "Host": host.format(port=a.client.port)})
+    assert resp.status == 200, await resp.text()
+    resp = await a.client.get("/admin/status", headers={**auth(), "Host": "0.0.0.0"})  # a wildcard is no name
+    assert resp.status == 421
+
+
+async def _raw(a: Admin, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request over a plain socket, as bytes (aiohttp's client would not send invalid UTF-8)."""
+    reader, writer = await asyncio.open_connection(a.client.host, a.client.port)
+    writer.write(request)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+@pytest.mark.parametrize("offered", [b"\xff\xfe\xfd", TOKEN.encode() + b"\xff", b"t\xf6k", "t\u00f6k".encode(),
+                                     b"\xc3\x28", b"\xed\xa0\x80"])
+async def test_a_token_that_is_not_valid_utf8_is_a_401_without_a_traceback(adm: Admin, logs: LogList,
+                                                                             offered: bytes) -> None:
+    before = observe(adm)
+    for method, path in ((b"GET", b"/admin/status"), (b"POST", b"/admin/monitoring/stop")):
+        status, headers, body = await _raw(adm, method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                           b"Content-Type: application/json\r\nContent-Length: 0\r\n"
+                                           b"Authorization: Bearer " + offered + b"\r\nConnection: close\r\n\r\n")
+        assert status == 401, body
+        assert headers["www-authenticate"].startswith("Bearer")
+        assert "error" in json.loads(body)
+    assert observe(adm) == before
+    assert len(events_named(logs, "admin_unauthorized")) == 2
+    assert events_named(logs, "request_failed") == []
+    assert not any(e.get("exc_info") or e["log_level"] in ("error", "critical") for e in logs)
+
+
+async def test_headers_that_are_not_valid_utf8_are_refused_and_logged_printably(adm: Admin, logs: LogList) -> None:
+    status, _, body = await _raw(adm, b"GET /admin/status HTTP/1.1\r\nHost: \xff\xfe.example\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert status == 421 and "\\xff" in json.loads(body)["error"]
+    status, _, body = await _raw(adm, b"GET /admin/status HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://\xff\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert status == 403
+    status, _, body = await _raw(adm, b"POST /admin/optimize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                                 + TOKEN.encode() + b"\r\nContent-Type: text/\xff\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+    assert status == 415
+    assert [e["value"] for e in events_named(logs, "admin_refused")] == [
+        "\\xff\\xfe.example", "http://\\xff", "text/\\xff"]
+    assert events_named(logs, "request_failed") == []
+
+
+def test_allowed_hosts_come_from_the_file_the_environment_and_the_flag(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  admin_allowed_hosts: [Optimizer.Example., '[fd00::1]', 10.0.0.7]\n")
+    assert load_config(cfg, environ={}).server.admin_allowed_hosts == ("optimizer.example", "fd00::1", "10.0.0.7")
+    env = {"VLM_OPTIMIZER_ADMIN_ALLOWED_HOSTS": "a.example, b.example,,a.example"}
+    assert load_config(cfg, environ=env).server.admin_allowed_hosts == ("a.example", "b.example")
+    flags = {"admin_allowed_hosts": ["c.example"]}
+    assert load_config(cfg, environ=env, cli_server=flags).server.admin_allowed_hosts == ("c.example",)
+    assert load_config(None, environ={}).server.admin_allowed_hosts == ()
+
+
+@pytest.mark.parametrize("value", ["optimizer.example:8081", "http://optimizer.example", "a/b", "two words",
+                                   "[::1]:8081", "*.example", 8081, {"a": 1}, ["ok.example", 5]])
+def test_a_bad_allowed_host_is_a_config_error_naming_the_key(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_server(ServerSettings(), {"admin_allowed_hosts": [value] if isinstance(value, str) else value})
+    assert info.value.key == "server.admin_allowed_hosts"
+    assert "host name" in str(info.value)
+
+
+def test_a_bad_allowed_host_flag_stops_serve_with_one_line(tmp_path: Path) -> None:
+    line = _serve_fails(tmp_path, "--admin-allowed-host", "optimizer.example:8081")
+    assert "server.admin_allowed_hosts" in line and "without a port" in line
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_generated_token_file_is_0600_from_its_creation_whatever_the_umask(tmp_path: Path) -> None:
+    directory = tmp_path / "tokens"
+    saved = os.umask(0)
+    try:
+        gen = GeneratedToken(directory / "admin-token-1")
+        gen.prepare()
+    finally:
+        os.umask(saved)
+    [pending] = list(directory.iterdir())  # written, not yet in place: a serve that cannot bind stops here
+    assert _mode(pending) == 0o600 and _mode(directory) == 0o700
+    assert not gen.path.exists()
+    gen.publish()
+    assert gen.path.read_text() == gen.token + "\n" and _mode(gen.path) == 0o600
+    assert TOKEN_RE.fullmatch(gen.token) and len(gen.token) >= 40
+    later = GeneratedToken(gen.path)  # a later serve on the same port replaced it
+    later.prepare()
+    later.publish()
+    gen.discard()
+    assert gen.path.read_text().strip() == later.token  # never removes another's token
+    later.discard()
+    assert list(directory.iterdir()) == []
+
+
+def test_a_generated_token_is_kept_only_in_a_directory_of_this_user_nobody_else_can_write(tmp_path: Path) -> None:
+    for mode in (0o770, 0o757, 0o1777):
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(AccessError, match="writable by other users"):
+            GeneratedToken(shared / "admin-token-1").prepare()
+        assert list(shared.iterdir()) == []
+    if os.geteuid() == 0:  # only root can hand a directory to another user
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, -1)
+        with pytest.raises(AccessError, match="belongs to another user"):
+            GeneratedToken(foreign / "admin-token-1").prepare()
+    not_dir = tmp_path / "file"
+    not_dir.write_text("")
+    with pytest.raises(AccessError):
+        GeneratedToken(not_dir / "admin-token-1").prepare()
+
+
+def test_where_a_generated_token_is_kept(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    state = str(tmp_path / "state" / "s.json")
+    assert generated_token_path(8081, state, {"XDG_RUNTIME_DIR": str(run)}) == tmp_path / "state" / "admin-token-8081"
+    in_run = run / "vlm-gpu-optimizer" / "admin-token-8081"
+    assert generated_token_path(8081, None, {"XDG_RUNTIME_DIR": str(run)}) == in_run
+    fallback = Path(f"/tmp/vlm-gpu-optimizer-{os.geteuid()}/admin-token-8082")
+    assert generated_token_path(8082, None, {}) == fallback
+    assert generated_token_path(8082, None, {"XDG_RUNTIME_DIR": str(tmp_path / "absent")}) == fallback
+    assert generated_token_path(8082, None, {"XDG_RUNTIME_DIR": "relative"}) == fallback
+    assert generated_token_path(8082, None, {"TMPDIR": str(tmp_path)}) == (
+        tmp_path / f"vlm-gpu-optimizer-{os.geteuid()}" / "admin-token-8082")
+
+
+def test_there_is_no_admin_api_without_a_token() -> None:
+    engine = Engine(Settings())
+    app = build_app(engine, Sampler(ScriptedBackend(1), engine, clock=FakeClock(), sleep=park), run_sampler=False)
+    with pytest.raises(ValueError, match="token"):
+        build_admin_app(app, b"")
 
 
 async def test_the_read_api_stays_open_without_a_token(adm: Admin) -> None:
@@ -1091,16 +1336,33 @@ def _free_port(avoid: int | None = None) -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_") and not k.endswith("_proxy")
+           and not k.endswith("_PROXY")}
     env.update(extra)
     return env
 
 
-def _http(method: str, url: str, token: str | None = None) -> tuple[int, Any]:
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    req = urllib.request.Request(url, method=method, headers=headers)
+def _runtime_dir(tmp_path: Path) -> Path:
+    """A private directory to stand for ``$XDG_RUNTIME_DIR`` (so a generated token stays in the test's tree)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700, parents=True)
+    return run
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(method: str, url: str, token: str | None = None, headers: dict[str, str] | None = None,
+          data: bytes | None = None) -> tuple[int, Any]:
+    """A request as a program sends it: the token if given, and JSON for a write (unless ``headers`` say)."""
+    sent = {} if token is None else {"Authorization": f"Bearer {token}"}
+    if method != "GET":
+        sent["Content-Type"] = "application/json"
+        data = b"" if data is None else data
+    sent.update(headers or {})
+    req = urllib.request.Request(url, method=method, headers=sent, data=data)
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with _DIRECT.open(req, timeout=5) as r:
             return int(r.status), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -1135,7 +1397,7 @@ def _until_answers(served: Served, url: str, ok: set[int]) -> None:
 def serving(tmp_path: Path, *args: str, env: dict[str, str]) -> Iterator[Served]:
     port = _free_port()
     admin_port = _free_port(avoid=port)
-    log_path = tmp_path / "serve.log"
+    log_path = tmp_path / f"serve-{port}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
                                  "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
@@ -1170,24 +1432,111 @@ def _listening(port: int) -> set[str]:
     return found
 
 
-def test_serve_without_a_token_binds_the_admin_api_to_loopback(tmp_path: Path) -> None:
-    with serving(tmp_path, "--admin-host", "0.0.0.0", env=_env()) as served:
-        status, body = _http("GET", served.admin + "/admin/status")  # no token configured: no header needed
+def _token_file(directory: Path, admin_port: int) -> Path:
+    return directory / f"admin-token-{admin_port}"
+
+
+def _cli(served: Served, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A management command against the served admin API, with no token flag."""
+    return subprocess.run([sys.executable, "-m", "optimizer", *args, "--url", served.admin], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT)
+
+
+def test_serve_without_a_token_generates_one_that_only_its_user_can_read(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    with serving(tmp_path, "--admin-host", "0.0.0.0", env=_env(XDG_RUNTIME_DIR=str(run))) as served:
+        token_file = _token_file(run / "vlm-gpu-optimizer", served.admin_port)
+        token = token_file.read_text(encoding="ascii").strip()
+        assert len(token) >= 40
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+        assert sorted(p.name for p in token_file.parent.iterdir()) == [token_file.name]  # no temporary left
+        status, body = _http("GET", served.admin + "/admin/status")  # no token-less mode
+        assert status == 401 and "error" in body
+        status, body = _http("GET", served.admin + "/admin/status", token=token)
         assert status == 200 and body["backend"] == "simulated"
         if Path("/proc/net/tcp").exists():
             assert _listening(served.admin_port) == {"127.0.0.1"}
+    assert not token_file.exists()  # removed at exit: no stale token for the CLI to send
     events = {e.get("event"): e for e in served.log}
     loopback = events["admin_api_loopback_only"]
     assert loopback["level"] == "warning"
-    assert "token" in loopback["reason"]
+    assert "token" in loopback["reason"] and loopback["token_file"] == str(token_file)
+    assert events["admin_token_written"]["path"] == str(token_file)
     assert events["listening"]["admin"] == f"127.0.0.1:{served.admin_port}"
+    assert token not in served.log_path.read_text()  # where, never what
+
+
+def test_the_cli_drives_a_serve_without_a_token_with_no_token_flags(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    env = _env(XDG_RUNTIME_DIR=str(run))
+    with serving(tmp_path, env=env) as served:
+        done = _cli(served, "status", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["backend"] == "simulated"
+        # writes without a body and with one: the CLI says JSON on both
+        done = _cli(served, "stop-monitoring", env=env)
+        assert (done.returncode, done.stdout) == (0, "monitoring stopped\n"), done.stderr
+        done = _cli(served, "configure", "--max-batch-size", "12", env=env)
+        assert done.returncode == 0 and "max_batch_size = 12" in done.stdout, done.stderr
+        done = _cli(served, "status", "--json", env=env)
+        assert json.loads(done.stdout)["monitoring"] is False
+        # what a web page could send instead: refused, and nothing changes
+        assert _http("POST", served.admin + "/admin/monitoring/start",
+                     headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})[0] == 403
+        token = _token_file(run / "vlm-gpu-optimizer", served.admin_port).read_text().strip()
+        assert _http("POST", served.admin + "/admin/monitoring/start", token=token,
+                     headers={"Host": f"rebound.evil.example:{served.admin_port}"})[0] == 421
+        assert _http("POST", served.admin + "/admin/monitoring/start", token=token,
+                     headers={"Content-Type": "text/plain"})[0] == 415
+        assert json.loads(_cli(served, "status", "--json", env=env).stdout)["monitoring"] is False
+        # another user's environment (no runtime directory in common) finds no token
+        other = _env(XDG_RUNTIME_DIR=str(_runtime_dir(tmp_path / "other")))
+        done = _cli(served, "status", env=other)
+        assert done.returncode == 3 and "no token given" in done.stderr and "no generated token at" in done.stderr
+    refused = [e for e in served.log if e.get("event") == "admin_refused"]
+    assert [(e["status"], e["header"]) for e in refused] == [(403, "Origin"), (421, "Host"), (415, "Content-Type")]
+    assert all(e["client"] == "127.0.0.1" and e["level"] == "warning" for e in refused)
+
+
+def test_with_a_state_path_the_generated_token_is_kept_next_to_it(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    state = tmp_path / "state" / "state.json"
+    env = _env(XDG_RUNTIME_DIR=str(run), VLM_OPTIMIZER_STATE_PATH=str(state))  # serve and the CLI read it
+    with serving(tmp_path, env=env) as served:
+        token_file = _token_file(state.parent, served.admin_port)
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+        assert not (run / "vlm-gpu-optimizer").exists()
+        done = _cli(served, "disable", env=env)
+        assert done.returncode == 0, done.stderr
+        assert _http("GET", served.admin + "/admin/config", token=token_file.read_text().strip())[1]["enabled"] is False
+
+
+def test_a_second_serve_that_cannot_bind_the_admin_port_leaves_the_first_ones_token(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    env = _env(XDG_RUNTIME_DIR=str(run))
+    with serving(tmp_path, env=env) as served:
+        token_file = _token_file(run / "vlm-gpu-optimizer", served.admin_port)
+        first = token_file.read_text()
+        done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
+                               "127.0.0.1", "--port", str(_free_port(avoid=served.admin_port)), "--admin-port",
+                               str(served.admin_port)], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert done.returncode != 0
+        assert token_file.read_text() == first
+        assert sorted(p.name for p in token_file.parent.iterdir()) == [token_file.name]
+        assert _cli(served, "status", env=env).returncode == 0
 
 
 def test_serve_with_a_token_in_the_environment_requires_it(tmp_path: Path) -> None:
-    with serving(tmp_path, "--admin-host", "127.0.0.1",
-                 env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="s3cret-from-env")) as served:
+    run = _runtime_dir(tmp_path)
+    with serving(tmp_path, "--admin-host", "127.0.0.1", "--admin-allowed-host", "optimizer.example",
+                 env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="s3cret-from-env", XDG_RUNTIME_DIR=str(run))) as served:
         status, body = _http("GET", served.admin + "/admin/status")
         assert status == 401 and "error" in body
+        for host, answer in (("optimizer.example:8081", 200), ("other.example", 421)):
+            assert _http("GET", served.admin + "/admin/status", token="s3cret-from-env",
+                         headers={"Host": host})[0] == answer, host
         status, _ = _http("POST", served.admin + "/admin/disable", token="wrong")
         assert status == 401
         status, body = _http("GET", served.admin + "/admin/config", token="s3cret-from-env")
@@ -1196,8 +1545,9 @@ def test_serve_with_a_token_in_the_environment_requires_it(tmp_path: Path) -> No
         assert status == 200 and (body["enabled"], body["changed"]) == (False, True)
         status, _ = _http("GET", served.api + "/batch-size?service=vlm")  # the read API needs no token
         assert status == 200
+        assert list(run.iterdir()) == []  # a configured token is not written anywhere
     names = [e.get("event") for e in served.log]
-    assert "admin_api_loopback_only" not in names
+    assert "admin_api_loopback_only" not in names and "admin_token_written" not in names
     refused = {(e.get("method"), e.get("path")) for e in served.log if e.get("event") == "admin_unauthorized"}
     assert {("GET", "/admin/status"), ("POST", "/admin/disable")} <= refused
     assert any(e.get("event") == "admin_audit" and e.get("action") == "disable" for e in served.log)
@@ -1216,14 +1566,14 @@ def test_serve_enable_right_after_a_batch_change_is_never_silent(tmp_path: Path)
     """The finding replayed on a real process: optimize (a batch change), disable, enable, and read
     the batch at once, without waiting: the reply says what moved or what waits, and the service
     is not told "optimization disabled"."""
-    with serving(tmp_path, env=_env()) as served:
+    with serving(tmp_path, env=_env(VLM_OPTIMIZER_ADMIN_TOKEN=TOKEN)) as served:
         assert _http("GET", served.api + "/batch-size?service=vlm")[0] == 200
-        status, optimized = _http("POST", served.admin + "/admin/optimize")
+        status, optimized = _http("POST", served.admin + "/admin/optimize", token=TOKEN)
         assert status == 200
         moved = [e for e in optimized["events"] if e["kind"] == "batch_changed"]
         assert moved, optimized  # the simulated GPU has headroom: a batch change to be adopted
-        assert _http("POST", served.admin + "/admin/disable")[0] == 200
-        status, enabled = _http("POST", served.admin + "/admin/enable")
+        assert _http("POST", served.admin + "/admin/disable", token=TOKEN)[0] == 200
+        status, enabled = _http("POST", served.admin + "/admin/enable", token=TOKEN)
         status_read, polled = _http("GET", served.api + "/batch-size?service=vlm")
         assert (status, status_read) == (200, 200)
         assert enabled["changed"] is True
@@ -1234,34 +1584,69 @@ def test_serve_enable_right_after_a_batch_change_is_never_silent(tmp_path: Path)
             assert d["service"] == "vlm" and d["until"] is not None and "deferred" in d["reason"]
 
 
-@pytest.mark.parametrize("content", ["", "  \n\n"])
-def test_serve_with_an_empty_token_file_is_a_config_error(tmp_path: Path, content: str) -> None:
+@pytest.mark.parametrize("env_token", [None, "from-env"])
+def test_a_token_file_that_does_not_exist_yet_is_no_token_configured(tmp_path: Path, env_token: str | None) -> None:
+    """An optional Kubernetes Secret not created yet mounts as an empty directory: the file is not there."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    run = _runtime_dir(tmp_path)
+    env = _env(XDG_RUNTIME_DIR=str(run), **({} if env_token is None else {"VLM_OPTIMIZER_ADMIN_TOKEN": env_token}))
+    with serving(tmp_path, "--admin-host", "0.0.0.0", "--admin-token-file", str(secret / "token"),
+                 env=env) as served:
+        if env_token is None:  # a generated token, loopback only, and the CLI finds it
+            assert _cli(served, "status", env=env).returncode == 0
+            if Path("/proc/net/tcp").exists():
+                assert _listening(served.admin_port) == {"127.0.0.1"}
+        else:
+            assert _http("GET", served.admin + "/admin/config", token=env_token)[0] == 200
+    [missing] = [e for e in served.log if e.get("event") == "admin_token_file_missing"]
+    assert missing["level"] == "warning" and missing["path"] == str(secret / "token")
+    names = [e.get("event") for e in served.log]
+    assert ("admin_api_loopback_only" in names) == (env_token is None)
+
+
+def _serve_fails(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """``serve`` that must stop at start with one line and exit code 2 (on ports nothing else uses)."""
+    port = _free_port()
+    done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host", "127.0.0.1",
+                           "--port", str(port), "--admin-port", str(_free_port(avoid=port)), *args],
+                          capture_output=True, text=True, timeout=60, env=env or _env(), cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("vlm-gpu-optimizer: ")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\n", b"\xff\xfe not utf-8", b"two words", "t\u00f6ken".encode()])
+def test_serve_with_an_unusable_token_file_is_a_config_error(tmp_path: Path, content: bytes) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text(content)
-    done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--port", "0",
-                           "--admin-token-file", str(token_file)], capture_output=True, text=True, timeout=60,
-                          env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="ignored-when-a-file-is-given"), cwd=ROOT)
-    assert done.returncode == 2, done.stderr
-    assert "server.admin_token_file" in done.stderr
-    assert "Traceback" not in done.stderr
+    token_file.write_bytes(content)
+    line = _serve_fails(tmp_path, "--admin-token-file", str(token_file),
+                        env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="ignored-when-a-file-is-given"))
+    assert "server.admin_token_file" in line and str(token_file) in line
 
 
-def test_serve_with_a_missing_token_file_is_a_config_error(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--port", "0",
-                           "--admin-token-file", str(tmp_path / "absent")], capture_output=True, text=True,
-                          timeout=60, env=_env(), cwd=ROOT)
-    assert done.returncode == 2, done.stderr
-    assert "server.admin_token_file" in done.stderr and "absent" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_serve_with_a_token_file_it_cannot_read_is_a_config_error(tmp_path: Path) -> None:
+    line = _serve_fails(tmp_path, "--admin-token-file", str(tmp_path))  # exists, but a directory
+    assert "server.admin_token_file" in line and str(tmp_path) in line
+
+
+def test_serve_with_a_token_in_the_environment_that_is_no_token_is_a_config_error(tmp_path: Path) -> None:
+    line = _serve_fails(tmp_path, env=_env(VLM_OPTIMIZER_ADMIN_TOKEN="two words"))
+    assert "VLM_OPTIMIZER_ADMIN_TOKEN" in line and "printable ASCII" in line
+
+
+def test_serve_does_not_keep_a_generated_token_where_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    line = _serve_fails(tmp_path, "--state-path", str(shared / "state.json"))
+    assert str(shared) in line and "writable by other users" in line and "--admin-token-file" in line
+    assert list(shared.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- runtime settings across a restart
-
-
-def _cli(served: Served, *argv: str) -> subprocess.CompletedProcess[str]:
-    """The management CLI as a process, against the served admin API (no token configured)."""
-    return subprocess.run([sys.executable, "-m", "optimizer", *argv, "--url", served.admin], capture_output=True,
-                          text=True, timeout=60, env=_env(), cwd=ROOT)
 
 
 def _profile_names(config: dict[str, Any]) -> set[str]:
@@ -1270,6 +1655,7 @@ def _profile_names(config: dict[str, Any]) -> set[str]:
 
 def test_a_partial_import_then_a_restart_on_a_new_config_file_takes_the_new_files_values(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
+    env = _env(VLM_OPTIMIZER_ADMIN_TOKEN=TOKEN)
     file_a, file_b, partial = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "partial.yaml"
     file_a.write_text("strategy: conservative\nmax_batch_size: 24\nmemory_reserve_mb: 2048\ngc_threshold: 0.8\n"
                       "profiles:\n  - {name: captioner, per_item_mb: 256}\n")
@@ -1277,11 +1663,11 @@ def test_a_partial_import_then_a_restart_on_a_new_config_file_takes_the_new_file
                       "profiles:\n  - {name: ocr, per_item_mb: 128}\n")
     partial.write_text("max_batch_size: 40\ncleanup_interval: 120\n")
 
-    with serving(tmp_path, "--config", str(file_a), "--state-path", str(state), env=_env()) as served:
-        done = _cli(served, "import-config", str(partial))
+    with serving(tmp_path, "--config", str(file_a), "--state-path", str(state), env=env) as served:
+        done = _cli(served, "import-config", str(partial), env=env)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[1] == "pinned at runtime: cleanup_interval, max_batch_size"
-        _, config = _http("GET", served.admin + "/admin/config")
+        _, config = _http("GET", served.admin + "/admin/config", token=TOKEN)
         # what the import left out is file A's, not the built-in defaults; A's profiles are kept
         assert (config["strategy"], config["memory_reserve_mb"], config["gc_threshold"]) == ("conservative", 2048, 0.8)
         assert (config["max_batch_size"], config["cleanup_interval"]) == (40, 120)
@@ -1290,20 +1676,20 @@ def test_a_partial_import_then_a_restart_on_a_new_config_file_takes_the_new_file
         assert status["runtime_settings"] == {"max_batch_size": 40, "cleanup_interval": 120}
     assert json.loads(state.read_bytes())["settings"] == {"max_batch_size": 40, "cleanup_interval": 120}
 
-    with serving(tmp_path, "--config", str(file_b), "--state-path", str(state), env=_env()) as served:
-        _, config = _http("GET", served.admin + "/admin/config")
+    with serving(tmp_path, "--config", str(file_b), "--state-path", str(state), env=env) as served:
+        _, config = _http("GET", served.admin + "/admin/config", token=TOKEN)
         assert (config["max_batch_size"], config["cleanup_interval"]) == (40, 120)  # the import's
         assert (config["strategy"], config["memory_reserve_mb"]) == ("aggressive", 512)  # file B's
         assert config["gc_threshold"] == Settings().gc_threshold  # B leaves it out: not A's 0.8 any more
         names = _profile_names(config)
         assert "ocr" in names and "captioner" not in names
-        done = _cli(served, "status")
+        done = _cli(served, "status", env=env)
         assert done.returncode == 0, done.stderr
         assert "pinned:    cleanup_interval=120.0, max_batch_size=40 (configure --reset" in done.stdout
 
-        done = _cli(served, "configure", "--reset", "max_batch_size")
+        done = _cli(served, "configure", "--reset", "max_batch_size", env=env)
         assert done.returncode == 0, done.stderr
-        assert _http("GET", served.admin + "/admin/config")[1]["max_batch_size"] == 8  # file B's, at once
+        assert _http("GET", served.admin + "/admin/config", token=TOKEN)[1]["max_batch_size"] == 8  # file B's, at once
     assert json.loads(state.read_bytes())["settings"] == {"cleanup_interval": 120}
     restored = [e for e in served.log if e.get("event") == "state_restored"]
     assert restored and restored[0]["settings"] == ["cleanup_interval", "max_batch_size"]

@@ -118,7 +118,7 @@ def test_explicit_nvml_without_a_driver_is_a_clear_error() -> None:
     else:  # pragma: no cover - only on a machine with an NVIDIA driver
         pynvml.nvmlShutdown()
         pytest.skip("this machine has a working NVIDIA driver")
-    done = _run("serve", "--backend", "nvml", "--port", "0", "--log-level", "error")
+    done = _run("serve", "--backend", "nvml", "--port", "0", "--admin-port", "0", "--log-level", "error")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.strip()]  # one line
     assert done.stderr.startswith("vlm-gpu-optimizer: GPU backend nvml failed: NVML could not be initialised")
@@ -132,18 +132,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served() -> Iterator[str]:
-    """``serve --backend simulated`` as a real process on a free local port."""
+def served(tmp_path: Path) -> Iterator[str]:
+    """``serve --backend simulated`` as a real process on free local ports (the read API's and the admin
+    API's: never 8080/8081, which a developer's ``make serve`` may hold), its generated admin token kept in
+    the test's own runtime directory."""
     port = _free_port()
     admin_port = _free_port()
     while admin_port == port:
         admin_port = _free_port()
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_")}
+    env["XDG_RUNTIME_DIR"] = str(run)
     proc = subprocess.Popen([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
                              "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
-                             "--monitoring-interval", "0.2",
-                             "--log-format", "json"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                             "--monitoring-interval", "0.2", "--log-format", "json"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         yield base
@@ -152,6 +156,7 @@ def served() -> Iterator[str]:
         _, err = proc.communicate(timeout=20)
         assert proc.returncode in (0, -15), err
         assert '"event": "sampler_stopped"' in err
+        assert f'"admin": "127.0.0.1:{admin_port}"' in err  # the admin API was on the port given, not 8081
 
 
 def _get(url: str) -> tuple[int, dict[str, object]]:

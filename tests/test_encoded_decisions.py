@@ -87,9 +87,11 @@ def make_rig(aiohttp_client: AiohttpClient) -> MakeRig:
         engine = Engine(settings or Settings())
         sampler = Sampler(backend, engine, clock=clock, sleep=no_sleep)
         app = build_app(engine, sampler, run_sampler=False)
-        admin = build_admin_app(app, None)
+        admin = build_admin_app(app, b"tok")
         client = await aiohttp_client(app)
-        return Rig(client.server, client, await aiohttp_client(admin), engine, sampler, backend, clock, app)
+        admin_client = await aiohttp_client(admin, headers={"Authorization": "Bearer tok",
+                                                            "Content-Type": "application/json"})
+        return Rig(client.server, client, admin_client, engine, sampler, backend, clock, app)
 
     return make
 

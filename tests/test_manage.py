@@ -12,8 +12,11 @@ import asyncio
 import dataclasses
 import io
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from optimizer.persistence import Persister, StateFile
 from optimizer.sampler import Sampler
 from optimizer.policy.operator import clock_text
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+from tests.policy_helpers import ROOT
 
 GIB = 1024**3
 TOKEN = "s3cret-token"
@@ -101,11 +105,19 @@ class Service:
         return self.engine.state.services[(gpu, service)].override
 
 
+PROXY_ENV = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (manage.URL_ENV, manage.TOKEN_ENV, "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
-                 "all_proxy", "ALL_PROXY"):
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No admin URL, token, state path or proxy from the environment, and an empty private runtime
+    directory (where a generated token would be looked for); returns that directory."""
+    for name in (manage.URL_ENV, manage.TOKEN_ENV, manage.STATE_PATH_ENV, "no_proxy", "NO_PROXY", *PROXY_ENV):
         monkeypatch.delenv(name, raising=False)
+    run = tmp_path_factory.mktemp("run")
+    run.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    return run
 
 
 @pytest.fixture
@@ -793,6 +805,193 @@ async def test_an_answer_that_is_not_json(svc: Service, aiohttp_server: AiohttpS
     url = f"http://{other.host}:{other.port}"
     err = (await svc.run("status", url=url)).failed_with(manage.EXIT_SERVICE)
     assert "answered HTTP 200 but not JSON" in err
+
+
+async def test_token_that_no_header_can_carry_is_a_usage_error(svc: Service, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("two words", "t\u00f6ken", "tab\there"):
+        err = (await svc.run("disable", token=bad)).failed_with(manage.EXIT_USAGE)
+        assert "--token must be" in err and "printable ASCII" in err
+    token_file = tmp_path / "token"
+    token_file.write_text("t\u00f6ken\n", encoding="utf-8")
+    err = (await svc.run("disable", "--token-file", str(token_file), token=None)).failed_with(manage.EXIT_USAGE)
+    assert str(token_file) in err and "printable ASCII" in err
+    monkeypatch.setenv(manage.TOKEN_ENV, "two words")
+    err = (await svc.run("disable", token=None)).failed_with(manage.EXIT_USAGE)
+    assert f"${manage.TOKEN_ENV} must be" in err
+    assert svc.engine.settings.enabled is True
+
+
+# --------------------------------------------------------------------------- the token a local serve generated
+
+
+def write_generated(directory: Path, port: int, token: str = TOKEN) -> Path:
+    """What ``serve`` leaves for the CLI: ``admin-token-PORT`` (0600) in a private directory (0700)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"admin-token-{port}"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def test_without_a_token_the_cli_reads_the_one_a_local_serve_generated(svc: Service, clean_env: Path) -> None:
+    write_generated(clean_env / "vlm-gpu-optimizer", port_of(svc.url))
+    r = await svc.run("disable", token=None)
+    assert (r.code, r.out, r.err) == (0, "optimization disabled\n", "")
+    assert svc.engine.settings.enabled is False
+    # localhost and 127.0.0.1 are the same machine, and so the same file
+    r = await svc.run("enable", url=svc.url.replace("127.0.0.1", "localhost"), token=None)
+    assert r.code == 0, r.err
+    # a token given explicitly is used as given, never replaced by the file's
+    err = (await svc.run("disable", token="not-it")).failed_with(manage.EXIT_AUTH)
+    assert "refused the token" in err
+    assert svc.engine.settings.enabled is True
+
+
+async def test_the_generated_token_is_looked_for_next_to_the_state_path_first(
+        svc: Service, clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_generated(clean_env / "vlm-gpu-optimizer", port_of(svc.url), "stale-token")
+    state = tmp_path / "state" / "state.json"
+    write_generated(state.parent, port_of(svc.url))
+    monkeypatch.setenv(manage.STATE_PATH_ENV, str(state))
+    assert (await svc.run("stop-monitoring", token=None)).code == 0
+    assert svc.sampler.running is False
+
+
+async def test_a_generated_token_that_is_refused_says_where_it_came_from(svc: Service, clean_env: Path) -> None:
+    path = write_generated(clean_env / "vlm-gpu-optimizer", port_of(svc.url), "from-an-earlier-serve")
+    err = (await svc.run("disable", token=None)).failed_with(manage.EXIT_AUTH)
+    assert "refused the token (HTTP 401)" in err and str(path) in err
+    assert svc.engine.settings.enabled is True
+
+
+async def test_no_generated_token_says_where_it_was_looked_for(svc: Service, clean_env: Path) -> None:
+    err = (await svc.run("status", token=None)).failed_with(manage.EXIT_AUTH)
+    assert "no token given" in err
+    assert f"no generated token at {clean_env / 'vlm-gpu-optimizer' / f'admin-token-{port_of(svc.url)}'}" in err
+
+
+async def test_a_generated_token_where_others_can_write_is_not_used(svc: Service, clean_env: Path) -> None:
+    directory = clean_env / "vlm-gpu-optimizer"
+    write_generated(directory, port_of(svc.url))
+    directory.chmod(0o777)
+    err = (await svc.run("disable", token=None)).failed_with(manage.EXIT_AUTH)
+    assert "no token given" in err and "writable by other users" in err
+    assert svc.engine.settings.enabled is True
+
+
+def test_a_generated_token_is_only_ever_sent_to_a_loopback_address(clean_env: Path) -> None:
+    write_generated(clean_env / "vlm-gpu-optimizer", 8081)
+    env = {"XDG_RUNTIME_DIR": str(clean_env)}
+    for url in ("http://127.0.0.1:8081", "http://localhost:8081", "http://[::1]:8081", "http://127.0.0.2:8081/"):
+        assert manage.generated_token(url, env)[0] == TOKEN, url
+    for url in ("http://10.0.0.1:8081", "http://optimizer.example:8081", "http://localhost.evil.example:8081",
+                "http://127.0.0.1.nip.io:8081", "http://[::ffff:a00:1]:8081", "http://127.0.0.1:bad"):
+        assert manage.generated_token(url, env) == (None, None), url
+    assert manage.generated_token("http://127.0.0.1:8082", env)[0] is None  # another port, another serve
+
+
+# --------------------------------------------------------------------------- no redirects, no proxies
+
+
+@dataclass
+class Recorder:
+    """A TCP server that records every request it receives and answers 200 ``{}``: where the token must
+    never go (a redirect's target, a proxy)."""
+
+    url: str
+    received: list[bytes]
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            received.append(await reader.readuntil(b"\r\n\r\n"))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            received.append(bytes(getattr(exc, "partial", b"")))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                     b"Connection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield Recorder(f"http://localhost:{port}", received)  # another host name and port than the admin API's
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_an_error_and_the_token_never_follows_it(
+        svc: Service, aiohttp_server: AiohttpServer, recorder: Recorder, code: int) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=code, headers={"Location": recorder.url + request.path_qs})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    redirector = await aiohttp_server(app)
+    url = f"http://{redirector.host}:{redirector.port}"
+    for argv in (["status"], ["stop-monitoring"], ["configure", "--max-batch-size", "8"],
+                 ["set-batch-size", "--clear"]):
+        err = (await svc.run(*argv, url=url)).failed_with(manage.EXIT_SERVICE)
+        assert f"redirect (HTTP {code}) to {recorder.url}/admin/" in err and "not followed" in err, argv
+    assert recorder.received == []
+    assert svc.sampler.running is True
+
+
+async def test_a_redirect_location_cannot_write_to_the_terminal(svc: Service) -> None:
+    async def moved(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: http://x/\x1b[2J\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n")  # aiohttp would refuse to send it
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(moved, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        err = (await svc.run("status", url=url)).failed_with(manage.EXIT_SERVICE)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert "\x1b" not in err and "to http://x/\\x1b[2J" in err
+
+
+async def test_no_proxy_from_the_environment_is_used(svc: Service, recorder: Recorder) -> None:
+    """In a process of its own, as an operator runs it: urllib reads the proxy variables when it builds its
+    first opener, so an in-process run could miss them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_OPTIMIZER_")}
+    env.update({name: recorder.url for name in PROXY_ENV})
+
+    def cli(*argv: str, url: str = svc.url) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "optimizer", *argv, "--url", url, "--token", TOKEN],
+                              capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+
+    for argv in (["status"], ["stop-monitoring"], ["configure", "--max-batch-size", "8"]):
+        done = await asyncio.to_thread(cli, *argv)
+        assert done.returncode == 0 and done.stderr == "", (argv, done.stderr)
+    https = await asyncio.to_thread(cli, "status", url=svc.url.replace("http://", "https://"))  # no TLS there
+    assert https.returncode == manage.EXIT_UNREACHABLE, https.stderr
+    assert recorder.received == []
+    assert svc.sampler.running is False and svc.engine.settings.max_batch_size == 8
+
+
+async def test_a_403_shows_what_the_service_said(svc: Service, aiohttp_server: AiohttpServer) -> None:
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.json_response({"error": "requests from web pages are refused", "header": "Origin"}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/admin/status", forbidden)
+    other = await aiohttp_server(app)
+    err = (await svc.run("status", url=f"http://{other.host}:{other.port}")).failed_with(manage.EXIT_AUTH)
+    assert "HTTP 403" in err and "requests from web pages are refused" in err
 
 
 # --------------------------------------------------------------------------- help

@@ -21,6 +21,8 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_SERVICE = "vlm"
 URL_ENV = "VLM_OPTIMIZER_ADMIN_URL"
 TOKEN_ENV = "VLM_OPTIMIZER_ADMIN_TOKEN"
+STATE_PATH_ENV = "VLM_OPTIMIZER_STATE_PATH"  # where a local serve keeps its state, and so its generated token
+JSON_TYPE = "application/json"
 GIB = 1024**3
 
 EXIT_OK = 0
@@ -32,8 +34,9 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "exit codes: 0 done; 1 the service refused the request or failed (its error is printed, naming the "
-    "field); 2 usage error (bad arguments, a file that cannot be read, parsed or written); 3 the admin API "
-    f"rejected the token (missing or wrong: --token, --token-file or {TOKEN_ENV}); 4 the admin API cannot be "
+    "field, or a redirect, which is never followed); 2 usage error (bad arguments, a file that cannot be read, "
+    "parsed or written); 3 the admin API rejected the token (missing or wrong: --token, --token-file, "
+    f"{TOKEN_ENV} or the token a local serve generated) or the request (403); 4 the admin API cannot be "
     "reached or did not answer within --timeout; 130 interrupted (Ctrl-C).")
 
 # configure's flags -> the settings keys (the seed's MemoryConfig names) they set
@@ -104,13 +107,27 @@ class Unreachable(ManageError):
 # --------------------------------------------------------------------------- HTTP
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: a 3xx reaches :meth:`AdminClient.request` as an error (and the token never
+    travels to another address)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
 class AdminClient:
     """A blocking client of the admin API. Every method raises :class:`ManageError` subclasses only:
     :class:`Unreachable`, :class:`AuthError` or :class:`ServiceError`.
+
+    It talks to ``url`` directly: no proxy (``http_proxy`` and the like are ignored; a proxy would see
+    the token) and no redirect followed (a 3xx is a :class:`ServiceError` naming its ``Location``).
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        """Raises :class:`UsageError` when ``url`` is not an http(s) URL or ``timeout`` is not positive."""
+    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, *,
+                 token_note: str | None = None) -> None:
+        """Raises :class:`UsageError` when ``url`` is not an http(s) URL or ``timeout`` is not positive.
+        ``token_note`` is added to the message of a refused (or missing) token: where it was looked for."""
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise UsageError(f"--url must be an http:// or https:// URL of the admin API, got {url!r}")
@@ -121,26 +138,30 @@ class AdminClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.token_note = token_note
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
     def request(self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None) -> Any:
         """Send one request and return the decoded JSON answer of a 2xx response."""
         target = self.url + path
         if query:
             target += "?" + urllib.parse.urlencode(query)
-        headers = {"Accept": "application/json", "User-Agent": f"{PROG}/{__version__}"}
+        headers = {"Accept": JSON_TYPE, "User-Agent": f"{PROG}/{__version__}"}
         data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        if method not in ("GET", "HEAD"):  # the admin API takes a write only as JSON, even without a body
+            data = b"" if body is None else json.dumps(body).encode()
+            headers["Content-Type"] = JSON_TYPE
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(target, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as exc:
             with exc:
+                if 300 <= exc.code < 400:
+                    raise self._redirected(method, path, exc.code, exc.headers.get("Location")) from None
                 raise self._http_error(method, path, exc.code, exc.reason, _read(exc)) from None
         except urllib.error.URLError as exc:
             raise self._unreachable(exc.reason) from None
@@ -167,6 +188,13 @@ class AdminClient:
         return Unreachable(f"cannot reach the admin API at {self.url}: {why} "
                            f"(is the service running? check --url or {URL_ENV})")
 
+    def _redirected(self, method: str, path: str, status: int, location: str | None) -> ServiceError:
+        shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in location or "")[:300]
+        where = f"to {shown}" if shown else "without a Location"
+        return ServiceError(f"{method} {path} at {self.url} answered a redirect (HTTP {status}) {where}; "
+                            "redirects are not followed and the token is not sent there: give --url the "
+                            "admin API's own address", status)
+
     def _http_error(self, method: str, path: str, status: int, reason: str, raw: bytes) -> ManageError:
         try:
             body = json.loads(raw)
@@ -177,13 +205,16 @@ class AdminClient:
         if isinstance(body, dict):
             named = body.get("field", body.get("parameter"))
             field = named if isinstance(named, str) else None
-        if status in (401, 403):
-            if self.token is None:
-                return AuthError(f"the admin API at {self.url} refused the request (HTTP {status}): no token "
-                                 f"given; pass --token or --token-file, or set {TOKEN_ENV}")
-            return AuthError(f"the admin API at {self.url} refused the token (HTTP {status}): it is wrong; "
-                             f"check --token, --token-file or {TOKEN_ENV}")
         text = error if isinstance(error, str) and error else reason
+        note = f" ({self.token_note})" if self.token_note else ""
+        if status == 403:
+            return AuthError(f"the admin API at {self.url} refused {method} {path} (HTTP 403): {text}")
+        if status == 401:
+            if self.token is None:
+                return AuthError(f"the admin API at {self.url} refused the request (HTTP 401): no token "
+                                 f"given; pass --token or --token-file, or set {TOKEN_ENV}{note}")
+            return AuthError(f"the admin API at {self.url} refused the token (HTTP 401): it is wrong; "
+                             f"check --token, --token-file or {TOKEN_ENV}{note}")
         if 400 <= status < 500:
             msg = f"the service rejected {method} {path} (HTTP {status}): {text}"
             if status in (404, 405) and field is None:

@@ -8,18 +8,30 @@ import math
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
+from optimizer.admin_access import (
+    TOKEN_RE,
+    TOKEN_RULE,
+    AccessError,
+    check_private_dir,
+    generated_token_path,
+    is_loopback_name,
+    parse_host_name,
+    read_token_file,
+)
 from optimizer.manage.client import (
     CONFIGURE_FLAGS,
     DEFAULT_URL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
+    STATE_PATH_ENV,
     TOKEN_ENV,
     URL_ENV,
     AdminClient,
@@ -307,14 +319,15 @@ COMMANDS = ("status", "monitor", "optimize", "set-batch-size", "enable", "disabl
 
 def resolve_token(token: str | None, token_file: str | None, environ: Mapping[str, str] | None = None) -> str | None:
     """``--token``, else the first line of ``--token-file``, else ``VLM_OPTIMIZER_ADMIN_TOKEN``; ``None``
-    when none is set. Raises :class:`UsageError` for an unreadable or empty token file."""
+    when none is set. Raises :class:`UsageError` for an unreadable or empty token file, and for a token
+    that is not 1-1024 printable ASCII characters without spaces."""
     if token is not None and token_file is not None:
         raise UsageError("give --token or --token-file, not both")
     if token is not None:
         token = token.strip()
         if not token:
             raise UsageError("--token is empty")
-        return token
+        return _checked(token, "--token")
     if token_file is not None:
         try:
             text = Path(token_file).read_text(encoding="utf-8").strip()
@@ -323,9 +336,44 @@ def resolve_token(token: str | None, token_file: str | None, environ: Mapping[st
                              f"{getattr(exc, 'strerror', None) or exc}") from None
         if not text:
             raise UsageError(f"--token-file {token_file} is empty")
-        return text
+        return _checked(text, f"the token in --token-file {token_file}")
     value = (os.environ if environ is None else environ).get(TOKEN_ENV, "").strip()
-    return value or None
+    return _checked(value, f"${TOKEN_ENV}") if value else None
+
+
+def _checked(token: str, what: str) -> str:
+    if not TOKEN_RE.fullmatch(token):
+        raise UsageError(f"{what} must be {TOKEN_RULE}")
+    return token
+
+
+def generated_token(url: str, environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """The token a ``serve`` on this machine generated, for a loopback ``url`` (never sent elsewhere):
+    ``(token, note)``, the note saying where it was read or looked for. The file is where ``serve`` puts
+    it (:func:`optimizer.admin_access.generated_token_path`) for the URL's port, with the state path taken
+    from ``VLM_OPTIMIZER_STATE_PATH``; it is read only from a directory of this user that nobody else can
+    write. ``(None, None)`` for a URL that is not loopback.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None, None
+    name = parse_host_name(parts.hostname or "")
+    if name is None or not is_loopback_name(name):
+        return None, None
+    path = generated_token_path(port, env.get(STATE_PATH_ENV) or None, env)
+    try:
+        check_private_dir(path.parent)
+        token = read_token_file(path)
+    except FileNotFoundError:
+        return None, f"no generated token at {path}"
+    except OSError as exc:
+        return None, f"cannot read the generated token at {path}: {exc.strerror or exc}"
+    except AccessError as exc:
+        return None, f"not using the generated token at {path}: {exc}"
+    return token, f"the token was read from {path}, written by the serve started without a token"
 
 
 def parse_gpu_selector(value: str | None) -> int | str | None:
@@ -336,9 +384,15 @@ def parse_gpu_selector(value: str | None) -> int | str | None:
 
 
 def client_from_args(args: argparse.Namespace) -> AdminClient:
-    """Raises :class:`UsageError` for a bad URL, timeout or token file."""
+    """The token: ``--token``, ``--token-file``, ``VLM_OPTIMIZER_ADMIN_TOKEN``, else the one a local
+    ``serve`` generated (:func:`generated_token`). Raises :class:`UsageError` for a bad URL, timeout or
+    token file."""
     url = args.url or os.environ.get(URL_ENV, "").strip() or DEFAULT_URL
-    return AdminClient(url, resolve_token(args.token, args.token_file), args.timeout)
+    token = resolve_token(args.token, args.token_file)
+    note = None
+    if token is None:
+        token, note = generated_token(url)
+    return AdminClient(url, token, args.timeout, token_note=note)
 
 
 def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None,
