@@ -94,6 +94,11 @@ class Settings:
     service_expiry: float = 300.0  # a service not heard from for this long is forgotten
     oom_cost_s: float = 10.0  # adaptive: seconds of a service's throughput one OOM costs (the lost batch,
     # recovery, failed requests); set it to the restart time where an OOM kills the process
+    # Who may take a share of a GPU (docs/api.md, "Trust model"): declared profiles and discovered pods
+    # always; any other name that polls or reports only with register_unknown.
+    register_unknown: bool = True
+    max_services_per_gpu: int = 64  # registered services on one GPU, at most (beyond: 429)
+    max_services: int = 256  # registered services in all, at most (a service on two GPUs counts twice)
     default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
     profiles: tuple[ServiceProfile, ...] = ()
 
@@ -228,7 +233,7 @@ def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
 
 
 def _coerce_setting(key: str, value: Any) -> Any:
-    if key == "enabled":
+    if key in ("enabled", "register_unknown"):
         return _as_bool(key, value)
     if key == "strategy":
         return _as_enum(key, value, Strategy)
@@ -249,6 +254,8 @@ def _coerce_setting(key: str, value: Any) -> Any:
     if key == "memory_reserve_mb":
         return _as_int(key, value, 0, 1 << 24)
     if key == "history_size":
+        return _as_int(key, value, 1, 100_000)
+    if key in ("max_services_per_gpu", "max_services"):
         return _as_int(key, value, 1, 100_000)
     if key == "default_profile":
         return _parse_profile(key, value, named=False)
@@ -315,6 +322,9 @@ def validate_settings(settings: Settings) -> Settings:
             f"must be in [min_batch_size, max_batch_size] = [{s.min_batch_size}, {s.max_batch_size}],"
             f" got {s.default_batch_size}",
         )
+    if s.max_services_per_gpu > s.max_services:
+        raise ConfigError("max_services_per_gpu",
+                          f"must be <= max_services ({s.max_services}), got {s.max_services_per_gpu}")
     if s.optimization_interval < s.monitoring_interval:
         raise ConfigError(
             "optimization_interval",

@@ -25,7 +25,7 @@ from optimizer.api.schemas import (
 from optimizer.api.services import services_body
 from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
-from optimizer.engine import Decision, Engine, UnknownGpu
+from optimizer.engine import Decision, Engine, Refused, UnknownGpu
 from optimizer.metrics import render
 from optimizer.sampler import Sampler
 
@@ -58,11 +58,13 @@ async def batch_size(request: web.Request) -> web.Response:
         service = parse_service(request.query.get("service"))
         gpu = parse_gpu(request.query.get("gpu"))
         pod = parse_pod(request.query.get("pod"))
-        d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod)
+        d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
         return _unknown_gpu(exc)
+    except Refused as exc:
+        return _json(exc.body, status=exc.status)
     return _decision_response(request, d)
 
 
@@ -82,11 +84,13 @@ async def reports(request: web.Request) -> web.Response:
         d = request.app[ENGINE].report(r.service, r.gpu, request.app[SAMPLER].clock(), batch_size=r.batch_size,
                                        peak_bytes=r.peak_bytes, allocated_bytes=r.allocated_bytes,
                                        reserved_bytes=r.reserved_bytes, oom=r.oom, pod=r.pod,
-                                       inactive_split_bytes=r.inactive_split_bytes)
+                                       inactive_split_bytes=r.inactive_split_bytes, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
         return _unknown_gpu(exc, kind="field")
+    except Refused as exc:
+        return _json(exc.body, status=exc.status)
     return _decision_response(request, d)
 
 

@@ -15,11 +15,13 @@ from optimizer.gpu.types import GpuSample
 from optimizer.policy.model import (
     ADOPTION_INTERVALS,
     CEILING_INTERVALS,
+    CONTRADICTED_FRACTION,
     EMERGENCY_CUT,
     GpuView,
     MAX_CEILING_DOUBLINGS,
     SAME_INCIDENT_INTERVALS,
     OOM_BACKOFF,
+    OOM_REPORT_INTERVALS,
     SUCCESS_SAMPLES,
     WINDOW_INTERVALS,
     active_ceiling,
@@ -303,14 +305,56 @@ def touch(state: PolicyState, service: str, gpu_index: int, now: float, settings
     return with_service(state, svc), svc
 
 
+def oom_verdict(svc: ServiceState | None, report: ServiceReport, settings: Settings, gpu: GpuSample | None) -> str:
+    """What an OOM report counts for (``svc``: the service's state before it, ``None`` if new):
+
+    - ``rate_limited``: within :data:`OOM_REPORT_INTERVALS` monitoring intervals of the service's last OOM
+      on this GPU: acknowledged, no effect (a burst of reports, forged or retried, is one OOM);
+    - ``contradicted``: the GPU's latest sample shows at most :data:`CONTRADICTED_FRACTION` of the safety
+      bound in use, so this GPU's memory cannot have run out: the batch is lowered once, nothing is
+      barred and no strike counted;
+    - ``counted``: an OOM (a bar on the failed size, strikes; adaptive learns from it).
+    """
+    now = report.timestamp
+    if (svc is not None and svc.last_oom_at is not None
+            and 0 <= now - svc.last_oom_at < OOM_REPORT_INTERVALS * settings.monitoring_interval):
+        return "rate_limited"
+    if (gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None
+            and gpu.memory_used_bytes <= CONTRADICTED_FRACTION * safety_bytes(gpu.memory_total_bytes, settings)):
+        return "contradicted"
+    return "counted"
+
+
+def _contradicted_oom(svc: ServiceState, failed: int, gpu: GpuSample, s: Settings, now: float,
+                      events: list[Event]) -> ServiceState:
+    """An OOM the samples contradict: lower the batch once, as far as a real one would; bar nothing.
+
+    An operator's override holds (a report the samples contradict does not undo an operator's decision).
+    """
+    svc = dataclasses.replace(svc, last_oom_at=now)
+    if not s.enabled or svc.override_active(now) is not None:
+        return svc
+    lo, _ = s.batch_limits(s.profile(svc.service))
+    backoff = adaptive.OOM_CUT if s.strategy is Strategy.ADAPTIVE else OOM_BACKOFF
+    batch = max(lo, min(svc.batch_size, failed - 1, math.floor(failed * backoff)))
+    assert gpu.memory_total_bytes and gpu.memory_used_bytes is not None
+    reason = (f"OOM reported at batch {failed}, but the GPU's latest sample shows {gib(gpu.memory_used_bytes)} in use,"
+              f" far below the safety bound ({gib(safety_bytes(gpu.memory_total_bytes, s))}): lowered once,"
+              " nothing barred")
+    return publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
+
+
 def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
                  gpu: GpuSample | None) -> Outcome:
     """Take a service's telemetry. An OOM report lowers its batch at once and bars the failed size.
 
-    The lowered batch is in the returned state, so the reply to the report already carries it.
+    The lowered batch is in the returned state, so the reply to the report already carries it. OOM
+    reports go by :func:`oom_verdict`: a rate-limited one has no effect, a contradicted one lowers
+    the batch once and bars nothing.
     """
     s = settings
     now = report.timestamp
+    verdict = oom_verdict(state.services.get((report.gpu, report.service)), report, s, gpu) if report.oom else None
     state, svc = touch(state, report.service, report.gpu, now, s, gpu)
     svc = dataclasses.replace(
         svc,
@@ -326,7 +370,12 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
     )
     events: list[Event] = []
     gs = state.gpus.get(report.gpu)
-    if report.oom and s.strategy is Strategy.ADAPTIVE:
+    oom = verdict in ("counted", "contradicted")
+    if verdict == "contradicted":
+        assert gpu is not None
+        svc = _contradicted_oom(svc, report.batch_size if report.batch_size is not None else svc.batch_size, gpu,
+                                s, now, events)
+    elif verdict == "counted" and s.strategy is Strategy.ADAPTIVE:
         failed = report.batch_size if report.batch_size is not None else svc.batch_size
         svc = drop_override(svc, now, events, f"OOM reported at batch {failed}")
         others = [v for (gi, name), v in state.services.items() if gi == report.gpu and name != svc.service]
@@ -338,7 +387,7 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
         if s.enabled:
             reason = f"OOM reported at batch {failed}: lowered to what fits if the free memory was just taken"
             svc = publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
-    elif report.oom:
+    elif verdict == "counted":
         failed = report.batch_size if report.batch_size is not None else svc.batch_size
         active = active_ceiling(svc, now)
         recent = svc.last_oom_at is not None and now - svc.last_oom_at < 3600
@@ -357,7 +406,7 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
             batch = max(lo, min(svc.batch_size, failed - 1, math.floor(failed * OOM_BACKOFF)))
             reason = f"OOM reported at batch {failed}: lowered, and {failed} barred for {bar:.0f} s"
             svc = publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
-    if report.oom and gs is not None:
+    if oom and gs is not None:
         gs = start_pending(gs, Pending("oom_report", "oom", 1.0, now, gs.window[-1] if gs.window else 0, False,
                                        service=svc.service), events)
         if events and any(e.kind == "batch_changed" for e in events):
