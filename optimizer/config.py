@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -25,6 +25,7 @@ from optimizer.values import BOOL_RULE, parse_bool
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
 DEFAULT_BATCH_SIZE = 4
+PROFILE_CACHE = 4096  # default profiles kept per Settings value, by service name
 
 
 class ConfigError(ValueError):
@@ -102,12 +103,26 @@ class Settings:
     default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
     profiles: tuple[ServiceProfile, ...] = ()
 
+    # Profiles by name, built once per Settings value (not fields: the policy asks for a profile several
+    # times per service on every sample and poll, and a copy of the default profile is costly to make).
+    _by_name: ClassVar[dict[str, ServiceProfile]]
+    _defaults: ClassVar[dict[str, ServiceProfile]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in reversed(self.profiles)})  # the first one wins
+        object.__setattr__(self, "_defaults", {})
+
     def profile(self, service: str) -> ServiceProfile:
         """The declared profile of ``service``, or the default profile under its name."""
-        for p in self.profiles:
-            if p.name == service:
-                return p
-        return dataclasses.replace(self.default_profile, name=service)
+        declared = self._by_name.get(service)
+        if declared is not None:
+            return declared
+        p = self._defaults.get(service)
+        if p is None:
+            p = dataclasses.replace(self.default_profile, name=service)
+            if len(self._defaults) < PROFILE_CACHE:  # bounded: made-up names must not grow it without end
+                self._defaults[service] = p
+        return p
 
     def batch_limits(self, profile: ServiceProfile) -> tuple[int, int]:
         lo = profile.min_batch_size if profile.min_batch_size is not None else self.min_batch_size

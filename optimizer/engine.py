@@ -457,7 +457,10 @@ class Engine:
         """
         indexes = self.gpu_indexes()
         if selector is None:
-            known = sorted(gi for gi, name in self.state.services if name == service)
+            # After a sample every service is on one of its GPUs (decide drops the others): look those up,
+            # a few dictionary lookups, rather than scan every service on every poll.
+            candidates = indexes if self.snapshot is not None else sorted({gi for gi, _ in self.state.services})
+            known = [gi for gi in candidates if (gi, service) in self.state.services]
             if known:
                 return known[0]
             if not indexes:

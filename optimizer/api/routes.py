@@ -22,6 +22,7 @@ from optimizer.api.schemas import (
     read_limited,
     sample_dict,
 )
+from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
 from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
@@ -42,7 +43,8 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
 
 def _decision_response(request: web.Request, d: Decision) -> web.Response:
     """The decision's body and ETag, encoded once per change of the decision (not once per poll)."""
-    encoded = request.app[ENCODED].get(d)
+    # An unknown name's answer is not kept: made-up names must not fill the store of the registered ones.
+    encoded = request.app[ENCODED].get(d) if d.registered else Encoded.of(d)
     interval = request.app[ENGINE].settings.monitoring_interval
     headers = {"ETag": encoded.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
     inm = request.headers.get("If-None-Match")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import MappingProxyType
 
 from optimizer.config import Settings
 from optimizer.policy.strategies import per_item_bytes
@@ -250,4 +251,5 @@ def expire_override(svc: ServiceState, now: float, events: list[Event]) -> Servi
 def with_service(state: PolicyState, svc: ServiceState) -> PolicyState:
     services = dict(state.services)
     services[(svc.gpu, svc.service)] = svc
-    return state.with_(services=services)
+    # One copy, not two (``with_`` copies again): every poll passes here.
+    return PolicyState(state.gpus, MappingProxyType(services), state.roster)
