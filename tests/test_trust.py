@@ -115,8 +115,14 @@ async def test_a_burst_of_forged_ooms_does_not_pin_a_service(make_api: MakeApi) 
     assert metric(text, "vlm_optimizer_oom_reports_total", outcome="contradicted") == 1
     assert metric(text, "vlm_optimizer_oom_reports_total", outcome="rate_limited") == 11
     assert metric(text, "vlm_optimizer_oom_reports_total", outcome="counted") == 0
+    # reports the samples keep contradicting, past the rate limit, lower it no further this interval
+    await api.tick()
+    assert (await api.post({"service": REAL, "batch_size": lowered, "oom": True}))["batch_size"] == lowered
     # not pinned: the next optimization gives the batch back (no 800 s bar)
     assert await settled(api) == before
+    # and the next interval's contradicted report lowers it once again, no more
+    assert (await api.post({"service": REAL, "batch_size": before, "oom": True}))["batch_size"] == lowered
+    assert metric(await api.metrics(), "vlm_optimizer_oom_reports_total", outcome="contradicted") == 2
 
 
 async def test_an_oom_the_samples_allow_is_counted_and_bars_the_size(make_api: MakeApi) -> None:

@@ -312,15 +312,21 @@ def oom_verdict(svc: ServiceState | None, report: ServiceReport, settings: Setti
       on this GPU: acknowledged, no effect (a burst of reports, forged or retried, is one OOM);
     - ``contradicted``: the GPU's latest sample shows at most :data:`CONTRADICTED_FRACTION` of the safety
       bound in use, so this GPU's memory cannot have run out: the batch is lowered once, nothing is
-      barred and no strike counted;
+      barred and no strike counted; one per ``optimization_interval`` (the next optimization may give
+      the batch back: reports the samples keep contradicting cannot keep it down), the others are
+      ``rate_limited``;
     - ``counted``: an OOM (a bar on the failed size, strikes; adaptive learns from it).
     """
     now = report.timestamp
-    if (svc is not None and svc.last_oom_at is not None
-            and 0 <= now - svc.last_oom_at < OOM_REPORT_INTERVALS * settings.monitoring_interval):
+    last = None if svc is None else max((t for t in (svc.last_oom_at, svc.contradicted_at) if t is not None),
+                                        default=None)
+    if last is not None and 0 <= now - last < OOM_REPORT_INTERVALS * settings.monitoring_interval:
         return "rate_limited"
     if (gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None
             and gpu.memory_used_bytes <= CONTRADICTED_FRACTION * safety_bytes(gpu.memory_total_bytes, settings)):
+        if (svc is not None and svc.contradicted_at is not None
+                and 0 <= now - svc.contradicted_at < settings.optimization_interval):
+            return "rate_limited"
         return "contradicted"
     return "counted"
 
@@ -329,9 +335,10 @@ def _contradicted_oom(svc: ServiceState, failed: int, gpu: GpuSample, s: Setting
                       events: list[Event]) -> ServiceState:
     """An OOM the samples contradict: lower the batch once, as far as a real one would; bar nothing.
 
-    An operator's override holds (a report the samples contradict does not undo an operator's decision).
+    An operator's override holds (a report the samples contradict does not undo an operator's decision),
+    and ``last_oom_at`` is left as it was: strikes and what adaptive reads from an OOM do not see it.
     """
-    svc = dataclasses.replace(svc, last_oom_at=now)
+    svc = dataclasses.replace(svc, contradicted_at=now)
     if not s.enabled or svc.override_active(now) is not None:
         return svc
     lo, _ = s.batch_limits(s.profile(svc.service))
