@@ -201,8 +201,9 @@ class OptimizerCollector(Collector):
             refused.add_metric([reason], float(self.engine.refused.get(reason, 0)))
         yield refused
         ooms = CounterMetricFamily("vlm_optimizer_oom_reports", "OOM reports, by outcome: counted, contradicted "
-                                   "(the GPU's samples show memory far below the bound: lowered once, nothing "
-                                   "barred), rate_limited (acknowledged, no effect)", labels=["outcome"])
+                                   "(the GPU's latest sample, with the failed batch on top, is far below the bound: "
+                                   "lowered once, nothing barred), rate_limited (acknowledged, no effect)",
+                                   labels=["outcome"])
         for outcome in OOM_OUTCOMES:
             ooms.add_metric([outcome], float(self.engine.oom_reports.get(outcome, 0)))
         yield ooms

@@ -43,7 +43,7 @@ from optimizer.policy.model import (
 )
 from optimizer.policy.adaptive import controller as adaptive
 from optimizer.policy.adaptive import memory as adaptive_memory
-from optimizer.policy.strategies import apply_strategy
+from optimizer.policy.strategies import apply_strategy, per_item_bytes
 from optimizer.policy.types import (
     MIB,
     Event,
@@ -310,8 +310,10 @@ def oom_verdict(svc: ServiceState | None, report: ServiceReport, settings: Setti
 
     - ``rate_limited``: within :data:`OOM_REPORT_INTERVALS` monitoring intervals of the service's last OOM
       on this GPU: acknowledged, no effect (a burst of reports, forged or retried, is one OOM);
-    - ``contradicted``: the GPU's latest sample shows at most :data:`CONTRADICTED_FRACTION` of the safety
-      bound in use, so this GPU's memory cannot have run out: the batch is lowered once, nothing is
+    - ``contradicted``: the memory the GPU's latest sample shows in use, plus the whole failed batch's
+      memory (its profile's ``per_item_mb`` per item) on top of it, is at most :data:`CONTRADICTED_FRACTION`
+      of the safety bound, so this GPU's memory cannot have run out (the sample may predate the failed
+      batch: hence its memory on top): the batch is lowered once, nothing is
       barred and no strike counted; one per ``optimization_interval`` (the next optimization may give
       the batch back: reports the samples keep contradicting cannot keep it down), the others are
       ``rate_limited``;
@@ -322,8 +324,10 @@ def oom_verdict(svc: ServiceState | None, report: ServiceReport, settings: Setti
                                         default=None)
     if last is not None and 0 <= now - last < OOM_REPORT_INTERVALS * settings.monitoring_interval:
         return "rate_limited"
+    failed = report.batch_size if report.batch_size is not None else (svc.batch_size if svc is not None else 0)
     if (gpu is not None and not gpu.failed and gpu.memory_total_bytes and gpu.memory_used_bytes is not None
-            and gpu.memory_used_bytes <= CONTRADICTED_FRACTION * safety_bytes(gpu.memory_total_bytes, settings)):
+            and gpu.memory_used_bytes + failed * per_item_bytes(settings.profile(report.service))
+            <= CONTRADICTED_FRACTION * safety_bytes(gpu.memory_total_bytes, settings)):
         if (svc is not None and svc.contradicted_at is not None
                 and 0 <= now - svc.contradicted_at < settings.optimization_interval):
             return "rate_limited"
@@ -346,8 +350,8 @@ def _contradicted_oom(svc: ServiceState, failed: int, gpu: GpuSample, s: Setting
     batch = max(lo, min(svc.batch_size, failed - 1, math.floor(failed * backoff)))
     assert gpu.memory_total_bytes and gpu.memory_used_bytes is not None
     reason = (f"OOM reported at batch {failed}, but the GPU's latest sample shows {gib(gpu.memory_used_bytes)} in use,"
-              f" far below the safety bound ({gib(safety_bytes(gpu.memory_total_bytes, s))}): lowered once,"
-              " nothing barred")
+              f" which with the whole batch on top is far below the safety bound"
+              f" ({gib(safety_bytes(gpu.memory_total_bytes, s))}): lowered once, nothing barred")
     return publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
 
 
