@@ -74,7 +74,7 @@ class Known:
     """Who may take a share of a GPU, from the settings and the pods (rebuilt when either changes).
 
     ``declared``: the services with a profile (configured or declared by their pods); ``pod_ips``: the
-    services with pods on this node, and their pods' IP addresses.
+    services with pods on this node, and the IP addresses of those pods that have not finished.
     """
 
     declared: frozenset[str]
@@ -238,8 +238,8 @@ class Engine:
         if self._known is None:
             ips: dict[str, set[str]] = {}
             for p in self.pods.values():
-                if p.service is not None:
-                    ips.setdefault(p.service, set()).update(_ip(a) for a in p.ips)
+                if p.service is not None:  # a finished pod's address may already be another pod's
+                    ips.setdefault(p.service, set()).update(() if p.terminal else (_ip(a) for a in p.ips))
             self._known = Known(declared=frozenset(p.name for p in self.policy_settings.profiles),
                                 pod_ips={k: frozenset(v) for k, v in ips.items()})
         return self._known

@@ -276,3 +276,18 @@ async def test_with_discovery_only_the_services_pods_may_report(kube: FakeKube,
     assert (await node.call("GET", f"/batch-size?service={REAL}", 200))["registered"] is True
     text = await (await node.client.get("/metrics")).text()
     assert metric(text, "vlm_optimizer_requests_refused_total", reason="not_pod_ip") == 3
+
+
+async def test_a_pod_admitted_once_the_watch_brings_its_ip(kube: FakeKube,
+                                                          make_node: Callable[[], Awaitable[Node]]) -> None:
+    kube.add_pod(make_pod("cap-1", labels=labels(REAL), ip=None, ready=False, phase="Pending"))  # no IP yet
+    node = await make_node()
+    await node.pods_where(lambda p: "default/cap-1" in p)
+    assert node.engine.pods["default/cap-1"].ips == ()
+    assert (await node.call("POST", "/reports", 403, {"service": REAL, "batch_size": 4}))["reason"] == "not_pod_ip"
+
+    def assign(pod: dict[str, Any]) -> None:  # as the kubelet reports the sandbox's address
+        pod["status"].update(phase="Running", podIP="127.0.0.1", podIPs=[{"ip": "127.0.0.1"}])
+    kube.update_pod("default", "cap-1", assign)
+    await node.pods_where(lambda p: p["default/cap-1"].ips == ("127.0.0.1",))
+    assert (await node.call("POST", "/reports", 200, {"service": REAL, "batch_size": 4}))["registered"] is True
