@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -26,6 +26,7 @@ from optimizer.values import BOOL_RULE, parse_bool
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
 DEFAULT_BATCH_SIZE = 4
+PROFILE_CACHE = 4096  # default profiles kept per Settings value, by service name
 
 
 class ConfigError(ValueError):
@@ -95,15 +96,34 @@ class Settings:
     service_expiry: float = 300.0  # a service not heard from for this long is forgotten
     oom_cost_s: float = 10.0  # adaptive: seconds of a service's throughput one OOM costs (the lost batch,
     # recovery, failed requests); set it to the restart time where an OOM kills the process
+    # Who may take a share of a GPU (docs/api.md, "Trust model"): declared profiles and discovered pods
+    # always; any other name that polls or reports only with register_unknown.
+    register_unknown: bool = True
+    max_services_per_gpu: int = 64  # registered services on one GPU, at most (beyond: 429)
+    max_services: int = 256  # registered services in all, at most (a service on two GPUs counts twice)
     default_profile: ServiceProfile = field(default_factory=lambda: ServiceProfile(name="default"))
     profiles: tuple[ServiceProfile, ...] = ()
 
+    # Profiles by name, built once per Settings value (not fields: the policy asks for a profile several
+    # times per service on every sample and poll, and a copy of the default profile is costly to make).
+    _by_name: ClassVar[dict[str, ServiceProfile]]
+    _defaults: ClassVar[dict[str, ServiceProfile]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in reversed(self.profiles)})  # the first one wins
+        object.__setattr__(self, "_defaults", {})
+
     def profile(self, service: str) -> ServiceProfile:
         """The declared profile of ``service``, or the default profile under its name."""
-        for p in self.profiles:
-            if p.name == service:
-                return p
-        return dataclasses.replace(self.default_profile, name=service)
+        declared = self._by_name.get(service)
+        if declared is not None:
+            return declared
+        p = self._defaults.get(service)
+        if p is None:
+            p = dataclasses.replace(self.default_profile, name=service)
+            if len(self._defaults) < PROFILE_CACHE:  # bounded: made-up names must not grow it without end
+                self._defaults[service] = p
+        return p
 
     def batch_limits(self, profile: ServiceProfile) -> tuple[int, int]:
         lo = profile.min_batch_size if profile.min_batch_size is not None else self.min_batch_size
@@ -232,7 +252,7 @@ def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
 
 
 def _coerce_setting(key: str, value: Any) -> Any:
-    if key == "enabled":
+    if key in ("enabled", "register_unknown"):
         return _as_bool(key, value)
     if key == "strategy":
         return _as_enum(key, value, Strategy)
@@ -253,6 +273,8 @@ def _coerce_setting(key: str, value: Any) -> Any:
     if key == "memory_reserve_mb":
         return _as_int(key, value, 0, 1 << 24)
     if key == "history_size":
+        return _as_int(key, value, 1, 100_000)
+    if key in ("max_services_per_gpu", "max_services"):
         return _as_int(key, value, 1, 100_000)
     if key == "default_profile":
         return _parse_profile(key, value, named=False)
@@ -345,6 +367,9 @@ def validate_settings(settings: Settings) -> Settings:
             f"must be in [min_batch_size, max_batch_size] = [{s.min_batch_size}, {s.max_batch_size}],"
             f" got {s.default_batch_size}",
         )
+    if s.max_services_per_gpu > s.max_services:
+        raise ConfigError("max_services_per_gpu",
+                          f"must be <= max_services ({s.max_services}), got {s.max_services_per_gpu}")
     if s.optimization_interval < s.monitoring_interval:
         raise ConfigError(
             "optimization_interval",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import ipaddress
 import json
 from collections import defaultdict, deque
 from collections.abc import Collection, Mapping
@@ -46,6 +47,49 @@ class UnknownGpu(LookupError):
         self.available = available
 
 
+class Refused(Exception):
+    """The trust model refuses a poll or report (docs/api.md, "Trust model"); nothing was changed.
+
+    ``status`` is the HTTP status (403: not allowed from this client; 429: a cap on registered services
+    is reached), ``reason`` the label of ``vlm_optimizer_requests_refused_total``, ``body`` the answer.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.body: dict[str, Any] = {"error": message, "field": "service", "reason": reason, **extra}
+
+
+#: Why the trust model refused a request: the ``reason`` label of ``vlm_optimizer_requests_refused_total``.
+REFUSAL_REASONS = ("unknown_service", "not_pod_ip", "max_services_per_gpu", "max_services")
+#: What became of OOM reports: the ``outcome`` label of ``vlm_optimizer_oom_reports_total``.
+OOM_OUTCOMES = ("counted", "contradicted", "rate_limited")
+
+
+def _ip(text: str) -> str:
+    """An address in one spelling: IPv4-mapped IPv6 (``::ffff:10.0.0.5``) as IPv4; anything unparsable as is."""
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+@dataclass(frozen=True)
+class Known:
+    """Who may take a share of a GPU, from the settings and the pods (rebuilt when either changes).
+
+    ``declared``: the services with a profile (configured or declared by their pods); ``pod_ips``: the
+    services with pods on this node, and the IP addresses of those pods that have not finished.
+    """
+
+    declared: frozenset[str]
+    pod_ips: dict[str, frozenset[str]]
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What a service is told (``GET /batch-size`` and the reply to ``POST /reports``)."""
@@ -63,6 +107,7 @@ class Decision:
     gpu_name: str | None
     memory_used_bytes: int | None
     memory_total_bytes: int | None
+    registered: bool = True  # False: an unknown name, answered without taking a share (docs/api.md)
 
     def to_dict(self) -> dict[str, Any]:
         gpu = None
@@ -84,13 +129,14 @@ class Decision:
             "reason": self.reason,
             "updated_at": self.updated_at,
             "gpu": gpu,
+            "registered": self.registered,
         }
 
     @property
     def etag(self) -> str:
         """A weak validator over what a service acts on (not the memory figures, which move every sample)."""
         key = json.dumps([self.service, self.gpu_index, self.batch_size, self.optimal_batch_size, self.strategy,
-                          self.pressure, self.cleanup_epoch, self.reason])
+                          self.pressure, self.cleanup_epoch, self.reason, self.registered])
         return 'W/"' + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + '"'
 
 
@@ -146,6 +192,9 @@ class Engine:
         self.pods: dict[str, PodInfo] = {}
         self.ever_ready: set[str] = set()  # uids of the pods seen ready
         self.pod_gpus: dict[str, int] = {}  # a pod's name (or namespace/name), as its polls and reports gave it
+        self._known: Known | None = None
+        self.refused: collections.Counter[str] = collections.Counter()  # requests refused, by reason
+        self.oom_reports: collections.Counter[str] = collections.Counter()  # OOM reports, by outcome
 
     # ------------------------------------------------------------------ settings
 
@@ -227,6 +276,7 @@ class Engine:
         self._runtime = layer
         self._settings = apply_settings(self._base, layer)
         self._effective = None
+        self._known = None
         self.revision += 1
         return skipped
 
@@ -249,6 +299,7 @@ class Engine:
         self._runtime = dict(layer)
         self._settings = new
         self._effective = None
+        self._known = None
         if changed or layer != old_layer:
             self.revision += 1
         if "enabled" in changed:
@@ -282,6 +333,7 @@ class Engine:
         names = {p.key for p in pods.values()} | {p.name for p in pods.values()}
         self.pod_gpus = {k: v for k, v in self.pod_gpus.items() if k in names}
         self._effective = None
+        self._known = None
         self._update_roster()
         if self.snapshot is None:
             self.revision += 1
@@ -298,13 +350,88 @@ class Engine:
         if roster != self.state.roster:
             self.state = dataclasses.replace(self.state, roster=roster)
 
-    def _note_pod(self, pod: str | None, index: int) -> None:
-        """A poll or report said which pod it came from: its GPU is known from now on."""
+    def _note_pod(self, pod: str | None, index: int, peer: str | None = None) -> None:
+        """A poll or report said which pod it came from: its GPU is known from now on.
+
+        Only for a pod discovery knows, and (``peer``: the client's address; ``None``: in-process) only
+        when the request came from that pod's IP: no client moves another pod's share to another GPU.
+        """
         if pod is None or not self.discovery or self.pod_gpus.get(pod) == index:
             return  # (without discovery nothing would ever prune the table: not kept)
+        found = [p for p in self.pods.values() if pod in (p.key, p.name)]
+        if not found or (peer is not None and not any(_ip(peer) in {_ip(a) for a in p.ips} for p in found)):
+            return
         self.pod_gpus[pod] = index
         if self.pods:
             self._update_roster()
+
+    # ------------------------------------------------------------------ trust (docs/api.md, "Trust model")
+
+    @property
+    def known(self) -> Known:
+        """The declared services and the pods' services with their IPs (cached until settings or pods change)."""
+        if self._known is None:
+            ips: dict[str, set[str]] = {}
+            for p in self.pods.values():
+                if p.service is not None:  # a finished pod's address may already be another pod's
+                    ips.setdefault(p.service, set()).update(() if p.terminal else (_ip(a) for a in p.ips))
+            self._known = Known(declared=frozenset(p.name for p in self.policy_settings.profiles),
+                                pod_ips={k: frozenset(v) for k, v in ips.items()})
+        return self._known
+
+    def _refuse(self, status: int, reason: str, message: str, **extra: Any) -> Refused:
+        self.refused[reason] += 1
+        log.warning("request_refused", reason=reason, detail=message)
+        return Refused(status, reason, message, **extra)
+
+    def _check_peer(self, service: str, peer: str | None) -> None:
+        """With discovery on, a service that has pods on this node is heard only from their IPs (403 else)."""
+        ips = self.known.pod_ips.get(service) if self.discovery else None
+        if ips is None or peer is None or _ip(peer) in ips:
+            return
+        raise self._refuse(403, "not_pod_ip", f"service: {service!r} has pods on this node, and {peer} is the "
+                           "address of none of them: only its own pods may register it or report for it",
+                           peer=peer)
+
+    def admit(self, service: str, index: int, peer: str | None) -> str | None:
+        """May ``service`` register on GPU ``index`` now? ``None``: yes. A text: it is not known, and why.
+
+        Raises :class:`Refused`: 403 from a client that is not one of the service's pods (discovery on),
+        429 when a cap on registered services is reached (an unknown name; declared and discovered
+        services are bounded by the configuration and the node, and are never locked out by a flood).
+        """
+        known = self.known
+        self._check_peer(service, peer)
+        if service in known.declared or service in known.pod_ips:
+            return None
+        s = self.settings
+        if not s.register_unknown:
+            return ("not a declared profile" + (" nor a discovered pod on this node" if self.discovery else "")
+                    + ", and register_unknown is off")
+        on_gpu = sum(1 for gi, _ in self.state.services if gi == index)
+        if on_gpu >= s.max_services_per_gpu:
+            raise self._refuse(429, "max_services_per_gpu", f"service: cannot register {service!r} on GPU {index}: "
+                               f"{on_gpu} services are registered there, the limit (setting max_services_per_gpu)",
+                               limit=s.max_services_per_gpu, setting="max_services_per_gpu", gpu=index)
+        if len(self.state.services) >= s.max_services:
+            raise self._refuse(429, "max_services", f"service: cannot register {service!r}: {len(self.state.services)}"
+                               " services are registered, the limit (setting max_services)",
+                               limit=s.max_services, setting="max_services")
+        return None
+
+    def _unregistered(self, service: str, index: int, now: float, why: str) -> Decision:
+        """The answer to an unknown name: the minimum batch, no share of the GPU, nothing registered."""
+        s = self.policy_settings
+        lo, _ = s.batch_limits(s.profile(service))
+        gs = self.state.gpus.get(index)
+        sample = self.gpu_sample(index)
+        return Decision(service=service, batch_size=lo, optimal_batch_size=lo, strategy=self.settings.strategy.value,
+                        pressure=(gs.pressure if gs else Pressure.NORMAL).value, cleanup_epoch=gs.cleanup_epoch if gs
+                        else 0, reason=f"not registered ({why}): the minimum batch size, with no share of the GPU",
+                        updated_at=now, gpu_index=index, gpu_uuid=sample.uuid if sample else (gs.uuid if gs else None),
+                        gpu_name=sample.name if sample else (gs.name if gs else None),
+                        memory_used_bytes=sample.memory_used_bytes if sample else None,
+                        memory_total_bytes=sample.memory_total_bytes if sample else None, registered=False)
 
     # ------------------------------------------------------------------ inputs
 
@@ -370,16 +497,24 @@ class Engine:
         self._account(outcome.events)
         return self.decision_of(self.state.services[(index, service)])
 
-    def poll(self, service: str, gpu: int | str | None, now: float, *, pod: str | None = None) -> Decision:
-        """A service asks for its batch size. Registers it on first contact. Raises :class:`UnknownGpu`.
+    def poll(self, service: str, gpu: int | str | None, now: float, *, pod: str | None = None,
+             peer: str | None = None) -> Decision:
+        """A service asks for its batch size. Registers it on first contact, where the trust model admits it
+        (:meth:`admit`; an unknown name gets an answer with ``registered`` false and changes nothing).
+        Raises :class:`UnknownGpu`, :class:`Refused`.
 
-        ``pod`` (its pod's name) tells discovery which GPU that pod uses.
+        ``pod`` (its pod's name) tells discovery which GPU that pod uses; ``peer`` is the client's IP
+        address (``None``: an in-process caller, trusted).
         """
         index = self.resolve_gpu(service, gpu)
         if index is None:
             return self._cpu_decision(service, now)
-        self._note_pod(pod, index)
         new = (index, service) not in self.state.services
+        if new:
+            why = self.admit(service, index, peer)
+            if why is not None:
+                return self._unregistered(service, index, now, why)
+        self._note_pod(pod, index, peer)
         self.state, svc = policy.touch(self.state, service, index, now, self.policy_settings, self.gpu_sample(index))
         if new:
             self.revision += 1  # a new service is state worth saving
@@ -388,20 +523,36 @@ class Engine:
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
                peak_bytes: int | None = None, allocated_bytes: int | None = None,
                reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None,
-               inactive_split_bytes: int | None = None) -> Decision:
-        """A service's telemetry; the returned decision already reflects it (an OOM lowers the batch)."""
+               inactive_split_bytes: int | None = None, peer: str | None = None) -> Decision:
+        """A service's telemetry; the returned decision already reflects it (an OOM lowers the batch).
+
+        Raises :class:`UnknownGpu`, :class:`Refused` (an unknown name that may not register, a client that
+        is not one of the service's pods, a cap reached); ``peer`` as for :meth:`poll`.
+        """
         index = self.resolve_gpu(service, gpu)
         if index is None:
             return self._cpu_decision(service, now)
-        self._note_pod(pod, index)
+        if (index, service) not in self.state.services:
+            why = self.admit(service, index, peer)
+            if why is not None:
+                raise self._refuse(403, "unknown_service", f"service: {service!r} is not registered ({why}): "
+                                   "its reports are not taken")
+        else:
+            self._check_peer(service, peer)
+        self._note_pod(pod, index, peer)
         report = ServiceReport(service=service, gpu=index, timestamp=now, batch_size=batch_size,
                                peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
                                reserved_bytes=reserved_bytes, oom=oom,
                                inactive_split_bytes=inactive_split_bytes)
-        outcome = policy.apply_report(self.state, report, self.policy_settings, self.gpu_sample(index))
-        self.state = outcome.state  # (_account below bumps the revision)
+        sample = self.gpu_sample(index)
         if oom:
-            log.warning("oom_reported", service=service, gpu=index, batch_size=batch_size)
+            verdict = policy.oom_verdict(self.state.services.get((index, service)), report, self.policy_settings,
+                                         sample)
+            self.oom_reports[verdict] += 1
+            (log.info if verdict == "rate_limited" else log.warning)(
+                "oom_reported", service=service, gpu=index, batch_size=batch_size, outcome=verdict)
+        outcome = policy.apply_report(self.state, report, self.policy_settings, sample)
+        self.state = outcome.state  # (_account below bumps the revision)
         self._account(outcome.events)
         return self.decision_of(self.state.services[(index, service)])
 
@@ -425,7 +576,10 @@ class Engine:
         """
         indexes = self.gpu_indexes()
         if selector is None:
-            known = sorted(gi for gi, name in self.state.services if name == service)
+            # After a sample every service is on one of its GPUs (decide drops the others): look those up,
+            # a few dictionary lookups, rather than scan every service on every poll.
+            candidates = indexes if self.snapshot is not None else sorted({gi for gi, _ in self.state.services})
+            known = [gi for gi in candidates if (gi, service) in self.state.services]
             if known:
                 return known[0]
             if not indexes:

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from optimizer.engine import Engine
+from optimizer.engine import OOM_OUTCOMES, REFUSAL_REASONS, Engine
 from optimizer.sampler import DURATION_BUCKETS, Sampler
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class OptimizerCollector(Collector):
         yield from self._gpu_gauges()
         yield from self._decisions()
         yield from self._counters()
+        yield from self._trust()
         if self.sampler is not None:
             yield from self._self_health(self.sampler)
         if self.kube is not None:
@@ -202,6 +203,22 @@ class OptimizerCollector(Collector):
         yield from fams.values()
         yield changes
         yield freed
+
+    def _trust(self) -> Iterator[Metric]:
+        """The read API's trust model (docs/api.md): refused requests, and what OOM reports counted for."""
+        refused = CounterMetricFamily("vlm_optimizer_requests_refused", "Polls and reports of the read API refused by "
+                                      "the trust model, by reason (403: unknown_service, not_pod_ip; 429: "
+                                      "max_services_per_gpu, max_services)", labels=["reason"])
+        for reason in sorted(set(REFUSAL_REASONS) | set(self.engine.refused)):
+            refused.add_metric([reason], float(self.engine.refused.get(reason, 0)))
+        yield refused
+        ooms = CounterMetricFamily("vlm_optimizer_oom_reports", "OOM reports, by outcome: counted, contradicted "
+                                   "(the GPU's latest sample, with the failed batch on top, is far below the bound: "
+                                   "lowered once, nothing barred), rate_limited (acknowledged, no effect)",
+                                   labels=["outcome"])
+        for outcome in OOM_OUTCOMES:
+            ooms.add_metric([outcome], float(self.engine.oom_reports.get(outcome, 0)))
+        yield ooms
 
     def _self_health(self, sampler: Sampler) -> Iterator[Metric]:
         st = sampler.stats

@@ -44,15 +44,24 @@ USERNAME = "system:serviceaccount:medical-kg:vlm-gpu-memory-optimizer"  # who th
 
 
 def make_pod(name: str, namespace: str = "default", node: str = "node-a", labels: Mapping[str, str] | None = None,
-             annotations: Mapping[str, str] | None = None, ready: bool = True, phase: str = "Running") -> Obj:
-    """A pod as the API server returns it (without resourceVersion: the server sets it)."""
+             annotations: Mapping[str, str] | None = None, ready: bool = True, phase: str = "Running",
+             ip: str | None = "127.0.0.1") -> Obj:
+    """A pod as the API server returns it (without resourceVersion: the server sets it).
+
+    ``ip`` is its pod IP (``status.podIP`` and ``status.podIPs``, as the API server fills both once the
+    sandbox has one; ``None``: not assigned yet, neither field present). The default is the address the
+    tests' clients connect from, so that the pod-IP check admits them.
+    """
+    pod_status: Obj = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip is not None:
+        pod_status.update(podIP=ip, podIPs=[{"ip": ip}], hostIP="192.0.2.1", hostIPs=[{"ip": "192.0.2.1"}])
     return {
         "kind": "Pod", "apiVersion": "v1",
         "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
                      "labels": dict(labels if labels is not None else {"vlm-gpu-optimizer/client": "true"}),
                      "annotations": dict(annotations or {}), "creationTimestamp": "2026-11-22T00:00:00Z"},
         "spec": {"nodeName": node, "containers": [{"name": "main", "image": "vlm:latest"}]},
-        "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        "status": pod_status,
     }
 
 

@@ -561,12 +561,13 @@ async def test_unexpected_exception_is_a_json_500_and_the_server_goes_on(api: Ap
     real_poll = api.engine.poll
     calls = 0
 
-    def poll_failing_once(service: str, gpu: int | str | None, now: float, pod: str | None = None) -> Any:
+    def poll_failing_once(service: str, gpu: int | str | None, now: float, pod: str | None = None,
+                          peer: str | None = None) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("boom")
-        return real_poll(service, gpu, now, pod=pod)
+        return real_poll(service, gpu, now, pod=pod, peer=peer)
 
     monkeypatch.setattr(api.engine, "poll", poll_failing_once)
     body = await api.get("/batch-size?service=svc-a", status=500)

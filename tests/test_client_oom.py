@@ -514,7 +514,8 @@ def reporters() -> Iterator[list[Reporter]]:
 async def test_each_oom_reaches_the_optimizer_which_lowers_the_batch(aiohttp_server: AiohttpServer,
                                                                      reporters: list[Reporter]) -> None:
     engine = Engine(Settings(default_batch_size=16))
-    sampler = Sampler(ScriptedBackend(), engine, clock=FakeClock(), sleep=no_sleep)
+    # 40 of 80 GiB in use: memory an OOM could have run out of (not contradicted by the sample)
+    sampler = Sampler(ScriptedBackend(used=40 * 1024**3), engine, clock=FakeClock(), sleep=no_sleep)
     server = await aiohttp_server(build_app(engine, sampler, run_sampler=False))
     await sampler.tick()
     sink = Sink()

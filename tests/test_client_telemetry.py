@@ -52,7 +52,7 @@ class RecordingEngine(Engine):
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
                peak_bytes: int | None = None, allocated_bytes: int | None = None,
                reserved_bytes: int | None = None, oom: bool = False, pod: str | None = None,
-               inactive_split_bytes: int | None = None) -> Decision:
+               inactive_split_bytes: int | None = None, peer: str | None = None) -> Decision:
         self.reports.append({"service": service, "gpu": gpu, "batch_size": batch_size, "peak_bytes": peak_bytes,
                              "allocated_bytes": allocated_bytes, "reserved_bytes": reserved_bytes, "oom": oom,
                              **({"pod": pod} if pod is not None else {}),
@@ -60,7 +60,7 @@ class RecordingEngine(Engine):
                                 if inactive_split_bytes is not None else {})})
         return super().report(service, gpu, now, batch_size=batch_size, peak_bytes=peak_bytes,
                               allocated_bytes=allocated_bytes, reserved_bytes=reserved_bytes, oom=oom, pod=pod,
-                              inactive_split_bytes=inactive_split_bytes)
+                              inactive_split_bytes=inactive_split_bytes, peer=peer)
 
 
 @dataclass

@@ -704,3 +704,36 @@ def test_bad_kubernetes_settings_name_the_key(tmp_path: Path, text: str, key: st
     with pytest.raises(ConfigError) as e:
         load_config(f, environ={"NODE_NAME": "gpu-1"})
     assert e.value.key == key and allowed in str(e.value)
+
+
+# --------------------------------------------------------------------------- the read API's trust settings
+
+
+def test_trust_settings_defaults_file_and_environment(tmp_path: Path) -> None:
+    s = Settings()
+    assert (s.register_unknown, s.max_services_per_gpu, s.max_services) == (True, 64, 256)
+    path = write(tmp_path, "register_unknown: false\nmax_services_per_gpu: 8\n")
+    cfg = load_config(path, environ={"VLM_OPTIMIZER_MAX_SERVICES": "32"})
+    assert (cfg.settings.register_unknown, cfg.settings.max_services_per_gpu, cfg.settings.max_services) == (
+        False, 8, 32)
+
+
+@pytest.mark.parametrize(("updates", "key", "text"), [
+    ({"register_unknown": "maybe"}, "register_unknown", "true or false"),
+    ({"max_services": 0}, "max_services", "[1, 100000]"),
+    ({"max_services_per_gpu": 2.5}, "max_services_per_gpu", "integer"),
+    ({"max_services_per_gpu": 300}, "max_services_per_gpu", "must be <= max_services (256)"),
+])
+def test_bad_trust_settings_name_the_key_and_change_nothing(updates: dict[str, Any], key: str, text: str) -> None:
+    base = Settings()
+    with pytest.raises(ConfigError) as info:
+        apply_settings(base, updates)
+    assert info.value.key == key and text in str(info.value)
+    assert base == Settings()
+
+
+def test_profiles_are_looked_up_by_name_the_first_declared_winning() -> None:
+    s = Settings(profiles=(ServiceProfile(name="a", per_item_mb=100.0), ServiceProfile(name="a", per_item_mb=200.0)))
+    assert s.profile("a").per_item_mb == 100.0
+    assert s.profile("b") == dataclasses.replace(s.default_profile, name="b")
+    assert dataclasses.replace(s, profiles=()).profile("a").per_item_mb == 512.0  # a new value, a new lookup

@@ -355,7 +355,8 @@ def test_services_the_engine_forgot_are_dropped() -> None:
 
 
 async def test_the_answers_store_follows_the_engines_services(make_rig: MakeRig) -> None:
-    r = await make_rig(settings=Settings(service_expiry=30.0))
+    r = await make_rig(settings=Settings(service_expiry=30.0, max_services_per_gpu=4 * SLACK,
+                                         max_services=4 * SLACK))
     await r.tick()
     for i in range(2 * SLACK):
         await r.poll(f"gone-{i}")

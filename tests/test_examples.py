@@ -82,7 +82,8 @@ def test_the_batch_loop_follows_the_optimizer_and_survives_ooms(optimizer_proces
 async def test_the_service_example_end_to_end(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
                                               tmp_path: Path) -> None:
     engine = Engine(Settings())
-    sampler = Sampler(ScriptedBackend(1), engine, clock=FakeClock())
+    # 40 of 80 GiB in use: memory the fake model's OOM could have run out of (not contradicted by the sample)
+    sampler = Sampler(ScriptedBackend(1, used=40 * 1024**3), engine, clock=FakeClock())
     await sampler.tick()
     optimizer: TestServer = await aiohttp_server(build_app(engine, sampler, run_sampler=False))
     example = load_example("vlm_service")

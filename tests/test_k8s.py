@@ -263,7 +263,7 @@ def test_config_map_is_the_full_configuration(objects: dict[str, Obj], tmp_path:
     env = {e["name"] for e in c["env"]}
     assert "NODE_NAME" in env
     cfg = load_config(f, environ={"NODE_NAME": "gpu-node-1"})
-    assert cfg.settings == Settings()  # every policy key at its default
+    assert cfg.settings == Settings(register_unknown=False)  # every policy key at its default, but that one
     assert cfg.kube == KubeSettings(discovery=True, node_name="gpu-node-1")
     # the label discovery selects the VLM pods by is the one the NetworkPolicy admits to the read API
     policy = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]

@@ -106,3 +106,16 @@ def test_settings_from_the_environment_and_their_checks() -> None:
         finish(KubeSettings(discovery=True))
     with pytest.raises(KubeSettingError, match="publish"):
         finish(KubeSettings(publish=True))
+
+
+@pytest.mark.parametrize(("status", "ips"), [
+    ({"podIP": "10.244.1.7", "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00:10:244:1::7"}]},
+     ("10.244.1.7", "fd00:10:244:1::7")),  # dual stack: both families, podIP first
+    ({"podIP": "10.244.1.7"}, ("10.244.1.7",)),  # an older server: podIP only
+    ({"podIPs": [{"ip": "10.244.1.7"}, {"nope": 1}, "bad"]}, ("10.244.1.7",)),  # what is not an address is skipped
+    ({}, ()),  # not assigned yet
+])
+def test_pod_ips_from_the_status(status: dict[str, Any], ips: tuple[str, ...]) -> None:
+    obj = pod()
+    obj["status"].update(status)
+    assert pod_from_object(obj, "app")[0].ips == ips

@@ -63,6 +63,7 @@ def test_critical_memory_clears_the_override_and_lowers() -> None:
 
 def test_oom_report_clears_the_override() -> None:
     h = settled()
+    h.tick(gpu(60.0))  # memory the OOM could have run out of (not contradicted by the sample)
     h.engine.set_override("vlm", 0, 20, None, h.t)
     reply = h.engine.report("vlm", 0, h.t, batch_size=20, oom=True)
     assert reply.batch_size < 20

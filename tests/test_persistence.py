@@ -98,13 +98,13 @@ def test_a_failed_replace_removes_its_temporary_file(tmp_path: Path) -> None:
 def learned_engine() -> Engine:
     """An engine that learned things and was told things: runtime settings, peaks, OOMs, an override."""
     e = Engine(Settings())
-    e.observe(snap(T0))
+    e.observe(snap(T0, 60.0))  # memory high enough that the samples do not contradict the OOMs below
     e.update_settings({"max_batch_size": 12, "optimization_interval": 30.0})
     e.report("svc-a", 0, T0 + 1, batch_size=4, peak_bytes=30 * GIB, allocated_bytes=26 * GIB,
              reserved_bytes=31 * GIB, inactive_split_bytes=GIB // 2)
     e.report("svc-a", 0, T0 + 2, batch_size=6, peak_bytes=31 * GIB, allocated_bytes=25 * GIB)
     e.report("svc-a", 0, T0 + 3, batch_size=8, oom=True)
-    e.report("svc-a", 0, T0 + 4, batch_size=7, oom=True)
+    e.report("svc-a", 0, T0 + 6, batch_size=7, oom=True)  # past the OOM rate limit: a second strike
     e.set_override("svc-b", 0, 5, 600.0, T0 + 5)
     return e
 
@@ -118,8 +118,8 @@ def test_state_survives_a_restart_through_the_engine(tmp_path: Path, logs: LogLi
     a, b = old.state.services[(0, "svc-a")], old.state.services[(0, "svc-b")]
     assert a.memory.fixed == 25 * GIB and a.memory.observations == ((T0 + 1, GIB), (T0 + 2, GIB))
     assert (a.memory.held, a.memory.waste, a.memory.largest_ok) == (((T0 + 1, 5 * GIB / 4),), GIB // 2, 6)
-    assert (a.ceiling, a.strikes, a.last_oom_at) == (7, 2, T0 + 4)
-    assert a.ceiling_until == T0 + 4 + 30 * 10 * 2  # 10 optimization intervals, doubled on the second strike
+    assert (a.ceiling, a.strikes, a.last_oom_at) == (7, 2, T0 + 6)
+    assert a.ceiling_until == T0 + 6 + 30 * 10 * 2  # 10 optimization intervals, doubled on the second strike
     assert (b.override, b.override_until, b.batch_size) == (5, T0 + 605, 5)
     path = tmp_path / "state" / "state.json"
     assert Persister(old, StateFile(path)).save() is True
@@ -504,7 +504,8 @@ async def test_the_app_saves_every_optimization_interval_when_changed_and_at_exi
     clock = FakeClock(T0)
     engine = Engine(Settings(optimization_interval=30.0))
     gate = Gate()
-    sampler = Sampler(ScriptedBackend(1), engine, clock=clock, sleep=gate.sleep)
+    backend = ScriptedBackend(1)
+    sampler = Sampler(backend, engine, clock=clock, sleep=gate.sleep)
     client = await aiohttp_client(build_app(engine, sampler, run_sampler=False,
                                             persister=Persister(engine, StateFile(path))))
     await asyncio.wait_for(gate.sleeping.wait(), timeout=10)
@@ -526,6 +527,8 @@ async def test_the_app_saves_every_optimization_interval_when_changed_and_at_exi
     await gate.step()
     assert (StateFile(path).load() or {})["settings"] == {"strategy": "aggressive"}
 
+    backend.used[0] = 60 * GIB  # memory high enough that the samples do not contradict the OOM
+    assert await sampler.tick() is not None
     engine.report("svc", 0, clock(), batch_size=8, oom=True)  # between two intervals
     await client.close()  # the exit save
     saved = StateFile(path).load() or {}

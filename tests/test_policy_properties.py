@@ -187,12 +187,14 @@ def test_oom_bars_the_failed_batch_size_while_headroom_says_grow() -> None:
 
 def test_a_retried_oom_is_one_strike_and_a_later_one_doubles_the_bar() -> None:
     h = Harness(Settings())
-    h.tick(gpu(30.0))
+    h.tick(gpu(60.0))  # memory the OOMs could have run out of (not contradicted by the sample)
     h.engine.report("vlm", 0, h.t, batch_size=8, oom=True)
-    h.engine.report("vlm", 0, h.t + 1.0, batch_size=8, oom=True)  # the client's same-size retry
+    h.engine.report("vlm", 0, h.t + 1.0, batch_size=8, oom=True)  # a retry within the rate limit: no effect
+    h.engine.report("vlm", 0, h.t + 4.0, batch_size=8, oom=True)  # the client's same-size retry, past it
     svc = h.engine.state.services[(0, "vlm")]
     assert svc.strikes == 1 and svc.ceiling == 8
-    assert svc.ceiling_until == h.t + 1.0 + 600  # 10 optimization intervals: not doubled
+    assert svc.ceiling_until == h.t + 4.0 + 600  # 10 optimization intervals: not doubled
+    assert h.engine.oom_reports == {"counted": 2, "rate_limited": 1}
     later = h.t + 120.0
     h.engine.report("vlm", 0, later, batch_size=7, oom=True)  # a new incident
     svc = h.engine.state.services[(0, "vlm")]

@@ -15,7 +15,7 @@ from tests.api_harness import Api, MakeApi
 
 def pod(name: str, service: str, *, ready: bool = True, phase: str = "Running", **declared: object) -> PodInfo:
     return PodInfo(namespace="vlm", name=name, uid=f"uid-{name}", node="node-a", service=service, phase=phase,
-                   ready=ready, deleting=False, resource_version="1",
+                   ready=ready, deleting=False, resource_version="1", ips=("127.0.0.1",),  # the tests' client
                    profile=DeclaredProfile(**declared))  # type: ignore[arg-type]
 
 

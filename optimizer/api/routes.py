@@ -22,11 +22,12 @@ from optimizer.api.schemas import (
     read_limited,
     sample_dict,
 )
+from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout
 from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
-from optimizer.engine import Decision, Engine, UnknownGpu
+from optimizer.engine import Decision, Engine, Refused, UnknownGpu
 from optimizer.metrics import render
 from optimizer.sampler import Sampler
 
@@ -43,7 +44,8 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
 
 def _decision_response(request: web.Request, d: Decision) -> web.Response:
     """The decision's body and ETag, encoded once per change of the decision (not once per poll)."""
-    encoded = request.app[ENCODED].get(d)
+    # An unknown name's answer is not kept: made-up names must not fill the store of the registered ones.
+    encoded = request.app[ENCODED].get(d) if d.registered else Encoded.of(d)
     interval = request.app[ENGINE].settings.monitoring_interval
     headers = {"ETag": encoded.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
     inm = request.headers.get("If-None-Match")
@@ -59,11 +61,13 @@ async def batch_size(request: web.Request) -> web.Response:
         service = parse_service(request.query.get("service"))
         gpu = parse_gpu(request.query.get("gpu"))
         pod = parse_pod(request.query.get("pod"))
-        d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod)
+        d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
         return _unknown_gpu(exc)
+    except Refused as exc:
+        return _json(exc.body, status=exc.status)
     return _decision_response(request, d)
 
 
@@ -83,11 +87,13 @@ async def reports(request: web.Request) -> web.Response:
         d = request.app[ENGINE].report(r.service, r.gpu, request.app[SAMPLER].clock(), batch_size=r.batch_size,
                                        peak_bytes=r.peak_bytes, allocated_bytes=r.allocated_bytes,
                                        reserved_bytes=r.reserved_bytes, oom=r.oom, pod=r.pod,
-                                       inactive_split_bytes=r.inactive_split_bytes)
+                                       inactive_split_bytes=r.inactive_split_bytes, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
     except UnknownGpu as exc:
         return _unknown_gpu(exc, kind="field")
+    except Refused as exc:
+        return _json(exc.body, status=exc.status)
     return _decision_response(request, d)
 
 

@@ -90,6 +90,7 @@ class PodInfo:
     resource_version: str
     profile: DeclaredProfile = field(default_factory=DeclaredProfile)
     published: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # our annotations' values
+    ips: tuple[str, ...] = ()  # status.podIPs (else status.podIP): where its requests come from; () until assigned
 
     @property
     def key(self) -> str:
@@ -199,6 +200,23 @@ def _ready(status: Mapping[str, Any]) -> bool:
     return False
 
 
+def pod_ips(status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The pod's IP addresses: ``status.podIPs[*].ip`` (dual stack: one per family), else ``status.podIP``.
+
+    Empty while the pod has none (not scheduled, or its sandbox not created yet). A hostNetwork pod's
+    IP is its node's.
+    """
+    out: list[str] = []
+    for entry in status.get("podIPs") or ():
+        ip = entry.get("ip") if isinstance(entry, Mapping) else None
+        if isinstance(ip, str) and ip and ip not in out:
+            out.append(ip)
+    single = status.get("podIP")
+    if isinstance(single, str) and single and single not in out:
+        out.insert(0, single)
+    return tuple(out)
+
+
 def pod_from_object(obj: Mapping[str, Any], service_label: str) -> tuple[PodInfo, list[AnnotationProblem]]:
     """A :class:`PodInfo` from a pod as the API sends it (JSON). Raises ``ValueError`` without a name."""
     meta = obj.get("metadata") or {}
@@ -236,5 +254,6 @@ def pod_from_object(obj: Mapping[str, Any], service_label: str) -> tuple[PodInfo
         resource_version=str(meta.get("resourceVersion") or ""),
         profile=profile,
         published=MappingProxyType({k: annotations[k] for k in PUBLISHED if k in annotations}),
+        ips=pod_ips(status),
     )
     return info, problems

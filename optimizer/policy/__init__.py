@@ -1,6 +1,6 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
-from optimizer.policy.core import apply_report, decide, initial_batch, touch
+from optimizer.policy.core import apply_report, decide, initial_batch, oom_verdict, touch
 from optimizer.policy.operator import (
     Deferral,
     apply_disabled,
@@ -39,6 +39,7 @@ __all__ = [
     "decide",
     "deferred_optimizations",
     "initial_batch",
+    "oom_verdict",
     "optimize_now",
     "rebalance",
     "set_override",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import MappingProxyType
 
 from optimizer.config import Settings
 from optimizer.policy.strategies import per_item_bytes
@@ -44,6 +45,8 @@ EMERGENCY_CUT = 0.25  # at the oom threshold: at least a quarter off every batch
 CEILING_INTERVALS = 10  # an OOM bars its batch size for 10 optimization intervals, doubling per strike
 MAX_CEILING_DOUBLINGS = 3
 SAME_INCIDENT_INTERVALS = 2  # OOM reports at or above the bar this close together are one incident (one strike)
+OOM_REPORT_INTERVALS = 0.5  # OOM reports of one service on one GPU this close to its last: acknowledged, no effect
+CONTRADICTED_FRACTION = 0.5  # an OOM report with the GPU's latest sample at most this part of the bound: contradicted
 SUCCESS_SAMPLES = 3  # an optimization succeeds if its trigger clears within this many samples
 FRESH_INTERVALS = 3  # a report counts for fragmentation and batch-in-force this many intervals
 WINDOW_INTERVALS = 3  # the peak window spans at most this many optimization intervals
@@ -248,4 +251,5 @@ def expire_override(svc: ServiceState, now: float, events: list[Event]) -> Servi
 def with_service(state: PolicyState, svc: ServiceState) -> PolicyState:
     services = dict(state.services)
     services[(svc.gpu, svc.service)] = svc
-    return state.with_(services=services)
+    # One copy, not two (``with_`` copies again): every poll passes here.
+    return PolicyState(state.gpus, MappingProxyType(services), state.roster)

@@ -113,6 +113,7 @@ class ServiceState:
     ceiling_until: float = float("-inf")
     strikes: int = 0
     last_oom_at: float | None = None
+    contradicted_at: float | None = None  # its last OOM report that the GPU's samples contradicted (not persisted)
     memory: MemoryModel = field(default_factory=MemoryModel)  # what its reports taught (adaptive sizes from it)
     oom_pending: tuple[float, int] | None = None  # adaptive: (time, batch) of an OOM not yet explained
     lowered: tuple[float, int] | None = None  # adaptive: (time, batch before) of its last plan-made drop
