@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test
+.PHONY: serve test podresources-stubs
 
 $(BIN)/vlm-gpu-optimizer: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,3 +18,7 @@ serve: $(BIN)/vlm-gpu-optimizer
 test: $(BIN)/vlm-gpu-optimizer
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Regenerate the kubelet pod-resources stubs (optimizer/kube/podresources/api_pb2*.py) from api.proto.
+podresources-stubs: $(BIN)/vlm-gpu-optimizer
+	PYTHON=$(BIN)/python sh optimizer/kube/podresources/generate.sh

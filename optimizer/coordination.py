@@ -2,7 +2,9 @@
 
 Pure functions; the engine calls them whenever the pods, the samples or the reports move.
 
-- **Which GPU a pod uses**: its ``vlm-gpu-optimizer/gpu`` annotation; else the GPU its own polls or
+- **Which GPU a pod uses**: the devices the kubelet allocated to its containers (the pod-resources
+  API, when its socket is mounted: GPU or MIG UUIDs matched to the samples' ``uuid``; a pod given
+  two GPUs counts on both); else its ``vlm-gpu-optimizer/gpu`` annotation; else the GPU its own polls or
   reports named (they carry the pod's name); else the node's only GPU; else unknown, and the pod
   is counted on every GPU of the node (conservative: its share is held back everywhere until it
   says where it runs).
@@ -10,7 +12,7 @@ Pure functions; the engine calls them whenever the pods, the samples or the repo
   so that the others make room before a new pod loads. A pod that was ready and turns unready, is
   being deleted, or has finished releases its share at the next decision.
 - **Memory a starting pod will take**: its declared ``gpu_mem_typ`` (else ``gpu_mem_min``) is
-  held back on its GPU(s) until it is ready (its model is then in the samples).
+  held back on each of its GPU(s) until it is ready (its model is then in the samples).
 - **Profiles**: the pods' annotations override the configuration's profile of their service, key
   by key; pods of one service that disagree are read in name order and the first value wins.
 """
@@ -67,8 +69,33 @@ def pod_gpu(pod: PodInfo, reported: Mapping[str, int], gpus: list[GpuSample]) ->
     return None, "unknown"
 
 
+def kubelet_gpus(device_ids: Collection[str], gpus: list[GpuSample]) -> tuple[int, ...]:
+    """The indexes of this node's GPU entries the kubelet's device IDs name (a UUID, or an NVML index)."""
+    out: set[int] = set()
+    for ident in device_ids:
+        for sample in gpus:
+            if sample.uuid == ident or (ident.isdigit() and sample.index == int(ident)):
+                out.add(sample.index)
+    return tuple(sorted(out))
+
+
+def pod_gpus(pod: PodInfo, reported: Mapping[str, int], gpus: list[GpuSample],
+             devices: Mapping[str, tuple[str, ...]] | None = None) -> tuple[tuple[int, ...], str]:
+    """(the pod's GPU indexes, how they are known): ``kubelet`` first, then as :func:`pod_gpu`.
+
+    ``devices`` is the kubelet's latest answer (pod key to device IDs). Empty indexes: unknown (the
+    pod then counts on every GPU).
+    """
+    if devices:
+        on = kubelet_gpus(devices.get(pod.key, ()), gpus)
+        if on:
+            return on, "kubelet"
+    index, source = pod_gpu(pod, reported, gpus)
+    return ((index,) if index is not None else ()), source
+
+
 def build_roster(pods: Mapping[str, PodInfo], ever_ready: Collection[str], reported: Mapping[str, int],
-                 gpus: list[GpuSample]) -> Roster:
+                 gpus: list[GpuSample], devices: Mapping[str, tuple[str, ...]] | None = None) -> Roster:
     """The policy's view of who shares each GPU (see the module docstring)."""
     if not pods:
         return EMPTY_ROSTER
@@ -82,8 +109,8 @@ def build_roster(pods: Mapping[str, PodInfo], ever_ready: Collection[str], repor
         managed.add(pod.service)
         if not counted(pod, ever_ready):
             continue
-        index, _ = pod_gpu(pod, reported, gpus)
-        on = [index] if index is not None else indexes
+        known, _ = pod_gpus(pod, reported, gpus, devices)
+        on = list(known) or indexes
         footprint = pod.profile.footprint_mb if starting(pod, ever_ready) else None
         for i in on:
             counts[i][pod.service] = counts[i].get(pod.service, 0) + 1

@@ -192,6 +192,7 @@ class Engine:
         self.pods: dict[str, PodInfo] = {}
         self.ever_ready: set[str] = set()  # uids of the pods seen ready
         self.pod_gpus: dict[str, int] = {}  # a pod's name (or namespace/name), as its polls and reports gave it
+        self.pod_devices: dict[str, tuple[str, ...]] = {}  # namespace/name -> GPU device IDs, from the kubelet
         self._known: Known | None = None
         self.refused: collections.Counter[str] = collections.Counter()  # requests refused, by reason
         self.oom_reports: collections.Counter[str] = collections.Counter()  # OOM reports, by outcome
@@ -334,6 +335,18 @@ class Engine:
         self.pod_gpus = {k: v for k, v in self.pod_gpus.items() if k in names}
         self._effective = None
         self._known = None
+        return self._rebalance(now)
+
+    def set_pod_devices(self, devices: Mapping[str, tuple[str, ...]], now: float | None = None) -> tuple[Event, ...]:
+        """The kubelet's latest answer: each pod's GPU device IDs (empty: none known, the fallbacks decide)."""
+        new = {k: tuple(v) for k, v in devices.items()}
+        if new == self.pod_devices:
+            return ()
+        self.pod_devices = new
+        return self._rebalance(now)
+
+    def _rebalance(self, now: float | None) -> tuple[Event, ...]:
+        """The roster from the pods as they are now, and the batches that no longer fit lowered at once."""
         self._update_roster()
         if self.snapshot is None:
             self.revision += 1
@@ -346,7 +359,7 @@ class Engine:
 
     def _update_roster(self) -> None:
         gpus = list(self.snapshot.gpus) if self.snapshot else []
-        roster = coordination.build_roster(self.pods, self.ever_ready, self.pod_gpus, gpus)
+        roster = coordination.build_roster(self.pods, self.ever_ready, self.pod_gpus, gpus, self.pod_devices)
         if roster != self.state.roster:
             self.state = dataclasses.replace(self.state, roster=roster)
 

@@ -18,7 +18,8 @@ Pods = Mapping[str, PodInfo]
 def kube_settings(kubeconfig: str, **overrides: Any) -> KubeSettings:
     """Discovery of node-a's managed pods, with short timeouts for tests (seconds)."""
     base: dict[str, Any] = dict(discovery=True, kubeconfig=kubeconfig, node_name="node-a", watch_timeout=60.0,
-                                request_timeout=2.0, backoff_max=4.0, publish_interval=15.0)
+                                request_timeout=2.0, backoff_max=4.0, publish_interval=15.0,
+                                pod_resources_socket="")  # tests/test_podresources.py mounts a fake kubelet
     base.update(overrides)
     return KubeSettings(**base)
 

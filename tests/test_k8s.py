@@ -358,3 +358,19 @@ def test_every_container_uses_the_same_pinned_image(objects: dict[str, Obj]) -> 
     assert len(images) == 1
     (image,) = images
     assert image.startswith("medical-kg/vlm-gpu-memory-optimizer:") and not image.endswith(":latest")
+
+
+def test_the_kubelets_pod_resources_directory_is_mounted_read_only_where_the_config_looks(
+        objects: dict[str, Obj], tmp_path: Path) -> None:
+    """The kubelet's pod-resources socket: hostPath, read-only, at the path the configuration names."""
+    c = container(objects)
+    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "pod-resources"]
+    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
+    assert volumes["pod-resources"]["hostPath"] == {"path": "/var/lib/kubelet/pod-resources",
+                                                    "type": "DirectoryOrCreate"}
+    f = tmp_path / "config.yaml"
+    f.write_text(objects["ConfigMap"]["data"]["config.yaml"])
+    socket = load_config(f, environ={"NODE_NAME": "gpu-node-1"}).kube.pod_resources_socket
+    assert str(Path(socket).parent) == mount["mountPath"]
+    assert all(m["name"] != "pod-resources" for m in pod(objects)["initContainers"][0]["volumeMounts"])

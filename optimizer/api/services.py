@@ -31,9 +31,10 @@ def _shares(engine: Engine) -> dict[int, tuple[dict[str, float], float]]:
 
 def _pod_row(engine: Engine, pod: PodInfo, shares: dict[int, tuple[dict[str, float], float]]) -> dict[str, Any]:
     gpus = list(engine.snapshot.gpus) if engine.snapshot else []
-    index, source = coordination.pod_gpu(pod, engine.pod_gpus, gpus)
+    known, source = coordination.pod_gpus(pod, engine.pod_gpus, gpus, engine.pod_devices)
+    index = known[0] if known else None  # the first of its GPUs: where "gpu", batch and epoch below are read
     counted = coordination.counted(pod, engine.ever_ready)
-    on = ([index] if index is not None else [g.index for g in gpus]) if counted else []
+    on = (list(known) or [g.index for g in gpus]) if counted else []
     share = None
     if on and pod.service is not None:
         share = round(min(shares.get(i, ({}, 0.0))[0].get(pod.service, 0.0) for i in on), 4)
@@ -48,7 +49,9 @@ def _pod_row(engine: Engine, pod: PodInfo, shares: dict[int, tuple[dict[str, flo
         "state": pod.state,
         "counted": counted,
         "gpu": None if index is None else {"index": index, "uuid": sample.uuid if sample else None},
+        "gpus": [{"index": i, "uuid": s.uuid if (s := engine.gpu_sample(i)) else None} for i in known],
         "gpu_source": source,
+        "devices": list(engine.pod_devices.get(pod.key, ())),
         "gpus_counted": on,
         "share": share,
         "reserved_bytes": footprint * MIB if footprint and on else 0,

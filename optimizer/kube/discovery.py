@@ -17,6 +17,7 @@ from optimizer import coordination
 from optimizer.engine import Engine
 from optimizer.metrics import KubeCounts
 from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo
+from optimizer.kube.podresources.poller import PodResourcesPoller
 from optimizer.kube.publisher import AnnotationPublisher
 from optimizer.kube.settings import KubeSettings
 from optimizer.kube.watcher import PodWatcher
@@ -39,6 +40,10 @@ class Discovery:
         self.sleep = sleep
         self.watcher = PodWatcher(settings, on_change=self._on_change, api_factory=api_factory)
         self.publisher = AnnotationPublisher(settings, api_factory=api_factory) if settings.publish else None
+        self.pod_resources = (PodResourcesPoller(settings.pod_resources_socket, interval=settings.pod_resources_interval,
+                                                 timeout=settings.request_timeout, on_change=self._on_devices,
+                                                 clock=clock, sleep=sleep)
+                              if settings.pod_resources_socket else None)
         self._changed = asyncio.Event()
         self.publish_rounds = 0  # publishing passes completed (successful or not)
         self._round = asyncio.Condition()
@@ -51,6 +56,11 @@ class Discovery:
             counts[p.state] = counts.get(p.state, 0) + 1
         log.debug("pods_changed", pods=len(pods), batch_changes=sum(e.kind == "batch_changed" for e in events),
                   **counts)
+        self._changed.set()
+
+    def _on_devices(self, devices: Mapping[str, tuple[str, ...]]) -> None:
+        events = self.engine.set_pod_devices(devices, now=self.clock())
+        log.debug("pod_devices_changed", pods=len(devices), batch_changes=sum(e.kind == "batch_changed" for e in events))
         self._changed.set()
 
     def desired(self) -> dict[str, dict[str, str]]:
@@ -66,9 +76,10 @@ class Discovery:
         for key, pod in sorted(e.pods.items()):
             if pod.service is None or not coordination.counted(pod, e.ever_ready):
                 continue
-            index, _ = coordination.pod_gpu(pod, e.pod_gpus, gpus)
-            if index is None:
+            known, _ = coordination.pod_gpus(pod, e.pod_gpus, gpus, e.pod_devices)
+            if not known:
                 continue
+            index = known[0]  # a pod on several GPUs: its first one's (the service registers on each it polls)
             d = e.poll(pod.service, index, now)
             out[key] = {BATCH_SIZE_ANNOTATION: str(d.batch_size), CLEANUP_EPOCH_ANNOTATION: str(d.cleanup_epoch)}
         return out
@@ -111,6 +122,8 @@ class Discovery:
         tasks = [asyncio.create_task(self.watcher.run(), name="kube-watcher")]
         if self.publisher is not None:
             tasks.append(asyncio.create_task(self._publish_loop(), name="kube-publisher"))
+        if self.pod_resources is not None:
+            tasks.append(asyncio.create_task(self.pod_resources.run(), name="kube-podresources"))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -145,6 +158,11 @@ class Discovery:
             "last_sync_at": st.last_sync_at,
             "last_error": st.last_error,
             "publish": self.settings.publish,
+            # where the pods' GPUs come from: "kubelet" while its pod-resources API answers, else
+            # "annotations" (the pods' gpu annotations and their own polls)
+            "gpu_source": ("kubelet" if self.pod_resources is not None and self.pod_resources.stats.state == "ok"
+                           else "annotations"),
+            "pod_resources": self.pod_resources.status() if self.pod_resources is not None else {"enabled": False},
         }
         if self.publisher is not None:
             out["forbidden_namespaces"] = sorted(self.publisher.stats.forbidden_namespaces)

@@ -50,6 +50,9 @@ class KubeSettings:
     watch_timeout: float = 300.0  # a watch request ends (normally) after this long and is renewed
     request_timeout: float = 10.0  # any one API call longer than this fails
     backoff_max: float = 60.0  # the longest wait before retrying after API errors (doubling from 0.5 s, jittered)
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"  # the kubelet's pod-resources
+    # API (which devices each pod was given); "" turns it off. Not there: annotations and reports decide
+    pod_resources_interval: float = 10.0  # seconds between two List calls (each with request_timeout, at most this)
 
     @property
     def all_namespaces(self) -> bool:
@@ -81,6 +84,12 @@ def coerce_kube(name: str, value: Any) -> Any:
     key = f"kubernetes.{name}"
     if name in ("discovery", "publish"):
         return _bool(key, value)
+    if name == "pod_resources_socket":
+        if not isinstance(value, str) or (value and not value.startswith("/")) or "\0" in value:
+            raise KubeSettingError(key, f"must be an absolute path to a unix socket, or \"\" (off), got {value!r}")
+        return value
+    if name == "pod_resources_interval":
+        return _seconds(key, value, 1.0, 3600.0)
     if name in ("kubeconfig", "node_name"):
         if value is None:
             return None
