@@ -374,3 +374,27 @@ def test_the_kubelets_pod_resources_directory_is_mounted_read_only_where_the_con
     socket = load_config(f, environ={"NODE_NAME": "gpu-node-1"}).kube.pod_resources_socket
     assert str(Path(socket).parent) == mount["mountPath"]
     assert all(m["name"] != "pod-resources" for m in pod(objects)["initContainers"][0]["volumeMounts"])
+
+
+def test_the_kubelet_variant_runs_the_optimizer_as_uid_0_with_nothing_else_granted(objects: dict[str, Obj]) -> None:
+    """ops/k8s-kubelet: UID 0 for the kubelet's root-only socket; capabilities, escalation, filesystem as the base."""
+    docs = kustomize(ROOT / "ops/k8s-kubelet")
+    for d in docs.values():
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    spec = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = [c for c in spec["containers"] if c["name"] == "optimizer"]
+    sc = c["securityContext"]
+    assert (sc["runAsUser"], sc["runAsNonRoot"], spec["securityContext"]["runAsUser"]) == (0, False, 0)
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert spec["securityContext"]["runAsGroup"] == spec["securityContext"]["fsGroup"] == 10001
+    (init,) = spec["initContainers"]
+    assert "os.chown(d, 0, 10001)" in " ".join(init["command"])  # UID 0 without CAP_DAC_OVERRIDE owns its state
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    # everything else is the base bundle's
+    base = {d["kind"]: d for d in load_all(BUNDLE)}
+    assert set(docs) == set(base)
+    for kind in set(docs) - {"DaemonSet"}:
+        assert docs[kind] == base[kind], kind
+    assert c["volumeMounts"] == container(objects)["volumeMounts"]
+    assert spec["volumes"] == pod(objects)["volumes"]

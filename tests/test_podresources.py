@@ -359,18 +359,48 @@ async def test_discovery_maps_pods_to_gpus_by_the_kubelets_devices_and_services_
         assert (rows["default/cap-1"]["gpu_source"], rows["default/cap-1"]["gpus_counted"]) == ("unknown", [0, 1])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to make a socket another UID cannot open")
-def test_a_socket_the_optimizers_uid_may_not_open_is_permission_denied() -> None:
-    """As on most nodes: the kubelet's socket is root's, and the optimizer runs as UID 10001."""
+_AS_KUBELET_DOES = 0o755, 0o750  # Go's net.Listen under umask 022; os.MkdirAll(dir, 0o750): both root's
+
+
+def _kubelet_like(kubelet: FakeKubelet) -> None:
+    os.chmod(kubelet.socket, _AS_KUBELET_DOES[0])
+    os.chmod(kubelet.dir, _AS_KUBELET_DOES[1])
+
+
+_CLIENT = ("from optimizer.kube.podresources.client import PodResourcesClient, PodResourcesError\n"
+           "try:\n    print(len(PodResourcesClient(sys.argv[1], timeout=2.0).list().devices))\n"
+           "except PodResourcesError as e:\n    print(e.reason)\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the client as another UID")
+def test_the_optimizers_non_root_uid_cannot_open_the_kubelets_socket() -> None:
+    """As on most nodes: the kubelet's socket is root's, and the base bundle runs the optimizer as 10001."""
     with FakeKubelet() as kubelet:
-        os.chmod(kubelet.socket, 0o700)
-        os.chmod(kubelet.dir, 0o755)
+        _kubelet_like(kubelet)
         script = ("import os, sys, grpc\n"  # everything imported while still root: then the UID changes
-                  "from optimizer.kube.podresources import api_pb2, api_pb2_grpc\n"
-                  "from optimizer.kube.podresources.client import PodResourcesClient, PodResourcesError\n"
-                  "os.setgid(10001); os.setuid(10001)\n"
-                  "try:\n    PodResourcesClient(sys.argv[1], timeout=2.0).list()\n"
-                  "except PodResourcesError as e:\n    print(e.reason)\n")
+                  "from optimizer.kube.podresources import api_pb2, api_pb2_grpc, client\n"
+                  "os.setgroups([]); os.setgid(10001); os.setuid(10001)\n" + _CLIENT)
         out = subprocess.run([sys.executable, "-c", script, kubelet.socket], capture_output=True, text=True,
                              timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "permission_denied", out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv, to run the client as UID 0 without capabilities")
+def test_uid_0_without_any_capability_opens_it_and_writes_its_state_as_ops_k8s_kubelet_runs_it(
+        tmp_path: Path) -> None:
+    """ops/k8s-kubelet: UID 0, group 10001, every capability dropped; the state directory 0:10001 0700."""
+    state = short_dir()
+    os.chown(state, 0, 10001)
+    os.chmod(state, 0o700)
+    with FakeKubelet() as kubelet:
+        kubelet.response = answer({"vlm/one": [("nvidia.com/gpu", [uuid_of(0)])]})
+        _kubelet_like(kubelet)
+        script = ("import sys, os\n" + _CLIENT + "open(os.path.join(sys.argv[2], 'state.json'), 'w').write('{}')\n"
+                  "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n")
+        out = subprocess.run(["setpriv", "--reuid=0", "--regid=10001", "--clear-groups", "--inh-caps=-all",
+                              "--bounding-set=-all", sys.executable, "-c", script, kubelet.socket, str(state)],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    shutil.rmtree(state, ignore_errors=True)
+    assert out.stdout.split() == ["1", "0000000000000000"], out.stderr  # one pod listed; no capability at all
