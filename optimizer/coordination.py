@@ -70,11 +70,16 @@ def pod_gpu(pod: PodInfo, reported: Mapping[str, int], gpus: list[GpuSample]) ->
 
 
 def kubelet_gpus(device_ids: Collection[str], gpus: list[GpuSample]) -> tuple[int, ...]:
-    """The indexes of this node's GPU entries the kubelet's device IDs name (a UUID, or an NVML index)."""
+    """The indexes of this node's GPU entries the kubelet's device IDs name (a UUID, or an NVML index).
+
+    An index (``deviceIDStrategy: index``) names a whole GPU, never a MIG entry (the plugin writes
+    those ``gpu:mig``, which is not read).
+    """
     out: set[int] = set()
     for ident in device_ids:
         for sample in gpus:
-            if sample.uuid == ident or (ident.isdigit() and sample.index == int(ident)):
+            whole = not str(sample.uuid or "").startswith("MIG-")
+            if sample.uuid == ident or (ident.isdigit() and whole and sample.index == int(ident)):
                 out.add(sample.index)
     return tuple(sorted(out))
 

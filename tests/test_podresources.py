@@ -71,15 +71,15 @@ def test_the_proto_keeps_the_kubelets_names_and_field_numbers() -> None:
 
 
 def test_fields_we_left_out_are_skipped_when_a_kubelet_sends_them() -> None:
-    """A newer kubelet adds cpu_ids (3), memory (4), topology (3 in ContainerDevices): still readable."""
-    resp = answer({"vlm/a": [("nvidia.com/gpu", ["GPU-a"])]})
-    wire = bytearray(resp.SerializeToString())
-    extra = api_pb2.ListPodResourcesResponse.FromString(bytes(wire))
-    # append an unknown varint field 4 (cpu_ids of PodResources in kubelets >= 1.28) inside a copy
-    pod = extra.pod_resources[0].SerializeToString() + b"\x20\x07"
-    raw = b"\x0a" + bytes([len(pod)]) + pod
-    parsed = api_pb2.ListPodResourcesResponse.FromString(raw)
-    assert gpu_devices(parsed).devices == {"vlm/a": ("GPU-a",)}
+    """A current kubelet also sends ContainerResources.cpu_ids (3) and ContainerDevices.topology (3)."""
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field
+        return bytes([number << 3 | 2, len(payload)]) + payload
+    topology = field(1, b"\x08\x01")  # TopologyInfo{nodes: [NUMANode{ID: 1}]}
+    device = field(1, b"nvidia.com/gpu") + field(2, b"GPU-a") + field(3, topology)
+    container = field(1, b"c0") + field(2, device) + b"\x18\x07"  # cpu_ids: [7], a varint field 3
+    pod = field(1, b"one") + field(2, b"vlm") + field(3, container)
+    parsed = api_pb2.ListPodResourcesResponse.FromString(field(1, pod))
+    assert gpu_devices(parsed).devices == {"vlm/one": ("GPU-a",)}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools (dev extras) not installed")
@@ -255,6 +255,7 @@ def test_a_pods_devices_decide_its_gpus_and_a_pod_on_two_gpus_counts_on_both() -
 def test_a_mig_device_is_matched_by_the_entrys_uuid() -> None:
     gpus = [gpu(80, index=0), dataclasses.replace(gpu(10, index=1), uuid=MIG)]
     assert coordination.pod_gpus(pod("s", "s"), {}, gpus, {"vlm/s": (MIG,)}) == ((1,), "kubelet")
+    assert coordination.pod_gpus(pod("s", "s"), {}, gpus, {"vlm/s": ("1",)}) == ((), "unknown")  # an index: whole GPUs
 
 
 async def test_the_engine_moves_shares_when_the_kubelets_answer_changes() -> None:
