@@ -169,10 +169,12 @@ def poller(socket: str, changes: Recorder, timeout: float = 2.0) -> PodResources
 
 async def test_a_missing_socket_falls_back_and_is_logged_once() -> None:
     changes = Recorder()
-    p = poller(str(short_dir() / "kubelet.sock"), changes)
+    empty = short_dir()
+    p = poller(str(empty / "kubelet.sock"), changes)
     with capture_logs() as logs:
         for _ in range(3):
             await p.poll_once()
+    shutil.rmtree(empty)
     assert [e["event"] for e in logs] == ["pod_resources_absent"]
     assert changes.calls == [{}]
     assert p.status()["state"] == "absent" and p.status()["errors"] == {"absent": 3}
