@@ -20,10 +20,14 @@ from pytest_aiohttp import AiohttpClient
 from optimizer.api import build_app
 from optimizer.config import Settings
 from optimizer.engine import Engine
+from optimizer.kube.discovery import Discovery
+from optimizer.kube.pods import PodInfo
 from optimizer.persistence import Persister, StateFile
 from optimizer.sampler import Sampler
 from optimizer.tasks import Policy, Supervisor
+from tests.fake_kube import FakeKube, make_pod
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep
+from tests.kube_helpers import kube_settings
 from tests.logcapture import LogList, events_named
 
 Client = TestClient[web.Request, web.Application]
@@ -205,3 +209,48 @@ async def test_a_task_stuck_on_shutdown_is_reported_and_shutdown_goes_on(
     release.set()
     await task  # it ends once let go, and a return while stopping is no death
     assert sup.tasks["sampler"].failures == 0 and not events_named(logs, "task_exited")
+
+
+async def test_discovery_that_dies_is_restarted_and_lists_the_pods_again(
+        aiohttp_client: AiohttpClient, tmp_path: Path, logs: LogList) -> None:
+    """Against the fake Kubernetes API: the watcher's first run dies; the restart lists the pod."""
+    engine, sampler, clock, _ = node()
+    listed = asyncio.Event()
+    set_pods = engine.set_pods
+
+    def recording(pods: dict[str, PodInfo], now: float | None = None) -> Any:
+        if pods:
+            listed.set()
+        return set_pods(pods, now)
+
+    engine.set_pods = recording  # type: ignore[method-assign]
+    async with FakeKube() as kube:
+        kube.add_pod(make_pod("cap-1", labels={"vlm-gpu-optimizer/client": "true",
+                                                "app.kubernetes.io/name": "captioner"}))
+        discovery = Discovery(engine, kube_settings(kube.write_kubeconfig(str(tmp_path / "kubeconfig"))),
+                              clock=clock)
+        watch = discovery.watcher.run
+        runs = 0
+
+        async def first_dies() -> None:
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                raise ConnectionError("watcher bug")
+            await watch()
+
+        discovery.watcher.run = first_dies  # type: ignore[method-assign]
+        gate = Gate()
+        client = await aiohttp_client(build_app(engine, sampler, run_sampler=False, discovery=discovery,
+                                                supervisor=Supervisor(clock=clock, sleep=gate)))
+        await gate.waiting(1)
+        assert [e["task"] for e in events_named(logs, "task_failed")] == ["discovery"]
+        assert not listed.is_set()
+        await gate.open()
+        async with asyncio.timeout(5):
+            await listed.wait()
+        assert "default/cap-1" in engine.pods
+        text = await (await client.get("/metrics")).text()
+        assert 'vlm_optimizer_task_restarts_total{task="discovery"} 1.0' in text
+        await client.close()
+    assert events_named(logs, "discovery_stopped")

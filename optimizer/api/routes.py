@@ -184,7 +184,7 @@ async def workers(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness: 503 only while sampling is stale (a restart may cure a stuck sampler).
+    """Liveness: 503 only while sampling is stale or a background task keeps dying (a restart may cure either).
 
     ``status``: ``ok``; ``degraded`` (sampling works, but the state file cannot be saved: a restart
     does not fix a full or read-only disk, so still 200); ``paused`` (an operator paused monitoring:
