@@ -9,7 +9,7 @@ died :attr:`Policy.fail_after` times within :attr:`Policy.window` seconds is *fa
 answers 503 naming it, so Kubernetes restarts a process that cannot keep the task alive. It keeps
 being restarted meanwhile, and stops failing once a window passes without a death.
 
-Stopping cancels the task and waits up to ``stop_timeout`` seconds; one still running then is
+Stopping cancels the task and waits up to its ``stop_timeout`` seconds; one still running then is
 logged (``task_stuck_on_shutdown``) and left behind, so shutdown goes on.
 """
 
@@ -32,12 +32,14 @@ Run = Callable[[], Awaitable[None]]
 @dataclass(frozen=True)
 class Policy:
     """How a task is restarted: after ``backoff_initial`` seconds, doubling per consecutive death up to
-    ``backoff_max``; ``fail_after`` deaths within ``window`` seconds make it failing (``/health`` 503)."""
+    ``backoff_max``; ``fail_after`` deaths within ``window`` seconds make it failing (``/health`` 503).
+    ``stop_timeout``: how long a stop waits for it (``None``: the supervisor's)."""
 
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     fail_after: int = 5
     window: float = 600.0
+    stop_timeout: float | None = None
 
     def backoff(self, consecutive: int) -> float:
         """The wait before the restart that follows the ``consecutive``-th death in a row (1, 2, ...)."""
@@ -131,16 +133,17 @@ class Supervisor:
 
     async def stop(self, name: str) -> bool:
         """Cancel the task ``name`` and wait for it; ``False`` (logged) when it was still running after
-        ``stop_timeout`` seconds. Unknown or finished tasks: ``True``."""
+        its policy's ``stop_timeout`` (or the supervisor's) seconds. Unknown or finished tasks: ``True``."""
         st = self.tasks.get(name)
         task = st.task if st is not None else None
         if st is None or task is None or task.done():
             return True
         st.stopping = True
         task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+        timeout = st.policy.stop_timeout if st.policy.stop_timeout is not None else self.stop_timeout
+        done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
-            log.error("task_stuck_on_shutdown", task=name, timeout_s=self.stop_timeout,
+            log.error("task_stuck_on_shutdown", task=name, timeout_s=timeout,
                       detail="it did not end when cancelled; shutdown goes on without it")
             return False
         return True

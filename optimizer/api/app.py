@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -110,7 +111,9 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     if run_sampler:
         app.cleanup_ctx.append(supervised(tasks, "sampler", sampler.run, TASK_POLICIES["sampler"], sampler_stopped))
     if discovery is not None:
-        app.cleanup_ctx.append(supervised(tasks, "discovery", discovery.run, TASK_POLICIES["discovery"],
+        # a call in flight when cancelled is waited for up to its own timeout (optimizer/kube/_threads.py)
+        stop_within = replace(TASK_POLICIES["discovery"], stop_timeout=discovery.settings.request_timeout + 5.0)
+        app.cleanup_ctx.append(supervised(tasks, "discovery", discovery.run, stop_within,
                                           lambda: log.info("discovery_stopped")))
     if persister is not None:
         app.cleanup_ctx.append(supervised(tasks, "persister", persist_loop, TASK_POLICIES["persister"],
