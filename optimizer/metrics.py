@@ -7,7 +7,7 @@ passed in; nothing is registered on the global one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,13 +61,25 @@ class KubeCounts:
     patches: int
 
 
+@dataclass(frozen=True)
+class TaskCounts:
+    """One supervised background task's totals (see optimizer/tasks.py)."""
+
+    task: str
+    failures: int
+    restarts: int
+    failing: bool
+
+
 class OptimizerCollector(Collector):
     def __init__(self, engine: Engine, sampler: Sampler | None = None,
-                 kube: Callable[[], KubeCounts] | None = None, *, persister: Persister | None = None) -> None:
+                 kube: Callable[[], KubeCounts] | None = None, *, persister: Persister | None = None,
+                 tasks: Callable[[], Iterable[TaskCounts]] | None = None) -> None:
         self.engine = engine
         self.sampler = sampler
         self.kube = kube
         self.persister = persister
+        self.tasks = tasks
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()
@@ -79,6 +91,21 @@ class OptimizerCollector(Collector):
         if self.kube is not None:
             yield from self._discovery(self.kube())
         yield from self._saves()
+        if self.tasks is not None:
+            yield from self._tasks(list(self.tasks()))
+
+    def _tasks(self, counts: list[TaskCounts]) -> Iterator[Metric]:
+        failures = CounterMetricFamily("vlm_optimizer_task_failures", "Background tasks that died (raised or "
+                                       "returned), by task", labels=["task"])
+        restarts = CounterMetricFamily("vlm_optimizer_task_restarts", "Background tasks restarted after dying, "
+                                       "by task", labels=["task"])
+        failing = GaugeMetricFamily("vlm_optimizer_task_failing", "1 while a task dies too often (/health "
+                                    "answers 503 naming it), by task", labels=["task"])
+        for c in counts:
+            failures.add_metric([c.task], float(c.failures))
+            restarts.add_metric([c.task], float(c.restarts))
+            failing.add_metric([c.task], float(c.failing))
+        yield from (failures, restarts, failing)
 
     def _saves(self) -> Iterator[Metric]:
         errors = CounterMetricFamily("vlm_optimizer_state_save_errors", "Saves of the state file that failed "
@@ -255,9 +282,10 @@ class OptimizerCollector(Collector):
 
 def build_registry(engine: Engine, sampler: Sampler | None = None,
                    kube: Callable[[], KubeCounts] | None = None, *,
-                   persister: Persister | None = None) -> CollectorRegistry:
+                   persister: Persister | None = None,
+                   tasks: Callable[[], Iterable[TaskCounts]] | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(OptimizerCollector(engine, sampler, kube, persister=persister))
+    registry.register(OptimizerCollector(engine, sampler, kube, persister=persister, tasks=tasks))
     return registry
 
 

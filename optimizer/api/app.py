@@ -1,24 +1,26 @@
-"""Builds the read API's application; the sampler runs as a background task of its lifetime."""
+"""Builds the read API's application; the sampler, persister and discovery run as supervised background
+tasks of its lifetime (:mod:`optimizer.tasks`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from optimizer.api.encoded import EncodedDecisions
-from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER, TASKS
 from optimizer.api.routes import routes
 from optimizer.api.schemas import MAX_REPORT_BYTES, BodyTimeout
 from optimizer.api.timeouts import close_after
 from optimizer.engine import Engine
-from optimizer.metrics import build_registry
+from optimizer.metrics import TaskCounts, build_registry
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
+from optimizer.tasks import Policy, Run, Supervisor
 
 if TYPE_CHECKING:
     from optimizer.kube.discovery import Discovery
@@ -26,6 +28,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: How each background task is restarted when it dies (see docs/architecture.md, "Background tasks").
+#: Each catches its own expected failures (a backend error, a failed save, an API error), so a death
+#: is a bug: restarted after 1 s, doubling to the cap; ``fail_after`` deaths within ``window`` fail
+#: ``/health`` (503), so Kubernetes restarts a process that cannot keep the task alive.
+TASK_POLICIES: dict[str, Policy] = {
+    # /health goes stale anyway after 3 intervals without a sample; a sampler crash-looping fails it sooner.
+    "sampler": Policy(backoff_initial=1.0, backoff_max=30.0, fail_after=3, window=600.0),
+    # a dead persister saves nothing: restarted; its failed saves show as /health "degraded" (200).
+    "persister": Policy(backoff_initial=1.0, backoff_max=60.0, fail_after=5, window=600.0),
+    # the watcher retries API errors with its own back-off; a death (watcher or publisher) restarts both.
+    "discovery": Policy(backoff_initial=1.0, backoff_max=60.0, fail_after=5, window=600.0),
+}
 
 
 @web.middleware
@@ -54,34 +69,33 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
-              persister: Persister | None = None, discovery: Discovery | None = None) -> web.Application:
+              persister: Persister | None = None, discovery: Discovery | None = None,
+              supervisor: Supervisor | None = None) -> web.Application:
     """The read API. With ``run_sampler`` the sampling loop starts and stops with the application;
     with a ``persister`` the state is saved every optimization interval when it changed, and at exit;
     with ``discovery`` the Kubernetes pod watcher (and publisher) run for the application's lifetime.
+    Each runs under ``supervisor`` (by default one on the sampler's clock and sleep), restarted if it dies.
     """
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
     app[ENGINE] = engine
     app[SAMPLER] = sampler
+    tasks = app[TASKS] = supervisor if supervisor is not None else Supervisor(clock=sampler.clock,
+                                                                             sleep=sampler.sleep)
     app[REGISTRY] = build_registry(engine, sampler, discovery.counts if discovery is not None else None,
-                                   persister=persister)
+                                   persister=persister, tasks=lambda: task_counts(tasks))
     app[PERSISTER] = persister
     app[DISCOVERY] = discovery
     app[ENCODED] = EncodedDecisions(lambda: engine.state.services.keys())
     app.add_routes(routes)
 
-    async def persisting(app: web.Application) -> AsyncIterator[None]:
+    async def persist_loop() -> None:
         assert persister is not None
+        while True:
+            await sampler.sleep(max(1.0, engine.settings.optimization_interval))
+            persister.save()
 
-        async def loop() -> None:
-            while True:
-                await sampler.sleep(max(1.0, engine.settings.optimization_interval))
-                persister.save()
-
-        task = asyncio.create_task(loop(), name="persister")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    def saved_at_exit() -> None:
+        assert persister is not None
         if persister.save(force=True):
             log.info("state_saved_at_exit", path=str(persister.file.path))
         else:
@@ -90,28 +104,38 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
                       error=failure.error if failure is not None else None,
                       detail="the changes since the last successful save are lost")
 
-    async def sampling(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sampler.run(), name="sampler")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    def sampler_stopped() -> None:
         sampler.close()
         log.info("sampler_stopped", samples=sampler.stats.samples)
 
-    async def discovering(app: web.Application) -> AsyncIterator[None]:
-        assert discovery is not None
-        task = asyncio.create_task(discovery.run(), name="discovery")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        log.info("discovery_stopped")
-
     if run_sampler:
-        app.cleanup_ctx.append(sampling)
+        app.cleanup_ctx.append(supervised(tasks, "sampler", sampler.run, TASK_POLICIES["sampler"], sampler_stopped))
     if discovery is not None:
-        app.cleanup_ctx.append(discovering)
+        # a call in flight when cancelled is waited for up to its own timeout (optimizer/kube/_threads.py)
+        stop_within = replace(TASK_POLICIES["discovery"], stop_timeout=discovery.settings.request_timeout + 5.0)
+        app.cleanup_ctx.append(supervised(tasks, "discovery", discovery.run, stop_within,
+                                          lambda: log.info("discovery_stopped")))
     if persister is not None:
-        app.cleanup_ctx.append(persisting)
+        app.cleanup_ctx.append(supervised(tasks, "persister", persist_loop, TASK_POLICIES["persister"],
+                                          saved_at_exit))
     return app
+
+
+def supervised(tasks: Supervisor, name: str, run: Run, policy: Policy,
+               stopped: Callable[[], None]) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` entry: ``run`` supervised as ``name`` for the application's lifetime, then
+    ``stopped()`` (which runs even when the task was stuck on shutdown)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        tasks.start(name, run, policy)
+        yield
+        await tasks.stop(name)
+        stopped()
+
+    return ctx
+
+
+def task_counts(tasks: Supervisor) -> list[TaskCounts]:
+    """The supervised tasks' totals, for the metrics."""
+    failing = tasks.failing()
+    return [TaskCounts(name, st.failures, st.restarts, name in failing) for name, st in tasks.tasks.items()]

@@ -11,6 +11,7 @@ from optimizer.api.encoded import EncodedDecisions
 from optimizer.engine import Engine
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
+from optimizer.tasks import Supervisor
 
 if TYPE_CHECKING:
     from optimizer.kube.discovery import Discovery
@@ -24,3 +25,4 @@ ADMIN_ALLOWED_HOSTS: web.AppKey[tuple[str, ...]] = web.AppKey("admin_allowed_hos
 DISCOVERY: web.AppKey[Discovery | None] = web.AppKey("discovery")
 ENCODED = web.AppKey("encoded_decisions", EncodedDecisions)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a request body has to arrive in (read_limited)
+TASKS = web.AppKey("tasks", Supervisor)  # the supervised background tasks (sampler, persister, discovery)

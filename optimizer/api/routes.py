@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER
+from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER, TASKS
 from optimizer.api.schemas import (
     MAX_REPORT_BYTES,
     InvalidInput,
@@ -184,12 +184,14 @@ async def workers(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness: 503 only while sampling is stale (a restart may cure a stuck sampler).
+    """Liveness: 503 only while sampling is stale or a background task keeps dying (a restart may cure either).
 
     ``status``: ``ok``; ``degraded`` (sampling works, but the state file cannot be saved: a restart
     does not fix a full or read-only disk, so still 200); ``paused`` (an operator paused monitoring:
     200, so Kubernetes does not restart a pod on purpose idle, with ``paused_since``); ``stale``
-    (503). A failing save shows in ``degraded.state_save`` whatever the status.
+    (503); ``failing`` (503: a background task died ``fail_after`` times within its window, each
+    named in ``failing_tasks``; a restart of the process may cure it). A failing save shows in
+    ``degraded.state_save`` whatever the status.
     """
     sampler = request.app[SAMPLER]
     now = sampler.clock()
@@ -210,7 +212,11 @@ async def health(request: web.Request) -> web.Response:
                                            "last_failed_at": failure.at, "failed_saves": persister.errors}}
         if body["status"] == "ok":
             body["status"] = "degraded"
-    return _json(body, status=200 if healthy or not sampler.running else 503)
+    failing = request.app[TASKS].failing()
+    if failing:
+        body["status"] = "failing"
+        body["failing_tasks"] = {name: st.to_dict() for name, st in failing.items()}
+    return _json(body, status=200 if (healthy or not sampler.running) and not failing else 503)
 
 
 @routes.get("/ready")
