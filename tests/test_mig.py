@@ -197,3 +197,18 @@ def test_a_service_on_an_unknown_instance_names_the_choices() -> None:
     raw["services"] = [{"name": "vlm", "gpu": "0:5", "base_mb": 1, "per_item_mb": 1, "item_ms": 1}]
     with pytest.raises(ScenarioError, match=r"0:1.*0:2"):
         parse_scenario(raw)
+
+
+async def test_state_on_a_mig_device_survives_a_restart(make_api: MakeApi) -> None:
+    """The MIG index is stable, so a restarted optimizer finds the service's state on the same slice."""
+    from optimizer.engine import Engine
+    from optimizer.persistence import dump, restore
+
+    api, _ = await mig_api(make_api)
+    await settled(api, "MIG-2222", ticks=1)
+    before = api.engine.state.services[(SMALL, "vlm")]
+    again, _ = await mig_api(make_api)  # a new process: a fresh engine on a freshly started backend
+    fresh = Engine(SETTINGS)
+    restore(fresh, dump(api.engine), api.clock())
+    assert fresh.state.services[(SMALL, "vlm")].batch_size == before.batch_size
+    assert {g.index for g in again.engine.snapshot.gpus} >= {SMALL}  # type: ignore[union-attr]
