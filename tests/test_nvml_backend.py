@@ -898,3 +898,9 @@ def test_an_empty_slot_error_other_than_not_found_fails_the_parent() -> None:
     fake.fail(0, MIG_HANDLE, pynvml.NVML_ERROR_UNKNOWN)
     samples = NvmlBackend(nvml=fake).sample(now=1.0)
     assert [(s.index, s.uuid, s.failed) for s in samples] == [(0, "GPU-mmmm", True)]
+
+
+def test_a_pynvml_without_the_mig_functions_reads_whole_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(FakeNvml, MIG_MODE)  # as a library older than MIG: no such name
+    samples = NvmlBackend(nvml=FakeNvml(three_gpus())).sample(now=1.0)
+    assert [(s.uuid, s.failed) for s in samples] == [("GPU-aaaa", False), ("GPU-bbbb", False), ("GPU-cccc", False)]

@@ -246,6 +246,8 @@ class NvmlBackend:
     def _mig_enabled(self, dev: _Device) -> bool:
         """MIG mode is on now (the current mode, not a pending one). Unsupported (no MIG board): off."""
         nvml = self._nvml
+        if not hasattr(nvml, "nvmlDeviceGetMigMode"):  # a pynvml older than MIG: no MIG to see
+            return False
         mode = self._query(lambda: nvml.nvmlDeviceGetMigMode(dev.handle))
         return mode is not None and int(mode[0]) == NVML_DEVICE_MIG_ENABLE
 
