@@ -212,3 +212,13 @@ async def test_state_on_a_mig_device_survives_a_restart(make_api: MakeApi) -> No
     restore(fresh, dump(api.engine), api.clock())
     assert fresh.state.services[(SMALL, "vlm")].batch_size == before.batch_size
     assert {g.index for g in again.engine.snapshot.gpus} >= {SMALL}  # type: ignore[union-attr]
+
+
+async def test_the_status_command_shows_a_slice_on_its_parent(make_api: MakeApi) -> None:
+    from optimizer.manage.render import gpu_lines
+
+    api, _ = await mig_api(make_api)
+    gpus = {g["uuid"]: g for g in (await api.get("/status"))["gpus"]}
+    assert gpu_lines(gpus["MIG-2222"])[0] == (f"GPU {SMALL}  NVIDIA A100-SXM4-80GB MIG 1g.10gb  (MIG-2222)  "
+                                              "MIG 1g.10gb 0:7 on GPU 0 (GPU-mmmm)")
+    assert gpu_lines(gpus["GPU-aaaa"])[0] == "GPU 1  NVIDIA A100-SXM4-80GB  (GPU-aaaa)"
