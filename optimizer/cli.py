@@ -190,8 +190,9 @@ def _admin_commands(sub: Any) -> None:
     p.add_argument("--clear", action="store_true", help="drop the manual batch size; the policy decides again")
     p.add_argument("--service", default=manage.DEFAULT_SERVICE, metavar="NAME",
                    help=f"the service (default: {manage.DEFAULT_SERVICE})")
-    p.add_argument("--gpu", metavar="INDEX|UUID",
-                   help="the GPU, by index or UUID (default: the GPU the service is known on, else the first)")
+    p.add_argument("--gpu", metavar="INDEX|UUID|PARENT:INSTANCE",
+                   help="the GPU, by index or UUID, or a MIG device by UUID or parent:instance (e.g. 0:1) "
+                        "(default: the GPU the service is known on, else the first)")
     p.add_argument("--ttl", type=_positive_seconds, metavar="SECONDS",
                    help="expire the manual batch size after this long (default: until --clear)")
 

@@ -29,7 +29,7 @@ from optimizer.config import (
     apply_settings,
     settings_to_dict,
 )
-from optimizer.gpu.types import GpuSample
+from optimizer.gpu.types import MIG_SELECTOR_RE, GpuSample
 from optimizer import policy
 from optimizer.kube.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
@@ -40,11 +40,17 @@ EVENT_HISTORY = 1000
 
 
 class UnknownGpu(LookupError):
-    """A request named a GPU this host does not have. ``available`` lists the valid indexes."""
+    """A request named a GPU this host does not have.
 
-    def __init__(self, selector: str | int, available: list[int]) -> None:
-        super().__init__(f"no GPU {selector!r}; available GPU indexes: {available or 'none'}")
+    ``available`` lists the valid indexes; ``selectors`` the other names that work: every entry's UUID
+    and, for a MIG device, its ``parent:gpu_instance`` form.
+    """
+
+    def __init__(self, selector: str | int, available: list[int], selectors: list[str] | None = None) -> None:
+        names = f"; or by UUID / parent:instance: {', '.join(selectors)}" if selectors else ""
+        super().__init__(f"no GPU {selector!r}; available GPU indexes: {available or 'none'}{names}")
         self.available = available
+        self.selectors = selectors or []
 
 
 class Refused(Exception):
@@ -604,11 +610,41 @@ class Engine:
         if isinstance(selector, int):
             if selector in indexes or (self.snapshot is None and self.has_gpus):
                 return selector
-            raise UnknownGpu(selector, indexes)
-        for g in self.snapshot.gpus if self.snapshot else ():
+            raise UnknownGpu(selector, indexes, self.gpu_selectors())
+        found = self.gpu_by_name(selector)
+        if found is not None:
+            return found
+        raise UnknownGpu(selector, indexes, self.gpu_selectors())
+
+    def gpu_by_name(self, selector: str) -> int | None:
+        """The index of the entry named by UUID (``GPU-...``, ``MIG-...``) or ``parent:gi[:ci]``; None if none.
+
+        ``parent:gi`` is the MIG device of GPU instance ``gi`` on parent ``parent`` (its lowest compute
+        instance, where a GPU instance is split; ``parent:gi:ci`` names one). What discovery calls with the
+        device IDs the kubelet lists (GPU or MIG UUIDs).
+        """
+        gpus = self.snapshot.gpus if self.snapshot else ()
+        for g in gpus:
             if g.uuid == selector:
                 return g.index
-        raise UnknownGpu(selector, indexes)
+        m = MIG_SELECTOR_RE.fullmatch(selector)
+        if m is None:
+            return None
+        parent, gi = int(m.group(1)), int(m.group(2))
+        ci = None if m.group(3) is None else int(m.group(3))
+        mig = sorted((g.compute_instance_id or 0, g.index) for g in gpus
+                     if g.parent_index == parent and g.gpu_instance_id == gi
+                     and (ci is None or g.compute_instance_id == ci))
+        return mig[0][1] if mig else None
+
+    def gpu_selectors(self) -> list[str]:
+        """The names besides the index that select an entry now: UUIDs, and ``parent:instance`` for MIG."""
+        out: list[str] = []
+        for g in sorted(self.snapshot.gpus, key=lambda g: g.index) if self.snapshot else ():
+            out.append(g.uuid)
+            if g.mig_selector is not None:
+                out.append(g.mig_selector)
+        return out
 
     def decision_of(self, svc: ServiceState) -> Decision:
         gs = self.state.gpus.get(svc.gpu)

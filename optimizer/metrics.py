@@ -16,14 +16,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from optimizer.engine import OOM_OUTCOMES, REFUSAL_REASONS, Engine
+from optimizer.gpu.types import GpuSample
 from optimizer.sampler import DURATION_BUCKETS, Sampler
 
 if TYPE_CHECKING:
     from optimizer.persistence import Persister
 
-GPU = ["gpu", "uuid"]
-GPU_SERVICE = ["gpu", "uuid", "service"]
-GPU_TRIGGER = ["gpu", "uuid", "trigger"]
+#: Every GPU series' identity. On a MIG device (as dcgm-exporter and nvidia_gpu_exporter label them)
+#: ``uuid`` is the parent's UUID and ``mig_uuid``, ``gpu_instance_id``, ``profile`` name the instance;
+#: on a whole GPU those three are empty. ``gpu`` is the entry's index (docs/architecture.md, "MIG").
+MIG_LABELS = ["mig_uuid", "gpu_instance_id", "profile"]
+GPU = ["gpu", "uuid", *MIG_LABELS]
+GPU_SERVICE = [*GPU, "service"]
+GPU_TRIGGER = [*GPU, "trigger"]
 #: What can start a memory optimization or raise a cleanup (see docs/policy.md).
 TRIGGERS = ("gc_threshold", "fragmentation", "critical", "oom", "oom_report")
 
@@ -69,6 +74,14 @@ class TaskCounts:
     failures: int
     restarts: int
     failing: bool
+
+
+def gpu_labels(g: GpuSample) -> list[str]:
+    """The values of :data:`GPU` for one entry (MIG labels empty on a whole GPU)."""
+    if not g.is_mig:
+        return [str(g.index), g.uuid, "", "", ""]
+    gi = "" if g.gpu_instance_id is None else str(g.gpu_instance_id)
+    return [str(g.index), g.parent_uuid or "", g.uuid, gi, g.mig_profile or ""]
 
 
 class OptimizerCollector(Collector):
@@ -160,7 +173,7 @@ class OptimizerCollector(Collector):
             "up": GaugeMetricFamily("vlm_gpu_up", "1 if the GPU answered the last sample, 0 if it failed", labels=GPU),
         }
         for g in e.snapshot.gpus if e.snapshot else ():
-            labels = [str(g.index), g.uuid]
+            labels = gpu_labels(g)
             fam["up"].add_metric(labels, 0.0 if g.failed else 1.0)
             if g.failed:
                 continue
@@ -179,19 +192,20 @@ class OptimizerCollector(Collector):
                 fam["epoch"].add_metric(labels, float(gs.cleanup_epoch))
         yield from fam.values()
 
-    def _uuid(self, index: int) -> str:
+    def _labels(self, index: int) -> list[str]:
+        """The GPU labels of an entry: from its latest sample, else (gone from it) the UUID the state keeps."""
         g = self.engine.gpu_sample(index)
         if g is not None:
-            return g.uuid
+            return gpu_labels(g)
         gs = self.engine.state.gpus.get(index)
-        return gs.uuid if gs is not None else ""
+        return [str(index), gs.uuid if gs is not None else "", "", "", ""]
 
     def _decisions(self) -> Iterator[Metric]:
         cur = GaugeMetricFamily("vlm_current_batch_size", "Batch size published to the service", labels=GPU_SERVICE)
         opt = GaugeMetricFamily("vlm_optimal_batch_size", "Computed optimal batch size before the strategy factor",
                                 labels=GPU_SERVICE)
         for (index, service), svc in sorted(self.engine.state.services.items()):
-            labels = [str(index), self._uuid(index), service]
+            labels = [*self._labels(index), service]
             cur.add_metric(labels, float(svc.batch_size))
             opt.add_metric(labels, float(svc.optimal))
         yield cur
@@ -216,17 +230,17 @@ class OptimizerCollector(Collector):
         present = sorted({g.index for g in self.engine.snapshot.gpus}) if self.engine.snapshot else []
         for index in present:
             c = self.engine.counters[index]
-            uuid = self._uuid(index)
+            labels = self._labels(index)
             for key in fams:
                 counts = getattr(c, key)
                 # every known trigger from zero, so rates and ratios have series before the first event
                 for trigger in sorted(set(TRIGGERS) | set(counts)):
-                    fams[key].add_metric([str(index), uuid, trigger], float(counts.get(trigger, 0)))
+                    fams[key].add_metric([*labels, trigger], float(counts.get(trigger, 0)))
             # every current service from 0, so that increase() sees its first change
             services = sorted(name for gi, name in self.engine.state.services if gi == index)
             for service in services:
-                changes.add_metric([str(index), uuid, service], float(c.batch_changes.get(service, 0)))
-            freed.add_metric([str(index), uuid], float(c.freed_bytes))
+                changes.add_metric([*labels, service], float(c.batch_changes.get(service, 0)))
+            freed.add_metric(labels, float(c.freed_bytes))
         yield from fams.values()
         yield changes
         yield freed

@@ -224,7 +224,7 @@ async def test_oom_report_lowers_the_batch_at_once(make_api: MakeApi) -> None:
     assert polled["batch_size"] == 7
     assert polled["reason"] == body["reason"]
     metrics = await a.metrics()
-    assert f'vlm_current_batch_size{{gpu="0",service="svc-a",uuid="{uuid_of(0)}"}} 7.0' in metrics
+    assert f'vlm_current_batch_size{{gpu="0",gpu_instance_id="",mig_uuid="",profile="",service="svc-a",uuid="{uuid_of(0)}"}} 7.0' in metrics
 
 
 async def test_report_for_an_unknown_gpu(make_api: MakeApi) -> None:
@@ -531,9 +531,9 @@ async def test_metrics_endpoint(api: Api) -> None:
     assert resp.status == 200
     assert resp.content_type == "text/plain"
     text = await resp.text()
-    assert f'vlm_memory_usage_percent{{gpu="0",uuid="{uuid_of(0)}"}} 25.0' in text
+    assert f'vlm_memory_usage_percent{{gpu="0",gpu_instance_id="",mig_uuid="",profile="",uuid="{uuid_of(0)}"}} 25.0' in text
     assert "# TYPE vlm_memory_usage_percent gauge" in text
-    assert f'vlm_current_batch_size{{gpu="0",service="svc-a",uuid="{uuid_of(0)}"}} 4.0' in text
+    assert f'vlm_current_batch_size{{gpu="0",gpu_instance_id="",mig_uuid="",profile="",service="svc-a",uuid="{uuid_of(0)}"}} 4.0' in text
     assert "vlm_optimizer_sample_duration_seconds_count 1.0" in text
 
 

@@ -38,7 +38,7 @@ class Rig:
         return self.value(name, labels) or 0.0
 
     def gpu(self, i: int, **extra: str) -> dict[str, str]:
-        return {"gpu": str(i), "uuid": uuid_of(i), **extra}
+        return {"gpu": str(i), "uuid": uuid_of(i), "mig_uuid": "", "gpu_instance_id": "", "profile": "", **extra}
 
 
 def sample_names(registry: CollectorRegistry) -> set[str]:
@@ -97,9 +97,9 @@ async def test_label_names() -> None:
     labels_of: dict[str, set[frozenset[str]]] = {}
     for name, labels, _ in series(r.registry):
         labels_of.setdefault(name, set()).add(frozenset(labels))
-    gpu = frozenset({"gpu", "uuid"})
-    gpu_service = frozenset({"gpu", "uuid", "service"})
-    gpu_trigger = frozenset({"gpu", "uuid", "trigger"})
+    gpu = frozenset({"gpu", "uuid", "mig_uuid", "gpu_instance_id", "profile"})  # MIG labels empty on a whole GPU
+    gpu_service = gpu | {"service"}
+    gpu_trigger = gpu | {"trigger"}
     for m in ("vlm_memory_usage_percent", "vlm_memory_total_bytes", "vlm_memory_used_bytes", "vlm_memory_free_bytes",
               "vlm_gpu_utilization_percent", "vlm_gpu_temperature_celsius", "vlm_gpu_power_usage_watts",
               "vlm_memory_fragmentation_percent", "vlm_memory_freed_bytes_total", "vlm_gpu_up",
@@ -116,7 +116,8 @@ async def test_render_gives_text_exposition(rig: Rig) -> None:
     await rig.tick()
     payload, content_type = render(rig.registry)
     assert content_type.startswith("text/plain")
-    assert b'vlm_memory_usage_percent{gpu="0",uuid="' + uuid_of(0).encode() + b'"} 25.0' in payload
+    assert (b'vlm_memory_usage_percent{gpu="0",gpu_instance_id="",mig_uuid="",profile="",uuid="'
+            + uuid_of(0).encode() + b'"} 25.0') in payload
 
 
 # --------------------------------------------------------------------------- values
@@ -355,7 +356,7 @@ async def test_first_events_are_visible_to_increase() -> None:
     r.engine.poll("svc", 0, r.clock())
     await r.tick()
     assert r.registry.get_sample_value("vlm_batch_size_optimizations_total",
-                                       {"gpu": "0", "uuid": uuid_of(0), "service": "svc"}) == 0.0
+                                       r.gpu(0, service="svc")) == 0.0
     for gpu in ("0", "1"):
         assert r.registry.get_sample_value("vlm_optimizer_sample_errors_total", {"gpu": gpu}) == 0.0
     r.backend.failed.add(1)

@@ -18,7 +18,7 @@ import pynvml
 import pytest
 
 from optimizer.gpu.nvml import NvmlBackend
-from optimizer.gpu.types import BackendError, GpuProcess, GpuSample
+from optimizer.gpu.types import BackendError, GpuProcess, GpuSample, mig_index
 
 GIB = 1024**3
 MIB = 1024**2
@@ -35,6 +35,11 @@ INIT = "nvmlInit"
 SHUTDOWN = "nvmlShutdown"
 COUNT = "nvmlDeviceGetCount"
 HANDLE = "nvmlDeviceGetHandleByIndex"
+# MIG
+MIG_MODE = "nvmlDeviceGetMigMode"
+MIG_COUNT = "nvmlDeviceGetMaxMigDeviceCount"
+MIG_HANDLE = "nvmlDeviceGetMigDeviceHandleByIndex"
+MIG_ATTRIBUTES = "nvmlDeviceGetAttributes_v2"
 
 # Per-device functions the backend calls on every sample, besides memory info.
 FIELD_FUNCTIONS = (TEMPERATURE, POWER, POWER_LIMIT, UTILIZATION, PROCESSES)
@@ -55,10 +60,32 @@ class FakeGpu:
     utilization_gpu: int = 30
     utilization_memory: int = 10
     processes: list[tuple[int, int | None]] = field(default_factory=list)
+    # MIG (see the MIG block of FakeNvml): None = a board without MIG (nvmlDeviceGetMigMode: NotSupported)
+    mig_mode: int | None = None
+    mig_slots: list[FakeMig | None] = field(default_factory=list)  # None: an empty slot (NOT_FOUND)
 
     @property
     def free(self) -> int:
         return self.total - self.used - self.reserved
+
+
+@dataclass
+class FakeMig(FakeGpu):
+    """One MIG device of a fake board: its own memory, UUID and processes; the attributes' counts."""
+
+    gpu_instance_id: int = 1
+    compute_instance_id: int = 0
+    gi_slices: int = 1
+    ci_slices: int = 1
+    memory_mb: int = 9728  # what nvmlDeviceGetAttributes' memorySizeMB says of a 1g.10gb on an 80 GB A100
+
+
+@dataclass(frozen=True)
+class FakeMigHandle:
+    """Stands for the ``c_nvmlDevice_t`` of a MIG device: its parent and slot."""
+
+    parent: int
+    slot: int
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,8 @@ class FakeNvml(ModuleType):
         self.NVMLLibraryMismatchError = pynvml.NVMLLibraryMismatchError
         self.NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
         self.nvmlMemory_v2 = pynvml.nvmlMemory_v2
+        self.NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+        self.NVML_DEVICE_MIG_DISABLE = pynvml.NVML_DEVICE_MIG_DISABLE
 
     # -- test helpers --------------------------------------------------------------------------
 
@@ -106,6 +135,8 @@ class FakeNvml(ModuleType):
             raise pynvml.NVMLError(code)
 
     def _gpu(self, handle: object) -> tuple[int, FakeGpu]:
+        if isinstance(handle, FakeMigHandle):  # MIG: errors keyed by the MIG device's entry index
+            return self._mig(handle)
         if not isinstance(handle, FakeHandle):
             raise TypeError(f"expected a device handle, got {handle!r}")
         return handle.index, self.gpus[handle.index]
@@ -193,6 +224,79 @@ class FakeNvml(ModuleType):
                 obj.usedGpuMemory = None
             out.append(obj)
         return out
+
+
+    # -- MIG (the real names: nvmlDeviceGetMigMode, ...; kept apart from the other blocks) ----------
+
+    def _mig(self, handle: FakeMigHandle) -> tuple[int, FakeGpu]:
+        parent = self.gpus[handle.parent]
+        m = parent.mig_slots[handle.slot]
+        assert m is not None, "a handle of an empty slot is never handed out"
+        return mig_index(handle.parent, m.gpu_instance_id, m.compute_instance_id), m
+
+    def _parent(self, handle: object, function: str) -> tuple[int, FakeGpu]:
+        if isinstance(handle, FakeMigHandle):  # the real library answers INVALID_ARGUMENT on a MIG handle
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        i, gpu = self._gpu(handle)
+        self._call(function, i)
+        return i, gpu
+
+    def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:
+        i, gpu = self._parent(handle, MIG_MODE)
+        if gpu.mig_mode is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [gpu.mig_mode, gpu.mig_mode]  # [current, pending], as the real wrapper returns
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
+        i, gpu = self._parent(handle, MIG_COUNT)
+        if gpu.mig_mode is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return len(gpu.mig_slots)
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeMigHandle:
+        i, gpu = self._parent(handle, MIG_HANDLE)
+        if not 0 <= index < len(gpu.mig_slots):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if gpu.mig_slots[index] is None or gpu.mig_mode != pynvml.NVML_DEVICE_MIG_ENABLE:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return FakeMigHandle(i, index)
+
+    def _mig_only(self, handle: object, function: str) -> FakeMig:
+        if not isinstance(handle, FakeMigHandle):  # the real library: INVALID_ARGUMENT on a whole GPU
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        key, m = self._mig(handle)
+        self._call(function, key)
+        assert isinstance(m, FakeMig)
+        return m
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeMigHandle) -> int:
+        return self._mig_only(handle, "nvmlDeviceGetGpuInstanceId").gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, handle: FakeMigHandle) -> int:
+        return self._mig_only(handle, "nvmlDeviceGetComputeInstanceId").compute_instance_id
+
+    def nvmlDeviceGetAttributes(self, handle: FakeMigHandle) -> Any:
+        m = self._mig_only(handle, MIG_ATTRIBUTES)
+        return pynvml.c_nvmlDeviceAttributes(multiprocessorCount=14 * m.gi_slices, gpuInstanceSliceCount=m.gi_slices,
+                                             computeInstanceSliceCount=m.ci_slices, memorySizeMB=m.memory_mb)
+
+
+def mig_device(uuid: str, profile: str, gi: int, used: int, *, ci: int = 0) -> FakeMig:
+    """A MIG device of an 80 GB A100 as NVML reports it (memory sizes of the real profiles)."""
+    slices, memory_mb = {"1g.10gb": (1, 9728), "3g.40gb": (3, 40192), "7g.80gb": (7, 81152)}[profile]
+    return FakeMig(uuid=uuid, name=f"NVIDIA A100-SXM4-80GB MIG {profile}", total=memory_mb * MIB, used=used,
+                   reserved=0, processes=[(3000 + gi, used)] if used else [], gpu_instance_id=gi,
+                   compute_instance_id=ci, gi_slices=slices, ci_slices=slices, memory_mb=memory_mb)
+
+
+def mig_gpu() -> FakeGpu:
+    """The done-when board: an 80 GB A100 in MIG mode with 2 x 1g.10gb and 1 x 3g.40gb (and empty slots)."""
+    return FakeGpu(uuid="GPU-mmmm", name="NVIDIA A100-SXM4-80GB", total=80 * GIB, used=0, reserved=0,
+                   temperature_c=52, power_mw=210_000, power_limit_mw=400_000, utilization_gpu=0,
+                   mig_mode=pynvml.NVML_DEVICE_MIG_ENABLE,
+                   mig_slots=[mig_device("MIG-1111", "3g.40gb", 2, 20 * GIB), None,
+                              mig_device("MIG-2222", "1g.10gb", 7, 3 * GIB),
+                              mig_device("MIG-3333", "1g.10gb", 8, 0), None, None, None])
 
 
 def three_gpus() -> list[FakeGpu]:
@@ -672,3 +776,131 @@ def test_mixed_failures_in_one_sample(fake: FakeNvml, backend: NvmlBackend) -> N
     assert partial.memory_used_bytes == fake.gpus[1].used + fake.gpus[1].reserved
     assert partial.temperature_celsius == 67.0
     assert broken.failed and broken.error == "Unknown Error"
+
+
+# -- MIG ---------------------------------------------------------------------------------------------
+
+
+def test_mig_names_match_the_real_library() -> None:
+    from optimizer.gpu import nvml as mod
+
+    assert mod.NVML_ERROR_NOT_FOUND == pynvml.NVML_ERROR_NOT_FOUND
+    assert mod.NVML_DEVICE_MIG_ENABLE == pynvml.NVML_DEVICE_MIG_ENABLE
+    for name in (MIG_MODE, MIG_COUNT, MIG_HANDLE, "nvmlDeviceGetGpuInstanceId", "nvmlDeviceGetComputeInstanceId",
+                 "nvmlDeviceGetAttributes"):
+        assert callable(getattr(pynvml, name)) and callable(getattr(FakeNvml, name))
+    assert {"gpuInstanceSliceCount", "computeInstanceSliceCount", "memorySizeMB"} <= {
+        f[0] for f in pynvml.c_nvmlDeviceAttributes._fields_}
+
+
+@pytest.mark.parametrize(("gi", "ci", "memory_mb", "parent_gib", "expected"), [
+    (1, 1, 9728, 80, "1g.10gb"), (2, 2, 19968, 80, "2g.20gb"), (3, 3, 40192, 80, "3g.40gb"),
+    (4, 4, 40192, 80, "4g.40gb"), (7, 7, 81152, 80, "7g.80gb"), (1, 1, 4864, 40, "1g.5gb"),
+    (3, 1, 40192, 80, "1c.3g.40gb"),
+])
+def test_mig_profile_names(gi: int, ci: int, memory_mb: int, parent_gib: int, expected: str) -> None:
+    from optimizer.gpu.nvml import mig_profile
+
+    assert mig_profile(gi, ci, memory_mb, parent_gib * GIB) == expected
+
+
+def test_mig_devices_are_entries_of_their_own() -> None:
+    fake = FakeNvml([three_gpus()[2], mig_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    samples = backend.sample(now=10.0)
+    assert [s.uuid for s in samples] == ["GPU-cccc", "MIG-1111", "MIG-2222", "MIG-3333"]  # no parent entry
+    whole, big, small, idle = samples
+    assert not whole.is_mig and whole.index == 0 and whole.mig_profile is None and whole.parent_uuid is None
+    parent = fake.gpus[1]
+    for s, slot in ((big, 0), (small, 2), (idle, 3)):
+        m = parent.mig_slots[slot]
+        assert isinstance(m, FakeMig)
+        assert s.failed is False and s.is_mig
+        assert s.index == mig_index(1, m.gpu_instance_id, m.compute_instance_id)
+        assert (s.parent_index, s.parent_uuid) == (1, "GPU-mmmm")
+        assert (s.gpu_instance_id, s.compute_instance_id) == (m.gpu_instance_id, 0)
+        assert s.memory_total_bytes == m.total and s.memory_used_bytes == m.used
+        assert s.temperature_celsius == 52.0 and s.power_usage_watts == pytest.approx(210.0)  # the parent's
+        assert s.processes == tuple(GpuProcess(pid=p, used_memory_bytes=u) for p, u in m.processes)
+    assert (big.mig_profile, small.mig_profile, idle.mig_profile) == ("3g.40gb", "1g.10gb", "1g.10gb")
+    assert small.memory_total_bytes == 9728 * MIB and big.memory_total_bytes == 40192 * MIB
+    assert (small.mig_selector, big.mig_selector) == ("1:7", "1:2")
+    # identity is read once per MIG device, not on every sample
+    backend.sample(now=15.0)
+    assert fake.count("nvmlDeviceGetGpuInstanceId") == 3
+    assert len({s.index for s in samples}) == 4
+
+
+def test_mig_indexes_are_stable_across_restarts_and_never_whole_gpu_indexes() -> None:
+    first = [s.index for s in NvmlBackend(nvml=FakeNvml([mig_gpu()])).sample(now=1.0)]
+    again = [s.index for s in NvmlBackend(nvml=FakeNvml([mig_gpu()])).sample(now=2.0)]
+    assert first == again == [mig_index(0, 2, 0), mig_index(0, 7, 0), mig_index(0, 8, 0)]
+    assert all(i > 1023 for i in first)
+
+
+def test_mig_profile_from_the_name_when_attributes_are_unsupported() -> None:
+    fake = FakeNvml([mig_gpu()])
+    for key in (mig_index(0, 2, 0), mig_index(0, 7, 0), mig_index(0, 8, 0)):
+        fake.fail(key, MIG_ATTRIBUTES, pynvml.NVML_ERROR_NOT_SUPPORTED)
+    samples = NvmlBackend(nvml=fake).sample(now=1.0)
+    assert [s.mig_profile for s in samples] == ["3g.40gb", "1g.10gb", "1g.10gb"]
+
+
+def test_mig_utilisation_unsupported_is_none() -> None:
+    fake = FakeNvml([mig_gpu()])
+    fake.fail(0, UTILIZATION, pynvml.NVML_ERROR_NOT_SUPPORTED)
+    samples = NvmlBackend(nvml=fake).sample(now=1.0)
+    assert len(samples) == 3 and all(s.utilization_percent is None and not s.failed for s in samples)
+
+
+def test_mig_mode_off_on_a_mig_board_is_one_whole_gpu() -> None:
+    gpu = mig_gpu()
+    gpu.mig_mode = pynvml.NVML_DEVICE_MIG_DISABLE
+    samples = NvmlBackend(nvml=FakeNvml([gpu])).sample(now=1.0)
+    assert [(s.index, s.uuid, s.memory_total_bytes, s.is_mig) for s in samples] == [(0, "GPU-mmmm", 80 * GIB, False)]
+
+
+def test_mig_repartitioned_at_run_time_is_followed() -> None:
+    fake = FakeNvml([mig_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    assert len(backend.sample(now=1.0)) == 3
+    fake.gpus[0].mig_slots[2] = None  # an operator destroyed one 1g.10gb instance
+    assert [s.uuid for s in backend.sample(now=2.0)] == ["MIG-1111", "MIG-3333"]
+    fake.gpus[0].mig_slots = [None] * 7  # ... then all of them: nothing to size on
+    assert backend.sample(now=3.0) == []
+
+
+def test_a_mig_device_whose_memory_fails_is_failed_alone() -> None:
+    fake = FakeNvml([mig_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    backend.sample(now=1.0)
+    fake.fail(mig_index(0, 7, 0), MEM_V2, pynvml.NVML_ERROR_UNKNOWN)
+    samples = backend.sample(now=2.0)
+    assert [(s.uuid, s.failed) for s in samples] == [("MIG-1111", False), ("MIG-2222", True), ("MIG-3333", False)]
+    failed = samples[1]
+    assert failed.error and failed.mig_profile == "1g.10gb" and failed.parent_uuid == "GPU-mmmm"
+
+
+def test_a_lost_mig_parent_fails_every_instance_and_recovers() -> None:
+    fake = FakeNvml([mig_gpu(), three_gpus()[2]])
+    backend = NvmlBackend(nvml=fake)
+    healthy = backend.sample(now=1.0)
+    fake.fail(0, MIG_MODE, pynvml.NVML_ERROR_GPU_IS_LOST)
+    lost = backend.sample(now=2.0)
+    assert [(s.index, s.failed) for s in lost] == [(s.index, s.index != 1) for s in healthy]
+    assert all("lost" in (s.error or "") for s in lost[:3]) and lost[3].uuid == "GPU-cccc"
+    fake.heal(0, MIG_MODE)
+    assert [s.failed for s in backend.sample(now=3.0)] == [False] * 4
+
+
+def test_an_empty_slot_error_other_than_not_found_fails_the_parent() -> None:
+    fake = FakeNvml([mig_gpu()])
+    fake.fail(0, MIG_HANDLE, pynvml.NVML_ERROR_UNKNOWN)
+    samples = NvmlBackend(nvml=fake).sample(now=1.0)
+    assert [(s.index, s.uuid, s.failed) for s in samples] == [(0, "GPU-mmmm", True)]
+
+
+def test_a_pynvml_without_the_mig_functions_reads_whole_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(FakeNvml, MIG_MODE)  # as a library older than MIG: no such name
+    samples = NvmlBackend(nvml=FakeNvml(three_gpus())).sample(now=1.0)
+    assert [(s.uuid, s.failed) for s in samples] == [("GPU-aaaa", False), ("GPU-bbbb", False), ("GPU-cccc", False)]

@@ -241,7 +241,8 @@ async def set_batch_size(request: web.Request) -> web.Response:
     except InvalidInput as exc:
         return _bad(exc)
     except UnknownGpu as exc:
-        return _json({"error": f"gpu: {exc}", "field": "gpu", "available": exc.available}, status=400)
+        return _json({"error": f"gpu: {exc}", "field": "gpu", "available": exc.available,
+                      "selectors": exc.selectors}, status=400)
     _audit(request, "set_batch_size", service=service, gpu=d.gpu_index, ttl_s=ttl,
            old=None if old is None else old.override, new=batch, published=d.batch_size)
     return _json(d.to_dict())
@@ -260,7 +261,8 @@ async def clear_batch_size(request: web.Request) -> web.Response:
     except InvalidInput as exc:
         return _bad(exc)
     except UnknownGpu as exc:
-        return _json({"error": f"gpu: {exc}", "parameter": "gpu", "available": exc.available}, status=400)
+        return _json({"error": f"gpu: {exc}", "parameter": "gpu", "available": exc.available,
+                      "selectors": exc.selectors}, status=400)
     if d is None:
         return _json({"error": f"service: {service!r} is not known on that GPU", "parameter": "service"}, status=404)
     _audit(request, "clear_batch_size", service=service, gpu=d.gpu_index, old=old, new=None)

@@ -39,7 +39,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
-    return _json({"error": f"gpu: {exc}", kind: "gpu", "available": exc.available}, status=400)
+    return _json({"error": f"gpu: {exc}", kind: "gpu", "available": exc.available, "selectors": exc.selectors},
+                 status=400)
 
 
 def _decision_response(request: web.Request, d: Decision) -> web.Response:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from optimizer.gpu.types import GpuSample
+from optimizer.gpu.types import MAX_GPU_INDEX, MIG_SELECTOR_RE, GpuSample
 from optimizer.policy.types import Event
 from optimizer.values import SERVICE_RE, SERVICE_RULE
 
@@ -50,22 +50,30 @@ def parse_pod(value: Any, name: str = "pod", kind: str = "parameter") -> str | N
     return value
 
 
+GPU_RULE = ("a GPU index (0, 1, ...), a UUID (GPU-..., MIG-...) or a MIG device as parent:instance "
+            "(e.g. 0:1: GPU 0, GPU instance 1)")
+
+
 def parse_gpu(value: Any, name: str = "gpu", kind: str = "parameter") -> int | str | None:
-    """A GPU index (non-negative integer) or UUID (``GPU-...``/``MIG-...``); ``None`` when absent."""
+    """A GPU index, a UUID (``GPU-...``/``MIG-...``) or ``parent:gi[:ci]`` (a MIG device); ``None`` when absent.
+
+    Indexes go up to :data:`MAX_GPU_INDEX`: a MIG device's index (docs/architecture.md, "MIG") is
+    what ``/batch-size`` answers, and a service may send it back.
+    """
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise InvalidInput(name, "must be a GPU index (0, 1, ...) or UUID (GPU-...)", kind=kind)
+        raise InvalidInput(name, f"must be {GPU_RULE}", kind=kind)
     if isinstance(value, int):
-        if value < 0 or value > 1023:
-            raise InvalidInput(name, f"must be a GPU index in [0, 1023], got {value}", kind=kind)
+        if value < 0 or value > MAX_GPU_INDEX:
+            raise InvalidInput(name, f"must be a GPU index in [0, {MAX_GPU_INDEX}], got {value}", kind=kind)
         return value
     if isinstance(value, str):
-        if re.fullmatch(r"[0-9]{1,4}", value):
+        if re.fullmatch(r"[0-9]{1,5}", value):
             return parse_gpu(int(value), name, kind)
-        if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}", value):
+        if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}", value) or MIG_SELECTOR_RE.fullmatch(value):
             return value
-    raise InvalidInput(name, f"must be a GPU index (0, 1, ...) or UUID (GPU-...), got {str(value)[:64]!r}", kind=kind)
+    raise InvalidInput(name, f"must be {GPU_RULE}, got {str(value)[:64]!r}", kind=kind)
 
 
 def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
@@ -187,6 +195,10 @@ def sample_dict(g: GpuSample) -> dict[str, Any]:
         "power_limit_watts": g.power_limit_watts,
         "utilization_percent": g.utilization_percent,
         "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in g.processes],
+        # MIG (null on a whole GPU): the parent, the instance IDs, the profile, the parent:instance selector
+        "mig": None if not g.is_mig else {
+            "parent_index": g.parent_index, "parent_uuid": g.parent_uuid, "gpu_instance_id": g.gpu_instance_id,
+            "compute_instance_id": g.compute_instance_id, "profile": g.mig_profile, "selector": g.mig_selector},
     }
 
 

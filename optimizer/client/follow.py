@@ -65,6 +65,8 @@ USER_AGENT: Final = "vlm-gpu-optimizer-client"
 # service fails at start-up rather than polling into 400s forever.
 _SERVICE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _GPU_UUID_RE: Final = re.compile(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}")
+_MIG_SELECTOR_RE: Final = re.compile(r"[0-9]{1,2}:[0-9]{1,2}(:[0-9]{1,2})?")  # parent:gpu_instance[:compute]
+_MAX_GPU_INDEX: Final = 66559  # a MIG device's index may exceed 1023 (docs/architecture.md, "MIG")
 
 Clock = Callable[[], float]
 OnChange = Callable[[int, dict[str, Any]], object]
@@ -482,10 +484,12 @@ class _Base:
         if gpu is not None:
             if isinstance(gpu, bool) or not isinstance(gpu, (int, str)):
                 raise ValueError(f"gpu: must be a GPU index or UUID, got {gpu!r:.64}")
-            if isinstance(gpu, int) and not 0 <= gpu <= 1023:
-                raise ValueError(f"gpu: must be a GPU index in [0, 1023], got {gpu}")
-            if isinstance(gpu, str) and not (re.fullmatch(r"[0-9]{1,4}", gpu) or _GPU_UUID_RE.fullmatch(gpu)):
-                raise ValueError(f"gpu: must be a GPU index (0, 1, ...) or UUID (GPU-..., MIG-...), got {gpu!r:.64}")
+            if isinstance(gpu, int) and not 0 <= gpu <= _MAX_GPU_INDEX:
+                raise ValueError(f"gpu: must be a GPU index in [0, {_MAX_GPU_INDEX}], got {gpu}")
+            if isinstance(gpu, str) and not (re.fullmatch(r"[0-9]{1,5}", gpu) or _GPU_UUID_RE.fullmatch(gpu)
+                                             or _MIG_SELECTOR_RE.fullmatch(gpu)):
+                raise ValueError(f"gpu: must be a GPU index (0, 1, ...), a UUID (GPU-..., MIG-...) or a MIG "
+                                 f"device as parent:instance (e.g. 0:1), got {gpu!r:.64}")
         self._interval = _check_float("interval", interval)
         if not _is_int(safe_batch_size) or safe_batch_size < 1:
             raise ValueError(f"safe_batch_size: must be an integer >= 1, got {safe_batch_size!r}")

@@ -10,20 +10,28 @@ Memory: NVML v2 memory info where the driver has it. v2 reports ``reserved`` (dr
 apart from ``used``; we publish ``memory_used_bytes = used + reserved`` so that it means the same
 as v1's ``used`` (``total - free``: what no process can allocate), and ``memory_reserved_bytes``
 alone. On a v1-only driver ``memory_reserved_bytes`` is unknown.
+
+MIG: a GPU whose current MIG mode is ``NVML_DEVICE_MIG_ENABLE`` is not an entry of its own (its
+memory is its instances'); each of its MIG devices (``nvmlDeviceGetMaxMigDeviceCount`` slots,
+``nvmlDeviceGetMigDeviceHandleByIndex``; ``NVML_ERROR_NOT_FOUND`` for an empty slot) is, with its
+own memory and UUID and the parent's temperature, power and utilisation (see :meth:`_mig_samples`).
+The devices are listed again on every sample, so a re-partitioned GPU is followed without a restart.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
 import structlog
 
-from optimizer.gpu.types import BackendError, GpuProcess, GpuSample
+from optimizer.gpu.types import BackendError, GpuProcess, GpuSample, mig_index
 
 log = structlog.get_logger(__name__)
 
@@ -32,9 +40,11 @@ T = TypeVar("T")
 # NVML return codes (from nvml.h); compared by value so that fakes need only NVMLError.value.
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
+NVML_DEVICE_MIG_ENABLE = 1  # nvmlDeviceGetMigMode's current mode when MIG is on
 
 _UNKNOWN_FIELD_CODES = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NO_PERMISSION, NVML_ERROR_FUNCTION_NOT_FOUND})
 _NO_V2_CODES = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_ARGUMENT_VERSION_MISMATCH})
@@ -51,6 +61,39 @@ class _Device:
     name: str
     handle: Any  # None while the device could not be opened; retried every sample
     memory_v2: bool = True
+    # MIG devices seen at the last listing (empty off MIG): failed in its place if the parent fails
+    mig: list[_MigDevice] = field(default_factory=list)
+
+
+@dataclass
+class _MigDevice:
+    """One MIG device (a compute instance of a GPU instance) of a parent GPU."""
+
+    index: int  # mig_index(parent, gpu instance, compute instance)
+    uuid: str
+    name: str
+    handle: Any
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str | None
+    memory_v2: bool = True
+
+
+_PROFILE_IN_NAME = re.compile(r"(?:[0-9]+c\.)?[0-9]+g\.[0-9]+gb")
+
+
+def mig_profile(gi_slices: int, ci_slices: int, memory_mb: int, parent_total_bytes: int) -> str:
+    """The MIG profile name ("1g.10gb", "1c.3g.40gb") from ``nvmlDeviceGetAttributes``' counts.
+
+    As NVIDIA's go-nvlib names profiles (what the device plugin's ``nvidia.com/mig-<profile>`` resources
+    use): the memory is the instance's fraction of the parent, rounded up to eighths, times the parent's
+    memory in whole GiB; a compute instance smaller than its GPU instance is prefixed ``<n>c.``.
+    """
+    gib = 1024**3
+    fraction = math.ceil(memory_mb * 1024**2 / parent_total_bytes * 8) / 8
+    memory_gb = round(fraction * ((parent_total_bytes + gib - 1) // gib))
+    base = f"{gi_slices}g.{memory_gb}gb"
+    return base if ci_slices == gi_slices else f"{ci_slices}c.{base}"
 
 
 def _text(value: Any) -> str:
@@ -109,7 +152,7 @@ class NvmlBackend:
                 raise GpuLost(str(exc)) from exc
             raise
 
-    def _memory(self, dev: _Device) -> tuple[int, int, int, int | None]:
+    def _memory(self, dev: _Device | _MigDevice) -> tuple[int, int, int, int | None]:
         """(total, used incl. reserved, free, reserved or None), in bytes."""
         nvml = self._nvml
         if dev.memory_v2 and hasattr(nvml, "nvmlMemory_v2"):
@@ -131,7 +174,7 @@ class NvmlBackend:
             raise
         return int(m.total), int(m.used), int(m.free), None
 
-    def _processes(self, dev: _Device) -> tuple[GpuProcess, ...]:
+    def _processes(self, dev: _Device | _MigDevice) -> tuple[GpuProcess, ...]:
         mismatch = getattr(self._nvml, "NVMLLibraryMismatchError", None)
         try:
             procs = self._query(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(dev.handle))
@@ -182,17 +225,131 @@ class NvmlBackend:
                     if dev.handle is None:
                         dev = self._devices[i] = self._open(dev.index)
                         log.info("gpu_opened", gpu=dev.index, uuid=dev.uuid)
-                    out.append(self._read(dev, now))
+                    if self._mig_enabled(dev):
+                        out.extend(self._mig_samples(dev, now))
+                    else:
+                        dev.mig = []
+                        out.append(self._read(dev, now))
                 except GpuLost as exc:
                     log.error("gpu_lost", gpu=dev.index, uuid=dev.uuid, error=str(exc))
-                    out.append(self._failed(dev, now, f"GPU is lost: {exc}"))
+                    out.extend(self._failed_entries(dev, now, f"GPU is lost: {exc}"))
                 except self._nvml.NVMLError as exc:
                     log.warning("gpu_sample_failed", gpu=dev.index, uuid=dev.uuid, error=str(exc))
-                    out.append(self._failed(dev, now, str(exc)))
+                    out.extend(self._failed_entries(dev, now, str(exc)))
                 except Exception as exc:  # noqa: BLE001 - last resort: one device, never the sample
                     log.error("gpu_sample_error", gpu=dev.index, uuid=dev.uuid, error=repr(exc))
-                    out.append(self._failed(dev, now, repr(exc)))
+                    out.extend(self._failed_entries(dev, now, repr(exc)))
         return out
+
+    # -- MIG ---------------------------------------------------------------------------------------
+
+    def _mig_enabled(self, dev: _Device) -> bool:
+        """MIG mode is on now (the current mode, not a pending one). Unsupported (no MIG board): off."""
+        nvml = self._nvml
+        if not hasattr(nvml, "nvmlDeviceGetMigMode"):  # a pynvml older than MIG: no MIG to see
+            return False
+        mode = self._query(lambda: nvml.nvmlDeviceGetMigMode(dev.handle))
+        return mode is not None and int(mode[0]) == NVML_DEVICE_MIG_ENABLE
+
+    def _list_mig(self, dev: _Device) -> list[_MigDevice]:
+        """The parent's MIG devices; the ones already known (by UUID) keep their identity and profile."""
+        nvml = self._nvml
+        h = dev.handle
+        known = {m.uuid: m for m in dev.mig}
+        slots = self._query(lambda: nvml.nvmlDeviceGetMaxMigDeviceCount(h)) or 0
+        parent_total: int | None = None
+        found: list[_MigDevice] = []
+        for slot in range(int(slots)):
+            try:
+                mh = nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
+            except nvml.NVMLError as exc:
+                code = getattr(exc, "value", None)
+                if code == NVML_ERROR_NOT_FOUND:  # an empty slot
+                    continue
+                if code == NVML_ERROR_GPU_IS_LOST:
+                    raise GpuLost(str(exc)) from exc
+                raise
+            uuid = _text(nvml.nvmlDeviceGetUUID(mh))
+            m = known.get(uuid)
+            if m is not None:
+                m.handle = mh
+                found.append(m)
+                continue
+            gi = int(nvml.nvmlDeviceGetGpuInstanceId(mh))
+            ci = int(nvml.nvmlDeviceGetComputeInstanceId(mh))
+            name = _text(nvml.nvmlDeviceGetName(mh))
+            if parent_total is None:
+                parent_total = self._memory(dev)[0]
+            m = _MigDevice(index=mig_index(dev.index, gi, ci), uuid=uuid, name=name, handle=mh,
+                           gpu_instance_id=gi, compute_instance_id=ci, profile=self._profile(mh, name, parent_total))
+            log.info("mig_device_found", gpu=m.index, parent=dev.index, uuid=uuid, gpu_instance_id=gi,
+                     compute_instance_id=ci, profile=m.profile)
+            found.append(m)
+        found.sort(key=lambda m: m.index)
+        return found
+
+    def _profile(self, handle: Any, name: str, parent_total: int) -> str | None:
+        """The profile from the device's attributes (slice counts, memory); else from its name; else None."""
+        nvml = self._nvml
+        attrs = self._query(lambda: nvml.nvmlDeviceGetAttributes(handle))
+        if attrs is not None and parent_total > 0 and int(attrs.gpuInstanceSliceCount) > 0:
+            return mig_profile(int(attrs.gpuInstanceSliceCount), int(attrs.computeInstanceSliceCount),
+                               int(attrs.memorySizeMB), parent_total)
+        match = _PROFILE_IN_NAME.search(name)
+        return match.group(0) if match else None
+
+    def _mig_samples(self, dev: _Device, now: float) -> list[GpuSample]:
+        """One sample per MIG device: its own memory and processes, the parent's sensors.
+
+        A MIG device whose memory cannot be read is failed alone; a lost parent fails them all.
+        NVML does not report utilisation per MIG device (nor, on most boards, for a parent in MIG
+        mode: ``NotSupported``, so ``None``).
+        """
+        nvml = self._nvml
+        h = dev.handle
+        dev.mig = self._list_mig(dev)
+        if not dev.mig:
+            log.warning("mig_enabled_without_instances", gpu=dev.index, uuid=dev.uuid,
+                        detail="MIG mode is on but no GPU instance exists: nothing to size on this GPU")
+            return []
+        temp = self._query(lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
+        power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(h))
+        limit_mw = self._query(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(h))
+        util = self._query(lambda: nvml.nvmlDeviceGetUtilizationRates(h))
+        out = []
+        for m in dev.mig:
+            try:
+                total, used, free, reserved = self._memory(m)
+                processes = self._processes(m)
+            except nvml.NVMLError as exc:
+                log.warning("mig_sample_failed", gpu=m.index, uuid=m.uuid, parent=dev.index, error=str(exc))
+                out.append(self._failed_mig(dev, m, now, str(exc)))
+                continue
+            out.append(GpuSample(
+                index=m.index, uuid=m.uuid, name=m.name, timestamp=now,
+                memory_total_bytes=total, memory_used_bytes=used, memory_free_bytes=free,
+                memory_reserved_bytes=reserved,
+                temperature_celsius=None if temp is None else float(temp),
+                power_usage_watts=None if power_mw is None else power_mw / 1000.0,
+                power_limit_watts=None if limit_mw is None else limit_mw / 1000.0,
+                utilization_percent=None if util is None else float(util.gpu),
+                processes=processes,
+                parent_index=dev.index, parent_uuid=dev.uuid, gpu_instance_id=m.gpu_instance_id,
+                compute_instance_id=m.compute_instance_id, mig_profile=m.profile,
+            ))
+        return out
+
+    @staticmethod
+    def _failed_mig(dev: _Device, m: _MigDevice, now: float, error: str) -> GpuSample:
+        return GpuSample(index=m.index, uuid=m.uuid, name=m.name, timestamp=now, failed=True, error=error,
+                         parent_index=dev.index, parent_uuid=dev.uuid, gpu_instance_id=m.gpu_instance_id,
+                         compute_instance_id=m.compute_instance_id, mig_profile=m.profile)
+
+    def _failed_entries(self, dev: _Device, now: float, error: str) -> list[GpuSample]:
+        """A failing GPU's entries: its MIG devices as last listed, else the GPU itself."""
+        if dev.mig:
+            return [self._failed_mig(dev, m, now, error) for m in dev.mig]
+        return [self._failed(dev, now, error)]
 
     @staticmethod
     def _failed(dev: _Device, now: float, error: str) -> GpuSample:

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
+
+# -- MIG identity -------------------------------------------------------------------------------
+# A whole GPU's entry has index = its NVML index (0-1023). A MIG device (one compute instance of
+# one GPU instance) has index = MIG_INDEX_BASE * (parent + 1) + 32 * gpu_instance_id + compute_instance_id:
+# it depends only on the parent's NVML index and the instance IDs NVML assigns (stable until an
+# operator re-partitions the GPU), so state persisted under it survives restarts, and it can never
+# equal a whole GPU's index. GPU instance and compute instance IDs are below 32 on every MIG GPU.
+MIG_INDEX_BASE = 1024
+MIG_MAX_PARENTS = 64
+MIG_ID_LIMIT = 32
+#: The largest entry index: the last MIG slot of parent 63.
+MAX_GPU_INDEX = MIG_INDEX_BASE * (MIG_MAX_PARENTS + 1) - 1
+#: ``parent:gpu_instance`` or ``parent:gpu_instance:compute_instance``, e.g. ``0:1``.
+MIG_SELECTOR_RE = re.compile(r"([0-9]{1,2}):([0-9]{1,2})(?::([0-9]{1,2}))?")
+
+
+def mig_index(parent_index: int, gpu_instance_id: int, compute_instance_id: int) -> int:
+    """The stable entry index of a MIG device (see above). Raises ValueError out of range."""
+    if not 0 <= parent_index < MIG_MAX_PARENTS:
+        raise ValueError(f"MIG parent index must be in [0, {MIG_MAX_PARENTS - 1}], got {parent_index}")
+    if not (0 <= gpu_instance_id < MIG_ID_LIMIT and 0 <= compute_instance_id < MIG_ID_LIMIT):
+        raise ValueError(f"MIG instance IDs must be in [0, {MIG_ID_LIMIT - 1}], "
+                         f"got {gpu_instance_id}/{compute_instance_id}")
+    return MIG_INDEX_BASE * (parent_index + 1) + MIG_ID_LIMIT * gpu_instance_id + compute_instance_id
 
 
 class BackendError(RuntimeError):
@@ -39,6 +64,27 @@ class GpuSample:
     processes: tuple[GpuProcess, ...] = ()
     failed: bool = False
     error: str | None = None
+    # -- MIG (all None on a whole GPU) ---------------------------------------------------------
+    # A MIG device is its own entry: its own memory and ``uuid`` (MIG-...); the parent's NVML index
+    # and UUID; the GPU-instance and compute-instance IDs; the profile (e.g. "1g.10gb").
+    # Temperature, power and utilisation on such an entry are the parent's.
+    parent_index: int | None = None
+    parent_uuid: str | None = None
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    mig_profile: str | None = None
+
+    @property
+    def is_mig(self) -> bool:
+        return self.parent_uuid is not None
+
+    @property
+    def mig_selector(self) -> str | None:
+        """``parent:gpu_instance`` (``parent:gi:ci`` past the first compute instance), or None."""
+        if self.parent_index is None or self.gpu_instance_id is None:
+            return None
+        base = f"{self.parent_index}:{self.gpu_instance_id}"
+        return base if not self.compute_instance_id else f"{base}:{self.compute_instance_id}"
 
     @property
     def usage_fraction(self) -> float | None:

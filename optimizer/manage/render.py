@@ -31,6 +31,10 @@ def _usage_percent(gpu: Mapping[str, Any]) -> Any:
 def gpu_lines(gpu: Mapping[str, Any]) -> list[str]:
     """A GPU as a block: memory used/total GiB and %, pressure, temperature, utilisation, cleanup epoch."""
     head = f"GPU {gpu.get('index')}  {gpu.get('name') or 'unknown'}  ({gpu.get('uuid') or 'no uuid'})"
+    mig = gpu.get("mig")
+    if isinstance(mig, Mapping):  # a MIG device: its place on the parent
+        head += (f"  MIG {mig.get('profile') or '?'} {mig.get('selector') or ''} on GPU {mig.get('parent_index')}"
+                 f" ({mig.get('parent_uuid') or 'no uuid'})")
     if gpu.get("failed"):
         return [head, f"  FAILED: {gpu.get('error') or 'no reading'}"]
     return [

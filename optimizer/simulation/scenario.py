@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import yaml
 
 from optimizer.config import ServiceProfile
+from optimizer.gpu.types import MIG_ID_LIMIT, MIG_MAX_PARENTS, MIG_SELECTOR_RE, mig_index
 
 
 OOM_MODES = ("recover", "crash")
@@ -35,6 +37,13 @@ class SimGpu:
     uuid: str | None = None
     slowdown_temperature_c: float = 90.0  # above it the clocks drop (thermal throttling)
     min_clock_fraction: float = 0.5  # the lowest clock throttling goes to, as a fraction of the full clock
+    # MIG: a scenario GPU with ``mig:`` becomes one SimGpu per instance (index: mig_index(parent, gi, 0),
+    # total_mb: the instance's memory); these say which parent it is on. None on a whole GPU.
+    parent_index: int | None = None
+    parent_uuid: str | None = None
+    parent_total_mb: float | None = None
+    gpu_instance_id: int | None = None
+    mig_profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,9 +217,53 @@ def _per_item_changes(field: str, raw: dict[str, Any]) -> tuple[tuple[float, flo
 
 def _check_keys(field: str, raw: dict[str, Any], cls: type) -> None:
     allowed = {f.name for f in dataclasses.fields(cls)}
+    if cls is SimGpu:  # the MIG fields are filled from ``mig:``, not written
+        allowed = (allowed - _MIG_INTERNAL) | {"mig"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ScenarioError(f"{field}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(allowed))}")
+
+
+_MIG_INTERNAL = frozenset({"parent_index", "parent_uuid", "parent_total_mb", "gpu_instance_id", "mig_profile"})
+_MIG_KEYS = ("profile", "memory_gb", "gpu_instance_id", "uuid")
+MIG_PROFILE_RE = re.compile(r"(?:[0-9]+c\.)?[0-9]+g\.([0-9]+)gb")
+
+
+def _mig_instances(f: str, g: dict[str, Any], whole: SimGpu) -> list[SimGpu]:
+    """The MIG instances a scenario GPU declares (``mig: [{profile: 1g.10gb, memory_gb: 10}, ...]``)."""
+    items = _mapping_list(g, "mig", f"{f}.mig")
+    if not items:
+        raise ScenarioError(f"{f}.mig", "must list at least one MIG instance (leave it out for a whole GPU)")
+    if whole.index >= MIG_MAX_PARENTS:
+        raise ScenarioError(f"{f}.index", f"a GPU with MIG instances must have an index in [0, {MIG_MAX_PARENTS - 1}]")
+    out: list[SimGpu] = []
+    seen: set[int] = set()
+    for j, m in enumerate(items):
+        mf = f"{f}.mig[{j}]"
+        unknown = sorted(set(m) - set(_MIG_KEYS))
+        if unknown:
+            raise ScenarioError(f"{mf}.{unknown[0]}", f"unknown field; allowed: {', '.join(_MIG_KEYS)}")
+        profile = m.get("profile")
+        match = MIG_PROFILE_RE.fullmatch(profile) if isinstance(profile, str) else None
+        if match is None:
+            raise ScenarioError(f"{mf}.profile", f"must be a MIG profile such as 1g.10gb or 3g.40gb, got {profile!r}")
+        memory_gb = _num(mf, m, "memory_gb", lo=0, hi=whole.total_mb / 1024, lo_open=True,
+                         default=float(match.group(1)))
+        gi = m.get("gpu_instance_id", j + 1)
+        if isinstance(gi, bool) or not isinstance(gi, int) or not 0 <= gi < MIG_ID_LIMIT or gi in seen:
+            raise ScenarioError(f"{mf}.gpu_instance_id", f"must be an integer in [0, {MIG_ID_LIMIT - 1}], unique "
+                                f"on the GPU, got {gi!r}")
+        seen.add(gi)
+        uuid = m.get("uuid")
+        if uuid is not None and not (isinstance(uuid, str) and uuid.startswith("MIG-")):
+            raise ScenarioError(f"{mf}.uuid", f"must be a MIG UUID (MIG-...), got {uuid!r}")
+        out.append(dataclasses.replace(whole, index=mig_index(whole.index, gi, 0), total_mb=memory_gb * 1024,
+                                       uuid=uuid, parent_index=whole.index, parent_uuid=whole.uuid,
+                                       parent_total_mb=whole.total_mb, gpu_instance_id=gi, mig_profile=profile))
+    if sum(i.total_mb for i in out) > whole.total_mb:
+        raise ScenarioError(f"{f}.mig", f"the instances' memory ({sum(i.total_mb for i in out) / 1024:g} GB) exceeds "
+                            f"the GPU's total_mb ({whole.total_mb:g} MiB)")
+    return out
 
 
 def parse_scenario(raw: Any) -> Scenario:
@@ -232,10 +285,11 @@ def parse_scenario(raw: Any) -> Scenario:
     restart = _num("", raw, "restart_s", hi=3600, default=60.0)
     stall = _num("", raw, "cleanup_stall_s", hi=600, default=1.0)
     gpus = []
+    parents: list[int] = []
     for i, g in enumerate(_mapping_list(raw, "gpus")):
         f = f"gpus[{i}]"
         _check_keys(f, g, SimGpu)
-        gpus.append(SimGpu(
+        whole = SimGpu(
             index=_index(f"{f}.index", g.get("index", i)),
             name=str(g.get("name", "Simulated GPU")),
             total_mb=_num(f, g, "total_mb", lo=0, hi=1 << 22, lo_open=True),
@@ -245,17 +299,26 @@ def parse_scenario(raw: Any) -> Scenario:
             uuid=g.get("uuid"),
             slowdown_temperature_c=_num(f, g, "slowdown_temperature_c", lo=0, hi=150, lo_open=True, default=90.0),
             min_clock_fraction=_num(f, g, "min_clock_fraction", lo=0, hi=1, lo_open=True, default=0.5),
-        ))
+        )
+        if "mig" in g:
+            gpus.extend(_mig_instances(f, g, whole))
+            parents.append(whole.index)
+        else:
+            gpus.append(whole)
     if not gpus:
         raise ScenarioError("gpus", "at least one GPU is required")
     indexes = [g.index for g in gpus]
-    if len(set(indexes)) != len(indexes):
-        raise ScenarioError("gpus", f"GPU indexes must be unique, got {indexes}")
+    if len(set(indexes + parents)) != len(indexes) + len(parents):
+        raise ScenarioError("gpus", f"GPU indexes must be unique, got {sorted(indexes + parents)}")
+    selectors = {f"{g.parent_index}:{g.gpu_instance_id}": g.index for g in gpus if g.parent_index is not None}
 
     def gpu_ref(f: str, d: dict[str, Any]) -> int:
         v = d.get("gpu", indexes[0])
+        if isinstance(v, str) and MIG_SELECTOR_RE.fullmatch(v) and v in selectors:
+            return selectors[v]
         if isinstance(v, bool) or not isinstance(v, int) or v not in indexes:
-            raise ScenarioError(f"{f}.gpu", f"must be one of the GPU indexes {indexes}, got {v!r}")
+            names = f" or a MIG instance as parent:instance {sorted(selectors)}" if selectors else ""
+            raise ScenarioError(f"{f}.gpu", f"must be one of the GPU indexes {indexes}{names}, got {v!r}")
         return int(v)
 
     services = []
@@ -348,7 +411,20 @@ def scenario_to_dict(sc: Scenario) -> dict[str, Any]:
     doc: dict[str, Any] = {"name": sc.name, "seed": sc.seed, "duration_s": sc.duration_s, "step_s": sc.step_s}
     doc.update(fields(sc, skip=("name", "seed", "duration_s", "step_s", "gpus", "services", "background",
                                 "thermal")))
-    doc["gpus"] = [fields(g) | {"index": g.index, "total_mb": g.total_mb} for g in sc.gpus]
+    doc["gpus"] = []
+    for g in sc.gpus:
+        if g.parent_index is None:
+            doc["gpus"].append(fields(g) | {"index": g.index, "total_mb": g.total_mb})
+            continue
+        mig = {"profile": g.mig_profile, "memory_gb": g.total_mb / 1024, "gpu_instance_id": g.gpu_instance_id}
+        mig |= {} if g.uuid is None else {"uuid": g.uuid}
+        parent = next((d for d in doc["gpus"] if d["index"] == g.parent_index and "mig" in d), None)
+        if parent is None:
+            parent = fields(g, skip=("uuid", *_MIG_INTERNAL)) | {"index": g.parent_index,
+                                                               "total_mb": g.parent_total_mb, "mig": []}
+            parent |= {} if g.parent_uuid is None else {"uuid": g.parent_uuid}
+            doc["gpus"].append(parent)
+        parent["mig"].append(mig)
     services = []
     for s in sc.services:
         d = fields(s, skip=("per_item_changes",)) | {"name": s.name, "gpu": s.gpu, "base_mb": s.base_mb,

@@ -39,7 +39,7 @@ from optimizer.simulation.physics import (
     temperature_c,
     throughput_per_ms,
 )
-from optimizer.simulation.scenario import Background, Scenario, SimService, ramped
+from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService, ramped
 
 MIB = 1024 * 1024
 
@@ -519,10 +519,11 @@ class World:
                 GpuProcess(pid=10_000 + i, used_memory_bytes=int((r.held_base_mb + r.held_act_mb) * MIB))
                 for i, r in enumerate(self.runs) if r.spec.gpu == gpu.index and r.alive
             )
+            mig = gpu.parent_index is not None
             out.append(GpuSample(
                 index=gpu.index,
-                uuid=gpu.uuid or f"GPU-sim-{self.scenario.seed:04d}-{gpu.index:04d}",
-                name=gpu.name,
+                uuid=gpu.uuid or self._uuid(gpu),
+                name=f"{gpu.name} MIG {gpu.mig_profile}" if mig else gpu.name,
                 timestamp=timestamp,
                 memory_total_bytes=total,
                 memory_used_bytes=used,
@@ -533,6 +534,18 @@ class World:
                 power_limit_watts=gpu.power_limit_w,
                 utilization_percent=round(util, 1),
                 processes=procs,
+                parent_index=gpu.parent_index,
+                parent_uuid=(gpu.parent_uuid or f"GPU-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}") if mig
+                else None,
+                gpu_instance_id=gpu.gpu_instance_id,
+                compute_instance_id=0 if mig else None,
+                mig_profile=gpu.mig_profile,
             ))
         return out
+
+    def _uuid(self, gpu: SimGpu) -> str:
+        """A stable made-up UUID: ``GPU-sim-<seed>-<index>``, ``MIG-sim-<seed>-<parent>-<instance>`` on MIG."""
+        if gpu.parent_index is not None:
+            return f"MIG-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}-{gpu.gpu_instance_id:02d}"
+        return f"GPU-sim-{self.scenario.seed:04d}-{gpu.index:04d}"
 
