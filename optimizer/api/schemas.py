@@ -187,6 +187,25 @@ def sample_dict(g: GpuSample) -> dict[str, Any]:
         "power_limit_watts": g.power_limit_watts,
         "utilization_percent": g.utilization_percent,
         "processes": [{"pid": p.pid, "used_memory_bytes": p.used_memory_bytes} for p in g.processes],
+        "health": health_dict(g),
+    }
+
+
+def health_dict(g: GpuSample) -> dict[str, Any]:
+    """A GPU's health fields (``null`` where the board cannot tell); see docs/api.md."""
+    return {
+        "xid_errors": None if g.xid_errors is None else {str(code): n for code, n in g.xid_errors},
+        "last_xid": g.last_xid,
+        "last_xid_at": g.last_xid_at,
+        "ecc_errors": {
+            "volatile": {"corrected": g.ecc_corrected_volatile, "uncorrected": g.ecc_uncorrected_volatile},
+            "aggregate": {"corrected": g.ecc_corrected_aggregate, "uncorrected": g.ecc_uncorrected_aggregate},
+        },
+        "retired_pages": {"single_bit_ecc": g.retired_pages_sbe, "double_bit_ecc": g.retired_pages_dbe,
+                          "pending": g.retired_pages_pending},
+        "remapped_rows": {"correctable": g.remapped_rows_correctable, "uncorrectable": g.remapped_rows_uncorrectable,
+                          "pending": g.remapped_rows_pending, "failure": g.remapped_rows_failure},
+        "throttle_reasons": None if g.throttle_reasons is None else sorted(g.throttle_reasons),
     }
 
 
