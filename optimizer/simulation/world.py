@@ -533,6 +533,7 @@ class World:
                 power_limit_watts=gpu.power_limit_w,
                 utilization_percent=round(util, 1),
                 processes=procs,
+                throttle_reasons=frozenset({"sw_thermal_slowdown"}) if clock < 1.0 else frozenset(),
             ))
         return out
 
