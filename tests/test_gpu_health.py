@@ -12,9 +12,13 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
+from optimizer.config import Settings
 from optimizer.gpu import nvml as mod
-from optimizer.gpu.nvml import FATAL_XIDS, NvmlBackend
-from optimizer.gpu.types import THROTTLE_REASONS
+from optimizer.gpu.simulated import SimulatedBackend
+from optimizer.gpu.nvml import NvmlBackend
+from optimizer.gpu.types import FATAL_XIDS, THROTTLE_REASONS
+from optimizer.simulation.run import simulate
+from optimizer.simulation.scenario import HealthEvent, ScenarioError, parse_scenario, scenario_to_dict
 from tests.api_harness import MakeApi
 from tests.test_nvml_backend import (
     CLOCK_EVENT_REASONS,
@@ -269,3 +273,73 @@ async def test_xid_79_on_gpu_1_marks_it_failed_while_gpu_0_goes_on(make_api: Mak
         assert 'vlm_memory_total_bytes{gpu="1"' not in text
     finally:
         a.sampler.close()
+
+
+# -- the simulated backend: health events from a scenario -----------------------------------------
+
+
+def _scenario(health: list[dict[str, object]] | None = None) -> dict[str, object]:
+    raw: dict[str, object] = {
+        "name": "health", "duration_s": 120, "step_s": 1,
+        "gpus": [{"index": 0, "total_mb": 80000}, {"index": 1, "total_mb": 40000}],
+        "services": [{"name": "a", "gpu": 0, "base_mb": 1000, "per_item_mb": 100, "item_ms": 10},
+                     {"name": "b", "gpu": 1, "base_mb": 1000, "per_item_mb": 100, "item_ms": 10}],
+    }
+    if health is not None:
+        raw["health"] = health
+    return raw
+
+
+def test_a_scenario_names_its_health_events_and_reads_back_equal() -> None:
+    sc = parse_scenario(_scenario([{"gpu": 1, "at_s": 30, "xid": 79},
+                                   {"gpu": 0, "at_s": 10, "ecc_corrected": 4, "ecc_uncorrected": 1}]))
+    assert sc.health == (HealthEvent(gpu=1, at_s=30, xid=79),
+                         HealthEvent(gpu=0, at_s=10, ecc_corrected=4, ecc_uncorrected=1))
+    assert parse_scenario(scenario_to_dict(sc)) == sc
+    assert parse_scenario(_scenario()).health == ()  # every existing scenario stays valid
+
+
+@pytest.mark.parametrize(("event", "field", "words"), [
+    ({"gpu": 0, "at_s": 1}, "health[0]", "needs xid, ecc_corrected or ecc_uncorrected"),
+    ({"gpu": 0, "xid": "79"}, "health[0].xid", "an integer in [1, 1000]"),
+    ({"gpu": 0, "xid": 0}, "health[0].xid", "an integer in [1, 1000]"),
+    ({"gpu": 0, "xid": True}, "health[0].xid", "an integer in [1, 1000]"),
+    ({"gpu": 0, "ecc_uncorrected": -1}, "health[0].ecc_uncorrected", "an integer in [0, "),
+    ({"gpu": 0, "ecc_corrected": 1.5}, "health[0].ecc_corrected", "an integer in [0, "),
+    ({"gpu": 5, "xid": 79}, "health[0].gpu", ""),
+    ({"gpu": 0, "xid": 79, "fatal": True}, "health[0].fatal", "unknown field; allowed: at_s, ecc_corrected"),
+    ({"gpu": 0, "at_s": -1, "xid": 13}, "health[0].at_s", "must be in"),
+])
+def test_a_bad_health_event_is_named(event: dict[str, object], field: str, words: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(_scenario([event]))
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+def test_the_simulated_backend_injects_xids_and_ecc_and_a_fatal_xid_fails_that_gpu() -> None:
+    sc = parse_scenario(_scenario([{"gpu": 0, "at_s": 10, "ecc_corrected": 4}, {"gpu": 0, "at_s": 20, "xid": 13},
+                                   {"gpu": 0, "at_s": 25, "ecc_uncorrected": 2, "xid": 48 + 15},
+                                   {"gpu": 1, "at_s": 30, "xid": 79}]))
+    backend = SimulatedBackend(sc, Settings(), origin=1000.0)
+    early = backend.sample(1005.0)
+    assert [s.xid_errors for s in early] == [(), ()]
+    assert all(s.ecc_uncorrected_volatile == 0 and s.remapped_rows_pending is False for s in early)
+    mid = backend.sample(1026.0)
+    assert mid[0].xid_errors == ((13, 1), (63, 1)) and mid[0].last_xid == 63 and mid[0].last_xid_at == 1025.0
+    assert (mid[0].ecc_corrected_volatile, mid[0].ecc_uncorrected_volatile) == (4, 2)
+    assert not mid[0].failed and not mid[1].failed
+    late = backend.sample(1031.0)
+    assert late[1].failed and late[1].error is not None and "fatal Xid 79" in late[1].error
+    assert late[1].xid_errors == ((79, 1),) and late[1].memory_total_bytes is None
+    assert not late[0].failed and late[0].memory_total_bytes == 80000 * 1024 * 1024
+
+
+def test_a_fatal_xid_in_simulate_holds_that_gpus_batches_and_the_other_gpu_goes_on() -> None:
+    raw = _scenario([{"gpu": 1, "at_s": 30, "xid": 79}])
+    raw["duration_s"] = 1800
+    result = simulate(parse_scenario(raw), Settings())
+    by_gpu = {s.gpu: s for s in result.services}
+    after = [b for t, b in by_gpu[1].batches if t > 30]
+    assert after == []  # nothing published for the failed GPU after the Xid
+    assert any(t > 30 for t, _ in by_gpu[0].batches)  # GPU 0 is still sized

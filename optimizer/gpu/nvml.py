@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from optimizer.gpu.types import THROTTLE_REASONS, BackendError, GpuProcess, GpuSample
+from optimizer.gpu.types import FATAL_XIDS, THROTTLE_REASONS, BackendError, GpuProcess, GpuSample
 
 log = structlog.get_logger(__name__)
 
@@ -59,12 +59,6 @@ THROTTLE_REASON_BITS = {
     "display_clock_setting": 0x100,
 }
 assert tuple(THROTTLE_REASON_BITS) == THROTTLE_REASONS
-#: Xids after which the GPU cannot be trusted until it is reset, from NVIDIA's Xid catalog
-#: (https://docs.nvidia.com/deploy/xid-errors/): 48 double-bit ECC error, 64 ECC page retirement or
-#: row remapper recording failure, 74 NVLink error, 79 GPU has fallen off the bus, 95 uncontained
-#: ECC error. Xid 63 (a page retirement / row remap was recorded) is counted but not fatal: the GPU
-#: keeps working and the remap applies at the next reset (``remapped_rows_pending``).
-FATAL_XIDS = frozenset({48, 64, 74, 79, 95})
 XID_WAIT_MS = 1  # the first wait of a sample; the rest of the queue is drained without waiting
 XID_DRAIN_LIMIT = 256  # events read per sample at most (an Xid storm must not hold the sampler)
 

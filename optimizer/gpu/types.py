@@ -18,6 +18,14 @@ HEAT_THROTTLE_REASONS = frozenset({"hw_slowdown", "sw_thermal_slowdown", "hw_the
                                    "hw_power_brake_slowdown"})
 
 
+#: Xids after which the GPU cannot be trusted until it is reset, from NVIDIA's Xid catalog
+#: (https://docs.nvidia.com/deploy/xid-errors/): 48 double-bit ECC error, 64 ECC page retirement or
+#: row remapper recording failure, 74 NVLink error, 79 GPU has fallen off the bus, 95 uncontained
+#: ECC error. Xid 63 (a page retirement / row remap was recorded) is counted but not fatal: the GPU
+#: keeps working and the remap applies at the next reset (``remapped_rows_pending``).
+FATAL_XIDS = frozenset({48, 64, 74, 79, 95})
+
+
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
     pid: int
