@@ -343,3 +343,24 @@ def test_a_fatal_xid_in_simulate_holds_that_gpus_batches_and_the_other_gpu_goes_
     after = [b for t, b in by_gpu[1].batches if t > 30]
     assert after == []  # nothing published for the failed GPU after the Xid
     assert any(t > 30 for t, _ in by_gpu[0].batches)  # GPU 0 is still sized
+
+
+def test_an_xid_from_a_gpu_that_cannot_say_its_uuid_is_attributed_by_its_handle(
+        fake: FakeNvml, backend: NvmlBackend) -> None:
+    backend.sample(1.0)
+    fake.fail(1, "nvmlDeviceGetUUID", pynvml.NVML_ERROR_GPU_IS_LOST)  # fallen off the bus
+    fake.xid(1, 79)
+    samples = backend.sample(2.0)
+    assert samples[1].failed and samples[1].xid_errors == ((79, 1),)
+    assert not samples[0].failed and not samples[2].failed
+
+
+def test_device_handles_are_matched_by_address() -> None:
+    import ctypes
+
+    device = pynvml.struct_c_nvmlDevice_t()
+    one = ctypes.pointer(device)
+    other = ctypes.pointer(device)  # another pointer object to the same device, as an event carries
+    assert one != other  # ctypes compares pointer objects, not addresses
+    assert mod._address(one) == mod._address(other) == ctypes.addressof(device)
+    assert mod._address(object()) is None

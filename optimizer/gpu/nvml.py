@@ -21,6 +21,7 @@ failed until the optimizer restarts: the board needs a reset, which restarts its
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import threading
 from collections.abc import Callable
@@ -89,6 +90,15 @@ class _Health:
     last_xid: int | None = None
     last_xid_at: float | None = None
     fatal_xid: int | None = None
+
+
+def _address(handle: Any) -> int | None:
+    """The address a ctypes device handle points to (two pointer objects to one device compare unequal)."""
+    try:
+        value = ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return None
+    return None if value is None else int(value)
 
 
 def _text(value: Any) -> str:
@@ -192,8 +202,10 @@ class NvmlBackend:
         (log.error if fatal else log.warning)("gpu_xid", uuid=uuid, xid=xid, fatal=fatal)
 
     def _uuid_of_handle(self, handle: Any) -> str | None:
+        """The UUID of the opened device behind ``handle`` (an event's ``c_nvmlDevice_t``), by address."""
+        want = _address(handle)
         for dev in self._devices:
-            if dev.handle is not None and dev.handle == handle:
+            if dev.handle is not None and (dev.handle == handle or (want is not None and _address(dev.handle) == want)):
                 return dev.uuid
         return None
 
