@@ -364,3 +364,13 @@ def test_device_handles_are_matched_by_address() -> None:
     assert one != other  # ctypes compares pointer objects, not addresses
     assert mod._address(one) == mod._address(other) == ctypes.addressof(device)
     assert mod._address(object()) is None
+
+
+def test_a_driver_without_the_wait_makes_xids_unknown_once(fake: FakeNvml, backend: NvmlBackend) -> None:
+    fake.fail(None, EVENT_WAIT, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    samples = backend.sample(1.0)
+    assert not any(s.failed for s in samples)
+    assert [s.xid_errors for s in samples] == [None, None, None]
+    backend.sample(2.0)
+    assert fake.count(EVENT_WAIT) == 1  # not tried again on every sample
+    assert fake.event_sets_freed == 1

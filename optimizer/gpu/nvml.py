@@ -44,7 +44,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 
-# -- health: constants of nvidia-ml-py (pynvml.py), checked against it in tests/test_nvml_backend.py.
+# -- health: constants of nvidia-ml-py (pynvml.py), checked against it in tests/test_gpu_health.py.
 NVML_ERROR_TIMEOUT = 10  # nvmlEventSetWait: no event within the timeout
 NVML_EVENT_TYPE_XID_CRITICAL_ERROR = 0x0000000000000008  # nvmlEventTypeXidCriticalError
 NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
@@ -176,12 +176,25 @@ class NvmlBackend:
             try:
                 data = wait(self._event_set, timeout)
             except nvml.NVMLError as exc:
-                if getattr(exc, "value", None) != NVML_ERROR_TIMEOUT:
+                code = getattr(exc, "value", None)
+                if code == NVML_ERROR_FUNCTION_NOT_FOUND:  # a driver without the wait: Xids are unknown
+                    log.warning("nvml_xid_events_unavailable", error=str(exc))
+                    self._stop_xid_events()
+                elif code != NVML_ERROR_TIMEOUT:
                     log.warning("nvml_xid_wait_failed", error=str(exc))
                 return
             timeout = 0
             if int(data.eventType) & NVML_EVENT_TYPE_XID_CRITICAL_ERROR:
                 self._note_xid(data, now)
+
+    def _stop_xid_events(self) -> None:
+        for dev in self._devices:
+            dev.xid_registered = False
+        try:
+            self._nvml.nvmlEventSetFree(self._event_set)
+        except self._nvml.NVMLError as exc:  # pragma: no cover - nothing more to do
+            log.warning("nvml_event_set_free_failed", error=str(exc))
+        self._event_set = None
 
     def _note_xid(self, data: Any, now: float) -> None:
         xid = int(data.eventData)
