@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from optimizer.engine import OOM_OUTCOMES, REFUSAL_REASONS, Engine
-from optimizer.gpu.types import GpuSample
+from optimizer.gpu.types import HEAT_THROTTLE_REASONS, THROTTLE_REASONS, GpuSample
 from optimizer.sampler import DURATION_BUCKETS, Sampler
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class OptimizerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()
+        yield from self._gpu_health()
         yield from self._decisions()
         yield from self._counters()
         yield from self._trust()
@@ -190,6 +191,34 @@ class OptimizerCollector(Collector):
                     fam["frag"].add_metric(labels, gs.fragmentation * 100)
                 fam["pressure"].add_metric(labels, float(gs.pressure.level))
                 fam["epoch"].add_metric(labels, float(gs.cleanup_epoch))
+        yield from fam.values()
+
+    # -- GPU health (Xid, ECC, retired pages / row remapping, clock throttling); see docs/metrics.md
+
+    def _gpu_health(self) -> Iterator[Metric]:
+        fam: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "xid": CounterMetricFamily("vlm_gpu_xid_errors", "Xid critical errors NVML reported for the GPU since the "
+                                       "optimizer started, by Xid code", labels=[*GPU, "xid"]),
+            "ecc": CounterMetricFamily("vlm_gpu_ecc_errors", "ECC errors since the driver loaded (NVML volatile "
+                                       "counters), by type", labels=[*GPU, "type"]),
+            "ecc_life": GaugeMetricFamily("vlm_gpu_ecc_errors_aggregate", "ECC errors over the board's lifetime "
+                                          "(NVML aggregate counters), by type", labels=[*GPU, "type"]),
+            "retired": GaugeMetricFamily("vlm_gpu_retired_pages", "Memory pages retired, by cause", labels=[*GPU, "cause"]),
+            "retired_pending": GaugeMetricFamily("vlm_gpu_retired_pages_pending",
+                                                 "1 if a page retirement waits for the next GPU reset", labels=GPU),
+            "rows": GaugeMetricFamily("vlm_gpu_remapped_rows", "Memory rows remapped, by the error that caused it",
+                                      labels=[*GPU, "type"]),
+            "rows_pending": GaugeMetricFamily("vlm_gpu_remapped_rows_pending",
+                                              "1 if a row remap waits for the next GPU reset", labels=GPU),
+            "rows_failure": GaugeMetricFamily("vlm_gpu_remapped_rows_failure",
+                                              "1 if a row remap failed (the GPU needs service)", labels=GPU),
+            "reasons": GaugeMetricFamily("vlm_gpu_clock_throttle_reasons", "1 for each clock-throttle reason NVML "
+                                         "reports active, 0 for the others", labels=[*GPU, "reason"]),
+            "throttled": GaugeMetricFamily("vlm_gpu_throttled", "1 if the clocks are slowed by heat or by a hardware "
+                                           "slowdown (what the heat rule acts on)", labels=GPU),
+        }
+        for g in self.engine.snapshot.gpus if self.engine.snapshot else ():
+            _add_health(fam, gpu_labels(g), g)
         yield from fam.values()
 
     def _labels(self, index: int) -> list[str]:
@@ -306,3 +335,27 @@ def build_registry(engine: Engine, sampler: Sampler | None = None,
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text exposition and its content type."""
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _add_health(fam: dict[str, CounterMetricFamily | GaugeMetricFamily], labels: list[str], g: GpuSample) -> None:
+    """One GPU's health series; a field the board cannot tell has no series."""
+    for code, n in g.xid_errors or ():
+        fam["xid"].add_metric([*labels, str(code)], float(n))
+    for key, kind, value in (("ecc", "corrected", g.ecc_corrected_volatile),
+                             ("ecc", "uncorrected", g.ecc_uncorrected_volatile),
+                             ("ecc_life", "corrected", g.ecc_corrected_aggregate),
+                             ("ecc_life", "uncorrected", g.ecc_uncorrected_aggregate),
+                             ("retired", "single_bit_ecc", g.retired_pages_sbe),
+                             ("retired", "double_bit_ecc", g.retired_pages_dbe),
+                             ("rows", "correctable", g.remapped_rows_correctable),
+                             ("rows", "uncorrectable", g.remapped_rows_uncorrectable)):
+        if value is not None:
+            fam[key].add_metric([*labels, kind], float(value))
+    for key, flag in (("retired_pending", g.retired_pages_pending), ("rows_pending", g.remapped_rows_pending),
+                      ("rows_failure", g.remapped_rows_failure)):
+        if flag is not None:
+            fam[key].add_metric(labels, 1.0 if flag else 0.0)
+    if g.throttle_reasons is not None:
+        for reason in THROTTLE_REASONS:
+            fam["reasons"].add_metric([*labels, reason], 1.0 if reason in g.throttle_reasons else 0.0)
+        fam["throttled"].add_metric(labels, 1.0 if g.throttle_reasons & HEAT_THROTTLE_REASONS else 0.0)

@@ -119,6 +119,11 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
     "paused-on-running": ("VLMOptimizerMonitoringPaused", lambda r: r.update(expr=r["expr"].replace("== 0", "== 1"))),
     "save-window": ("VLMOptimizerStateSaveFailing", lambda r: r.update(expr=r["expr"].replace("[10m]", "[1m]"))),
     "save-threshold": ("VLMOptimizerStateSaveFailing", lambda r: r.update(expr=r["expr"].replace("> 0", "> 10"))),
+    "fatal-xid-codes": ("VLMGpuFatalXid", lambda r: r.update(expr=r["expr"].replace("|79", ""))),
+    "fatal-xid-any-code": ("VLMGpuFatalXid", lambda r: r.update(expr=r["expr"].replace('{xid=~"48|64|74|79|95"}', ""))),
+    "ecc-type": ("VLMGpuUncorrectableEccErrors", lambda r: r.update(expr=r["expr"].replace("uncorrected", "corrected"))),
+    "ecc-window": ("VLMGpuUncorrectableEccErrors", lambda r: r.update(expr=r["expr"].replace("[10m]", "[30m]"))),
+    "throttling-for": ("VLMGpuThrottling", lambda r: r.update({"for": "5m"})),
 }
 
 

@@ -58,6 +58,8 @@ SEED_PANELS = (
     "Memory Optimization Success Rate",
     "Memory Freed Over Time",
 )
+#: The GPU health row (Xid, ECC, clock throttling, retired pages / row remapping).
+HEALTH_PANELS = ("GPU Xid Errors", "GPU ECC Errors", "GPU Clock Throttling", "GPU Retired Pages and Row Remapping")
 UNITS = {
     "GPU Memory Usage": "percent",
     "GPU Memory Details": "bytes",
@@ -69,6 +71,7 @@ UNITS = {
     "Memory Fragmentation": "percent",
     "Memory Optimization Success Rate": "percent",
     "Memory Freed Over Time": "binBps",
+    **dict.fromkeys(HEALTH_PANELS, "none"),
 }
 #: The threshold lines of a panel, each equal to an alert threshold or a policy default (docs/configuration.md).
 THRESHOLDS = {
@@ -171,7 +174,7 @@ def test_the_dashboard_is_importable_with_its_uid_title_and_tags() -> None:
 def test_it_has_the_seed_panels_and_gpu_power_without_overlap() -> None:
     panels = _panels(_dashboard())
     titles = [p["title"] for p in panels]
-    assert sorted(titles) == sorted([*SEED_PANELS, "GPU Power"])
+    assert sorted(titles) == sorted([*SEED_PANELS, "GPU Power", *HEALTH_PANELS])
     assert len({p["id"] for p in panels}) == len(panels)
     cells: set[tuple[int, int]] = set()
     for p in panels:
@@ -494,7 +497,10 @@ def test_the_scenario_exercised_every_kind_of_action(prometheus_url: str) -> Non
               f"sum(vlm_memory_optimizations_success_total{sel}) > 0",
               f"sum(vlm_batch_size_optimizations_total{sel}) > 1",
               f"sum(vlm_memory_freed_bytes_total{sel}) > 0",
-              f"count(vlm_memory_fragmentation_percent{sel}) > 0"]
+              f"count(vlm_memory_fragmentation_percent{sel}) > 0",
+              f'sum(vlm_gpu_xid_errors_total{{node="{NODE}", job="{JOB}", gpu="0", xid="13"}}) > 0',
+              f'sum(vlm_gpu_ecc_errors_total{{node="{NODE}", job="{JOB}", gpu="0", type="corrected"}}) > 0',
+              f"count(vlm_gpu_throttled{sel}) == 2"]
     _poll("the scenario's cleanups, optimizations, batch changes and freed memory reach Prometheus",
           lambda: all(_query(prometheus_url, q) for q in wanted), 60,
           lambda: "missing: " + ", ".join(q for q in wanted if not _query(prometheus_url, q)))

@@ -44,6 +44,30 @@ MIG_ATTRIBUTES = "nvmlDeviceGetAttributes_v2"
 # Per-device functions the backend calls on every sample, besides memory info.
 FIELD_FUNCTIONS = (TEMPERATURE, POWER, POWER_LIMIT, UTILIZATION, PROCESSES)
 
+# -- health: the real C symbols of the health functions (errors are injected by these names)
+EVENT_SET_CREATE = "nvmlEventSetCreate"
+REGISTER_EVENTS = "nvmlDeviceRegisterEvents"
+EVENT_WAIT = "nvmlEventSetWait_v2"
+EVENT_SET_FREE = "nvmlEventSetFree"
+ECC_TOTAL = "nvmlDeviceGetTotalEccErrors"
+RETIRED_PAGES = "nvmlDeviceGetRetiredPages"
+RETIRED_PENDING = "nvmlDeviceGetRetiredPagesPendingStatus"
+REMAPPED_ROWS = "nvmlDeviceGetRemappedRows"
+CLOCK_EVENT_REASONS = "nvmlDeviceGetCurrentClocksEventReasons"
+CLOCK_THROTTLE_REASONS = "nvmlDeviceGetCurrentClocksThrottleReasons"
+HEALTH_FUNCTIONS = (ECC_TOTAL, RETIRED_PAGES, RETIRED_PENDING, REMAPPED_ROWS, CLOCK_EVENT_REASONS)
+
+
+@dataclass
+class FakeHealth:
+    """One fake board's health state (``ecc[(error type, counter type)]``, ``retired[cause]`` page addresses)."""
+
+    ecc: dict[tuple[int, int], int] = field(default_factory=dict)
+    retired: dict[int, list[int]] = field(default_factory=dict)
+    retired_pending: int = pynvml.NVML_FEATURE_DISABLED
+    remapped: tuple[int, int, int, int] = (0, 0, 0, 0)  # corrected, uncorrected, pending, failure
+    clock_reasons: int = pynvml.nvmlClocksEventReasonNone
+
 
 @dataclass
 class FakeGpu:
@@ -116,6 +140,7 @@ class FakeNvml(ModuleType):
         self.nvmlMemory_v2 = pynvml.nvmlMemory_v2
         self.NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
         self.NVML_DEVICE_MIG_DISABLE = pynvml.NVML_DEVICE_MIG_DISABLE
+        self._init_health()
 
     # -- test helpers --------------------------------------------------------------------------
 
@@ -224,6 +249,81 @@ class FakeNvml(ModuleType):
                 obj.usedGpuMemory = None
             out.append(obj)
         return out
+
+    # -- health (Xid events, ECC, retired pages, row remapping, clock reasons) ---------------------
+
+    def _init_health(self) -> None:
+        self.health = [FakeHealth() for _ in self.gpus]
+        self.xid_queue: list[tuple[int, int]] = []  # (device index, Xid code), delivered in order
+        self.registered: list[tuple[int, int]] = []  # (device index, event types)
+        self.wait_timeouts: list[int] = []
+        self.event_sets_freed = 0
+        self.nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
+
+    def xid(self, index: int, code: int) -> None:
+        """The driver reports Xid ``code`` on device ``index``."""
+        self.xid_queue.append((index, code))
+
+    def nvmlEventSetCreate(self) -> object:
+        self._call(EVENT_SET_CREATE, None)
+        return "event-set"
+
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, eventTypes: int, eventSet: object) -> None:
+        i, _ = self._gpu(handle)
+        self._call(REGISTER_EVENTS, i)
+        assert eventSet == "event-set"
+        self.registered.append((i, eventTypes))
+
+    def nvmlEventSetWait_v2(self, eventSet: object, timeoutms: int) -> Any:
+        assert eventSet == "event-set"
+        self._call(EVENT_WAIT, None)
+        self.wait_timeouts.append(timeoutms)
+        if not self.xid_queue:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)  # as the real wrapper on timeout
+        index, code = self.xid_queue.pop(0)
+        # The real c_nvmlEventData_t, but its device field holds our handle (not a C pointer).
+        data = pynvml.nvmlStructToFriendlyObject(pynvml.c_nvmlEventData_t(
+            eventType=pynvml.nvmlEventTypeXidCriticalError, eventData=code,
+            gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF))
+        data.device = FakeHandle(index)
+        return data
+
+    def nvmlEventSetWait(self, eventSet: object, timeoutms: int) -> Any:
+        return self.nvmlEventSetWait_v2(eventSet, timeoutms)
+
+    def nvmlEventSetFree(self, eventSet: object) -> None:
+        self._call(EVENT_SET_FREE, None)
+        self.event_sets_freed += 1
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: FakeHandle, errorType: int, counterType: int) -> int:
+        i, _ = self._gpu(handle)
+        self._call(ECC_TOTAL, i)
+        return self.health[i].ecc.get((errorType, counterType), 0)
+
+    def nvmlDeviceGetRetiredPages(self, device: FakeHandle, sourceFilter: int) -> list[int]:
+        i, _ = self._gpu(device)
+        self._call(RETIRED_PAGES, i)
+        return list(self.health[i].retired.get(sourceFilter, []))
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, device: FakeHandle) -> int:
+        i, _ = self._gpu(device)
+        self._call(RETIRED_PENDING, i)
+        return self.health[i].retired_pending
+
+    def nvmlDeviceGetRemappedRows(self, device: FakeHandle) -> tuple[int, int, int, int]:
+        i, _ = self._gpu(device)
+        self._call(REMAPPED_ROWS, i)
+        return self.health[i].remapped
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
+        i, _ = self._gpu(handle)
+        self._call(CLOCK_EVENT_REASONS, i)
+        return self.health[i].clock_reasons
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
+        i, _ = self._gpu(handle)
+        self._call(CLOCK_THROTTLE_REASONS, i)
+        return self.health[i].clock_reasons
 
 
     # -- MIG (the real names: nvmlDeviceGetMigMode, ...; kept apart from the other blocks) ----------

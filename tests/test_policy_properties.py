@@ -253,6 +253,41 @@ def test_first_hot_sample_steps_down() -> None:
     assert "stepping down while hot" in h.engine.state.services[(0, "vlm")].reason
 
 
+def _settled(h: Harness) -> int:
+    h.engine.poll("vlm", 0, 0.0)
+    for _ in range(30):
+        h.tick(dataclasses.replace(gpu(40.0, temp=60.0), throttle_reasons=frozenset()))
+    return h.batch()
+
+
+@pytest.mark.parametrize("reason", ["sw_thermal_slowdown", "hw_thermal_slowdown", "hw_slowdown",
+                                    "hw_power_brake_slowdown"])
+def test_a_board_that_reports_throttling_steps_down_whatever_its_temperature(reason: str) -> None:
+    h = Harness(Settings())
+    before = _settled(h)
+    h.tick(dataclasses.replace(gpu(40.0, temp=60.0), throttle_reasons=frozenset({reason, "sw_power_cap"})))
+    assert h.batch() == before - 1
+    assert h.engine.state.gpus[0].hot
+    assert f"GPU throttling ({reason})" in h.engine.state.services[(0, "vlm")].reason
+
+
+@pytest.mark.parametrize("reasons", [frozenset(), frozenset({"sw_power_cap"}), frozenset({"gpu_idle", "sync_boost"})])
+def test_a_hot_board_that_reports_no_heat_throttling_is_not_stepped_down(reasons: frozenset[str]) -> None:
+    h = Harness(Settings())
+    before = _settled(h)
+    h.tick(dataclasses.replace(gpu(40.0, temp=95.0), throttle_reasons=reasons))
+    assert h.batch() == before
+    assert not h.engine.state.gpus[0].hot
+
+
+def test_temperature_stands_for_throttling_only_where_the_reasons_are_unknown() -> None:
+    s = Settings()
+    hot = dataclasses.replace(gpu(40.0, temp=85.0), throttle_reasons=None)
+    assert core.heat_of(hot, s)[0] is True
+    assert core.heat_of(dataclasses.replace(hot, temperature_celsius=None), s)[0] is False
+    assert core.heat_of(dataclasses.replace(hot, throttle_reasons=frozenset()), s)[0] is False
+
+
 # ----------------------------------------------------------------------------- 6. disabled
 
 

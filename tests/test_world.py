@@ -254,6 +254,18 @@ def test_a_throttled_gpu_runs_fewer_items_and_counts_the_time() -> None:
     assert w.runs[0].safe_oracle_items < cool.runs[0].safe_oracle_items  # the ceiling is throttled too
 
 
+def test_the_sample_reports_thermal_throttling_while_the_world_throttles() -> None:
+    hot = Thermal(gpu=0, at_s=100, celsius=40, for_s=100)
+    w = world(service(), total_mb=80_000, thermal=(hot,))
+    w.advance_to(50, Link(batch=16))
+    assert w.sample(50.0)[0].throttle_reasons == frozenset()  # reported, and nothing active
+    w.advance_to(150, Link(batch=16))
+    assert w.clock[0] < 1.0
+    assert w.sample(150.0)[0].throttle_reasons == frozenset({"sw_thermal_slowdown"})
+    w.advance_to(250, Link(batch=16))
+    assert w.sample(250.0)[0].throttle_reasons == frozenset()
+
+
 # --------------------------------------------------------------------------- drift
 
 

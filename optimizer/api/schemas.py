@@ -199,6 +199,25 @@ def sample_dict(g: GpuSample) -> dict[str, Any]:
         "mig": None if not g.is_mig else {
             "parent_index": g.parent_index, "parent_uuid": g.parent_uuid, "gpu_instance_id": g.gpu_instance_id,
             "compute_instance_id": g.compute_instance_id, "profile": g.mig_profile, "selector": g.mig_selector},
+        "health": health_dict(g),
+    }
+
+
+def health_dict(g: GpuSample) -> dict[str, Any]:
+    """A GPU's health fields (``null`` where the board cannot tell); see docs/api.md."""
+    return {
+        "xid_errors": None if g.xid_errors is None else {str(code): n for code, n in g.xid_errors},
+        "last_xid": g.last_xid,
+        "last_xid_at": g.last_xid_at,
+        "ecc_errors": {
+            "volatile": {"corrected": g.ecc_corrected_volatile, "uncorrected": g.ecc_uncorrected_volatile},
+            "aggregate": {"corrected": g.ecc_corrected_aggregate, "uncorrected": g.ecc_uncorrected_aggregate},
+        },
+        "retired_pages": {"single_bit_ecc": g.retired_pages_sbe, "double_bit_ecc": g.retired_pages_dbe,
+                          "pending": g.retired_pages_pending},
+        "remapped_rows": {"correctable": g.remapped_rows_correctable, "uncorrectable": g.remapped_rows_uncorrectable,
+                          "pending": g.remapped_rows_pending, "failure": g.remapped_rows_failure},
+        "throttle_reasons": None if g.throttle_reasons is None else sorted(g.throttle_reasons),
     }
 
 

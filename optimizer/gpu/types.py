@@ -35,6 +35,22 @@ class BackendError(RuntimeError):
     """A backend cannot start (for NVML: ``nvmlInit`` failed) or sample at all."""
 
 
+#: Clock-throttle reasons by name (NVML ``nvmlClocksEventReason*`` / ``nvmlClocksThrottleReason*`` bits).
+THROTTLE_REASONS = ("gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown", "sync_boost",
+                    "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "display_clock_setting")
+#: The reasons that mean the GPU is slowed by heat or by the hardware protecting itself (the heat rule).
+HEAT_THROTTLE_REASONS = frozenset({"hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
+                                   "hw_power_brake_slowdown"})
+
+
+#: Xids after which the GPU cannot be trusted until it is reset, from NVIDIA's Xid catalog
+#: (https://docs.nvidia.com/deploy/xid-errors/): 48 double-bit ECC error, 64 ECC page retirement or
+#: row remapper recording failure, 74 NVLink error, 79 GPU has fallen off the bus, 95 uncontained
+#: ECC error. Xid 63 (a page retirement / row remap was recorded) is counted but not fatal: the GPU
+#: keeps working and the remap applies at the next reset (``remapped_rows_pending``).
+FATAL_XIDS = frozenset({48, 64, 74, 79, 95})
+
+
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
     pid: int
@@ -73,6 +89,25 @@ class GpuSample:
     gpu_instance_id: int | None = None
     compute_instance_id: int | None = None
     mig_profile: str | None = None
+
+    # -- health: Xid events, ECC, retired pages / row remapping, clock throttling (see docs/api.md).
+    # ``None`` where the board or the backend cannot tell; kept on a failed sample too.
+    xid_errors: tuple[tuple[int, int], ...] | None = None  # (Xid code, events since the optimizer started), by code
+    last_xid: int | None = None  # the latest Xid code seen
+    last_xid_at: float | None = None  # when it was seen (the sampler's clock)
+    ecc_corrected_volatile: int | None = None  # since the driver loaded
+    ecc_uncorrected_volatile: int | None = None
+    ecc_corrected_aggregate: int | None = None  # over the board's lifetime
+    ecc_uncorrected_aggregate: int | None = None
+    retired_pages_sbe: int | None = None  # pages retired for multiple single-bit errors
+    retired_pages_dbe: int | None = None  # pages retired for a double-bit error
+    retired_pages_pending: bool | None = None  # a retirement waits for the next reset
+    remapped_rows_correctable: int | None = None  # Ampere and newer
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: bool | None = None  # a remap waits for the next reset
+    remapped_rows_failure: bool | None = None  # a remap failed: the board needs service
+    throttle_reasons: frozenset[str] | None = None  # active clock-throttle reasons (names in THROTTLE_REASONS)
+    # -- end of health
 
     @property
     def is_mig(self) -> bool:

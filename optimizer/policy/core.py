@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from optimizer.config import Settings, Strategy
-from optimizer.gpu.types import GpuSample
+from optimizer.gpu.types import HEAT_THROTTLE_REASONS, GpuSample
 from optimizer.policy.model import (
     ADOPTION_INTERVALS,
     CEILING_INTERVALS,
@@ -123,8 +123,7 @@ def _step_gpu(
     usage = used / total
     pressure = classify(usage, s)
     frag = fragmentation(services, now, s)
-    temp = sample.temperature_celsius
-    hot = temp is not None and temp >= s.temperature_threshold
+    hot, heat = heat_of(sample, s)
     if pressure is not gs.pressure:
         events.append(Event("pressure_changed", gs.index, now, detail=f"{gs.pressure.value}->{pressure.value}"))
     window = gs.window
@@ -163,7 +162,7 @@ def _step_gpu(
     elif ready and hot and (gs.heat_step_at is None or now - gs.heat_step_at >= s.optimization_interval):
         # A heat step is a batch change, not a memory optimization: it is not counted as one.
         gs = dataclasses.replace(gs, heat_step_at=now)
-        out = [_heat_step(x, now, s, events, temp) for x in services]
+        out = [_heat_step(x, now, s, events, heat) for x in services]
     elif window and (gs.requested_at is not None  # an operator's request waited for this settled sample
                      or gs.optimized_at is not None and now - gs.optimized_at >= s.optimization_interval):
         gs = dataclasses.replace(gs, optimized_at=now, requested_at=None)
@@ -221,10 +220,27 @@ def _reduce(svc: ServiceState, g: GpuView, now: float, s: Settings, events: list
     return publish(svc, batch, optimal, reason, now, events, trigger)
 
 
-def _heat_step(svc: ServiceState, now: float, s: Settings, events: list[Event], temp: float | None) -> ServiceState:
+def heat_of(sample: GpuSample, s: Settings) -> tuple[bool, str]:
+    """Whether the heat rule acts on the GPU, and why in words.
+
+    Where the board reports its clock-throttle reasons, a thermal or hardware slowdown is what costs
+    throughput, whatever the temperature; only where the reasons are unknown does the temperature
+    against ``temperature_threshold`` stand for it (docs/policy.md, rule 4).
+    """
+    reasons = sample.throttle_reasons
+    if reasons is not None:
+        active = sorted(reasons & HEAT_THROTTLE_REASONS)
+        return bool(active), f"GPU throttling ({', '.join(active)})"
+    temp = sample.temperature_celsius
+    if temp is None:
+        return False, "GPU temperature unknown"
+    return temp >= s.temperature_threshold, f"GPU at {temp:.0f} C, at or above {s.temperature_threshold:.0f} C"
+
+
+def _heat_step(svc: ServiceState, now: float, s: Settings, events: list[Event], heat: str) -> ServiceState:
     lo, _ = s.batch_limits(s.profile(svc.service))
     batch = max(lo, svc.batch_size - 1)
-    reason = f"GPU at {temp:.0f} C, at or above {s.temperature_threshold:.0f} C: stepping down while hot"
+    reason = f"{heat}: stepping down while hot"
     return publish(svc, batch, svc.optimal, reason, now, events, "temperature")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,21 @@ class Thermal:
         return ramped(t, self.at_s, self.for_s, self.ramp_s, self.celsius)
 
 
+@dataclass(frozen=True)
+class HealthEvent:
+    """A GPU health event at ``at_s``: an Xid the driver reports, and/or ECC errors it counts.
+
+    A fatal Xid (``optimizer.gpu.types.FATAL_XIDS``: 48, 64, 74, 79, 95) fails the GPU's samples
+    from then on, as on real hardware until a reset.
+    """
+
+    gpu: int
+    at_s: float
+    xid: int | None = None
+    ecc_corrected: int = 0
+    ecc_uncorrected: int = 0
+
+
 def ramped(t: float, at_s: float, for_s: float | None, ramp_s: float, amount: float) -> float:
     """``amount`` from ``at_s`` for ``for_s`` (``None``: for good), rising linearly over ``ramp_s``."""
     if t < at_s or (for_s is not None and t >= at_s + for_s):
@@ -145,6 +161,7 @@ class Scenario:
     services: tuple[SimService, ...]
     background: tuple[Background, ...] = ()
     thermal: tuple[Thermal, ...] = ()
+    health: tuple[HealthEvent, ...] = ()
     oom_mode: str = "recover"  # recover: the service goes on after an OOM; crash: the process dies and restarts
     oom_recovery_s: float = 3.0  # recover mode: seconds without items after the lost batch
     restart_s: float = 60.0  # crash mode: seconds before a restarted process loads its weights again (after the back-off)
@@ -370,10 +387,32 @@ def parse_scenario(raw: Any) -> Scenario:
                                celsius=_num(f, t, "celsius", lo=-100, hi=100),
                                for_s=None if for_s is None else _num(f, t, "for_s", lo_open=True),
                                ramp_s=_num(f, t, "ramp_s", default=0.0)))
+    health = [_health_event(f"health[{i}]", h, gpu_ref) for i, h in enumerate(_mapping_list(raw, "health"))]
     return Scenario(name=name, seed=seed, duration_s=float(duration), step_s=float(step), gpus=tuple(gpus),
                     services=tuple(services), background=tuple(background), thermal=tuple(thermal),
+                    health=tuple(health),
                     oom_mode=oom_mode, oom_recovery_s=float(oom_recovery), restart_s=float(restart),
                     cleanup_stall_s=float(stall))
+
+
+def _count(field: str, raw: dict[str, Any], key: str, hi: int) -> int:
+    v = raw.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise ScenarioError(f"{field}.{key}", f"must be an integer in [0, {hi}], got {v!r}")
+    return v
+
+
+def _health_event(f: str, raw: dict[str, Any], gpu_ref: Callable[[str, dict[str, Any]], int]) -> HealthEvent:
+    _check_keys(f, raw, HealthEvent)
+    xid = raw.get("xid")
+    if xid is not None and (isinstance(xid, bool) or not isinstance(xid, int) or not 1 <= xid <= 1000):
+        raise ScenarioError(f"{f}.xid", f"must be an Xid code, an integer in [1, 1000], got {xid!r}")
+    event = HealthEvent(gpu=gpu_ref(f, raw), at_s=_num(f, raw, "at_s", default=0.0), xid=xid,
+                        ecc_corrected=_count(f, raw, "ecc_corrected", 10**9),
+                        ecc_uncorrected=_count(f, raw, "ecc_uncorrected", 10**9))
+    if event.xid is None and not event.ecc_corrected and not event.ecc_uncorrected:
+        raise ScenarioError(f, "needs xid, ecc_corrected or ecc_uncorrected")
+    return event
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -410,7 +449,7 @@ def scenario_to_dict(sc: Scenario) -> dict[str, Any]:
 
     doc: dict[str, Any] = {"name": sc.name, "seed": sc.seed, "duration_s": sc.duration_s, "step_s": sc.step_s}
     doc.update(fields(sc, skip=("name", "seed", "duration_s", "step_s", "gpus", "services", "background",
-                                "thermal")))
+                                "thermal", "health")))
     doc["gpus"] = []
     for g in sc.gpus:
         if g.parent_index is None:
@@ -437,4 +476,6 @@ def scenario_to_dict(sc: Scenario) -> dict[str, Any]:
         doc["background"] = [fields(b) | {"gpu": b.gpu, "mb": b.mb} for b in sc.background]
     if sc.thermal:
         doc["thermal"] = [fields(t) | {"gpu": t.gpu, "celsius": t.celsius} for t in sc.thermal]
+    if sc.health:
+        doc["health"] = [fields(h) | {"gpu": h.gpu, "at_s": h.at_s} for h in sc.health]
     return doc
