@@ -18,7 +18,8 @@ Units: memory is in bytes unless a name ends in ``_mb`` (mebibytes, 2**20 bytes,
 ``nvidia-smi`` and CLAMS call "MB"); times are in seconds.
 
 Nothing here imports the optimizer's server side, pynvml, kubernetes or prometheus_client. aiohttp is
-imported only by :func:`vram_middleware`, and PyTorch only by the ``*_torch`` defaults, when installed.
+imported only by :func:`vram_middleware`; PyTorch is never imported: the ``*_torch`` defaults use it when
+the service has loaded it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from optimizer.client.oom import loaded_torch
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -154,10 +156,14 @@ def check_vram(required_bytes: int, available_bytes: int,
 
 
 def _torch_cuda() -> Any | None:
-    """``torch.cuda`` when PyTorch is installed and a CUDA device is usable, else None."""
-    try:
-        torch: Any = importlib.import_module("torch")
-    except ImportError:
+    """``torch.cuda`` when the service has loaded PyTorch and a CUDA device is usable, else None.
+
+    PyTorch is never imported here (as in :func:`optimizer.client.oom.loaded_torch`): the guard runs
+    on the request path, where a first ``import torch`` would block the event loop for a second or more,
+    and a process that did not import it has no CUDA memory of its own to measure.
+    """
+    torch = loaded_torch()
+    if torch is None:
         return None
     try:
         cuda = torch.cuda
