@@ -333,6 +333,7 @@ class Following:
     ooms: int
     peak_bytes: int | None
     gpu_named: bool  # the service named its GPU by torch's UUID (else the optimizer chose)
+    exhausted: int = 0  # batches whose every attempt ran out of memory
 
 
 def first_decision(client: BatchSizeClient, timeout: float = 10.0) -> bool:
@@ -357,7 +358,7 @@ def follow(workload: Workload, url: str, gpu: str | None, seconds: float,
                 gpu = None
     client = BatchSizeClient(SERVICE, url=url, gpu=gpu, interval=1.0, safe_batch_size=1)
     history: list[int] = []
-    batches = ooms = 0
+    batches = ooms = exhausted = 0
     peak: int | None = None
     with client, Reporter(SERVICE, url=url, gpu=gpu, interval=1.0, sink=client) as reporter:
         if not first_decision(client):
@@ -367,20 +368,26 @@ def follow(workload: Workload, url: str, gpu: str | None, seconds: float,
             size = client.batch_size
             if not history or history[-1] != size:
                 history.append(size)
-            for attempt in oom_attempts(size, device):
-                with attempt:
-                    with measure(reporter, attempt.batch_size, attempt.device):
-                        workload.step(attempt.batch_size)
-                    if attempt.batch_size == size:  # measure reset the peak before the batch
-                        peak = int(torch.cuda.max_memory_allocated(device))
-                if attempt.strategy != "first":
-                    ooms += 1
+            try:
+                for attempt in oom_attempts(size, device):
+                    with attempt:
+                        with measure(reporter, attempt.batch_size, attempt.device):
+                            workload.step(attempt.batch_size)
+                        if attempt.batch_size == size:  # measure reset the peak before the batch
+                            peak = int(torch.cuda.max_memory_allocated(device))
+                    if attempt.strategy != "first":
+                        ooms += 1
+            except Exception as exc:  # every attempt ran out of memory: reported; the next batch is smaller
+                if not is_oom_error(exc):
+                    raise
+                ooms += 1
+                exhausted += 1
             batches += 1
         reporter.flush()
         decision = client.decision or {}
         published = client.batch_size
     return Following(published, decision.get("optimal_batch_size"), decision.get("reason"), history, batches, ooms,
-                     peak, gpu is not None)
+                     peak, gpu is not None, exhausted)
 
 
 # --------------------------------------------------------------------------- the report
@@ -434,7 +441,7 @@ def render(r: Result) -> str:
         ("published by the optimizer", str(f.published_batch) + (" (its max_batch_size)" if r.capped else "")),
         ("published over the run", " -> ".join(map(str, f.published_history))),
         ("the service named its GPU", "yes, by torch's UUID" if f.gpu_named else "no: the optimizer chose"),
-        ("batches run / OOM retries while following", f"{f.batches} / {f.ooms}"),
+        ("batches run / OOM retries / batches lost to OOMs", f"{f.batches} / {f.ooms} / {f.exhausted}"),
         ("peak allocated at the published batch", "-" if f.peak_bytes is None else f"{f.peak_bytes / 2**30:.2f} GiB"),
         ("largest batch that fits (real OOMs)", str(r.largest_batch)),
         ("trials (batch: fits)", ", ".join(f"{t.batch_size}:{'y' if t.fits else 'n'}" for t in r.trials)),

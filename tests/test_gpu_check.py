@@ -225,12 +225,15 @@ class StandInCuda:
         self.emptied += 1
 
 
+@pytest.mark.parametrize("capacity", [37, 1])
 def test_the_whole_check_against_a_running_optimizer(check: ModuleType, torch: ModuleType,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
     """Everything but the GPU: fake NVML for the timed passes, ``serve --backend simulated`` for the
     optimizer (a subprocess on random ports), a stand-in CUDA and a step that runs out of memory above
-    37 items (the real OOM class), through the real client; then the JSON document."""
+    ``capacity`` items (the real OOM class), through the real client; then the JSON document.
+
+    At 1 the optimizer's first batch (4) fails on every attempt (4, 4, 2): the check goes on, and the
+    reported OOMs lower the published batch."""
     cuda = StandInCuda(torch)
     stand_in = types.SimpleNamespace(cuda=cuda, __version__=torch.__version__, version=torch.version,
                                      device=torch.device, zeros=lambda *a, **k: None)
@@ -242,7 +245,7 @@ def test_the_whole_check_against_a_running_optimizer(check: ModuleType, torch: M
             self.torch = torch
 
         def step(self, batch_size: int) -> None:
-            if batch_size > 37:
+            if batch_size > capacity:
                 raise cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch_size} GiB")
 
     monkeypatch.setattr(check, "Workload", Step)
@@ -252,8 +255,10 @@ def test_the_whole_check_against_a_running_optimizer(check: ModuleType, torch: M
     assert r.optimizer_samples >= 1 and r.optimizer_pass_ms is not None
     f = r.following
     assert f.published_history[0] == 4 and f.batches > 0 and not f.gpu_named  # the optimizer's default first
-    assert r.largest_batch == 37 and r.trials[0].batch_size == f.published_batch
-    assert r.ratio == round(f.published_batch / 37, 4) and not r.capped
+    assert r.largest_batch == capacity and r.trials[0].batch_size == f.published_batch
+    assert r.ratio == round(f.published_batch / capacity, 4) and not r.capped
+    if capacity == 1:
+        assert f.exhausted >= 1 and f.published_batch < 4 and "OOM" in (f.reason or "")
     assert cuda.emptied >= len(r.trials)  # between the tries
     assert r.status_gpus and r.status_gpus[0]["uuid"].startswith("GPU-sim")  # /status's own fields, as given
     assert "pressure" in r.status_gpus[0] and "memory_total_bytes" in r.status_gpus[0]
