@@ -239,8 +239,8 @@ class Workload:
             def forward(self, x: Any) -> Any:
                 return x + self.inner(x)
 
-        blocks = [Residual(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)))
-                  for _ in range(depth)]
+        blocks = [Residual(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                         nn.Linear(4 * dim, dim))) for _ in range(depth)]
         self.net = nn.Sequential(nn.Linear(3 * patch * patch, dim), *blocks, nn.LayerNorm(dim)).to(self.device)
         self.head = nn.Linear(dim, 10).to(self.device)
         self.params = list(self.net.parameters()) + list(self.head.parameters())

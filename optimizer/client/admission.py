@@ -178,7 +178,7 @@ def torch_available_bytes(device: int | None = None) -> int | None:
 
     That is the driver's free memory (``torch.cuda.mem_get_info()[0]``) plus what PyTorch's caching
     allocator holds but does not use (``memory_reserved - memory_allocated``), which the process can
-    reuse without asking the driver. None without PyTorch or CUDA.
+    reuse without asking the driver. None unless the service loaded PyTorch and CUDA is usable.
     """
     cuda = _torch_cuda()
     if cuda is None:
@@ -189,7 +189,8 @@ def torch_available_bytes(device: int | None = None) -> int | None:
 
 
 def torch_total_bytes(device: int | None = None) -> int | None:
-    """Total bytes of ``device`` (``torch.cuda.mem_get_info()[1]``); None without PyTorch or CUDA."""
+    """Total bytes of ``device`` (``torch.cuda.mem_get_info()[1]``); None unless the service loaded PyTorch
+    and CUDA is usable."""
     cuda = _torch_cuda()
     if cuda is None:
         return None
@@ -201,7 +202,7 @@ def torch_peak_bytes(device: int | None = None) -> int | None:
 
     This is the peak since the process started or since the last
     ``torch.cuda.reset_peak_memory_stats`` (this module never resets it: other code may rely on it).
-    Only PyTorch allocations are seen. None without PyTorch or CUDA.
+    Only PyTorch allocations are seen. None unless the service loaded PyTorch and CUDA is usable.
     """
     cuda = _torch_cuda()
     if cuda is None:
@@ -391,8 +392,9 @@ class VRAMGuard:
 
     ``available_fn``, ``total_fn`` and ``peak_fn`` return bytes or None ("cannot measure"); by default
     they use PyTorch on ``device`` (:func:`torch_available_bytes`, :func:`torch_total_bytes`,
-    :func:`torch_peak_bytes`). Without PyTorch or CUDA nothing can be measured and **every request
-    is admitted** (logged once at info): the guard never blocks work it cannot judge.
+    :func:`torch_peak_bytes`). Without PyTorch loaded by the service, or without CUDA, nothing can be
+    measured and **every request is admitted** (logged once at info): the guard never blocks work it
+    cannot judge.
 
     ``min_bytes`` is a floor on the estimate (CLAMS's ``gpu_mem_min``, in bytes).
 
@@ -633,7 +635,8 @@ def hw_summary(name: str, total_bytes: int | None, available_bytes: int | None,
 
 
 def hw_summary_from_torch(device: int | None = None) -> str | None:
-    """:func:`hw_summary` of ``device`` (None: current) from PyTorch; None without PyTorch or CUDA.
+    """:func:`hw_summary` of ``device`` (None: current) from PyTorch; None unless the service loaded
+    PyTorch and CUDA is usable.
 
     Available is the driver's free memory (``mem_get_info``); peak is
     ``torch.cuda.max_memory_allocated``.
