@@ -249,6 +249,7 @@ class Workload:
 
     def step(self, batch_size: int) -> None:
         torch, p, s = self.torch, self.patch, self.image_size
+        self.opt.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients
         images = torch.rand(batch_size, 3, s, s, device=self.device)
         tokens = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(batch_size, -1, 3 * p * p)
         loss = torch.nn.functional.cross_entropy(self.head(self.net(tokens).mean(dim=1)),
@@ -503,7 +504,8 @@ def run(args: argparse.Namespace, nvml: ModuleType | None = None, optimizer_back
         sampling = time_sampling(backend, args.passes)
     finally:
         backend.close()
-    device = args.device
+    index = torch.device(args.device).index
+    device = f"cuda:{0 if index is None else index}"  # "cuda" alone: set_device needs the index
     torch.cuda.set_device(device)
     torch.zeros(1, device=device)  # initialises CUDA: the client reads the device's UUID from then on
     gpu = gpu_identity()
