@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
+import structlog
 
 from optimizer.gpu.nvml import NvmlBackend
 from tests.policy_helpers import ROOT
@@ -41,6 +43,17 @@ def check() -> ModuleType:
 @pytest.fixture(scope="module")
 def torch() -> ModuleType:
     return require_module("torch")
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """main() configures structlog (warnings only) and quiets the client's logger, as a script does:
+    the tests after these must find both as they were."""
+    saved, client = structlog.get_config(), logging.getLogger("optimizer.client")
+    level = client.level
+    yield
+    structlog.configure(**saved)
+    client.setLevel(level)
 
 
 # --------------------------------------------------------------------------- no GPU: one line, exit 2
