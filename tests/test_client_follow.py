@@ -459,6 +459,8 @@ async def test_without_on_cleanup_the_default_cleanup_runs(opt: Optimizer, monke
 
 
 def test_default_cleanup_collects_and_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``torch`` with CUDA available, which the CPU build is not (test_client_torch runs the real
+    module without CUDA)."""
     ran: list[str] = []
     def collect() -> int:
         ran.append("gc")

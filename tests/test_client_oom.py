@@ -1,8 +1,9 @@
 """OOM recovery of the client library (optimizer.client.oom): detection, the order of the strategies,
 their bounds, the decorator (sync and async), the attempts loop, and the reports each OOM makes.
 
-The OOM raised is PyTorch's ``torch.cuda.OutOfMemoryError`` when PyTorch is installed, else a class
-of the same name and base (``RuntimeError``), as the library sees it without PyTorch.
+The OOM raised is PyTorch's ``torch.cuda.OutOfMemoryError`` when PyTorch is installed (the dev extras
+install it, and under CI its absence fails), else a class of the same name and base (``RuntimeError``),
+as the library sees it without PyTorch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep
+from tests.tools import in_ci
 
 OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -47,6 +49,8 @@ def _oom_class() -> type[Exception]:
     try:
         torch = importlib.import_module("torch")
     except ImportError:
+        if in_ci():  # make test installs PyTorch (the dev extras): without it these tests test less
+            raise
         return OutOfMemoryError
     return cast(type[Exception], torch.cuda.OutOfMemoryError)
 
@@ -171,6 +175,7 @@ def test_an_error_whose_message_cannot_be_read_is_not_an_oom() -> None:
 
 
 def test_with_pytorch_loaded_its_oom_class_counts_by_isinstance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``torch`` whose OOM class has an unknown name (the real class: test_client_torch)."""
     class CudaOom(RuntimeError):  # a name the fallback would not recognise
         pass
 
@@ -346,6 +351,8 @@ def test_bad_uses_are_refused_when_decorating() -> None:
 
 
 def test_the_default_cleanup_collects_and_empties_an_initialised_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``torch`` with CUDA initialised, which the CPU build cannot be (test_client_torch runs the
+    real module without CUDA)."""
     emptied: list[None] = []
     cuda = types.SimpleNamespace(is_initialized=lambda: True, empty_cache=lambda: emptied.append(None))
     torch = types.ModuleType("torch")

@@ -544,7 +544,11 @@ class RawCUuuid(CUuuid):
 
 
 class FakeCuda:
-    """The part of ``torch.cuda`` the library reads, recording each call."""
+    """The part of ``torch.cuda`` the library reads, recording each call.
+
+    A stand-in for a PyTorch *with CUDA* (a device, its UUID, allocator figures): those paths cannot run
+    on the CPU build the suite installs. What the real module does without CUDA is in test_client_torch.
+    """
 
     def __init__(self) -> None:
         self.calls: list[str] = []

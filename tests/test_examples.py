@@ -27,6 +27,7 @@ from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend
 from tests.policy_helpers import ROOT
 from tests.test_cli import _free_port
+from tests.tools import require_module
 
 
 def load_example(name: str) -> ModuleType:
@@ -109,3 +110,22 @@ async def test_the_service_example_end_to_end(aiohttp_server: AiohttpServer, aio
     VRAMProfiles("vlm-example", cache_dir=tmp_path).record({"task": "caption", "images": 2}, 79 * 1024**3)
     r = await client.post("/caption", json={"images": ["a", "b"]})
     assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_the_batch_loop_runs_a_real_pytorch_model_through_the_client(optimizer_process: str) -> None:
+    """--model torch: a real conv net on the CPU under a budget of 3 images; the budget's real
+    torch.cuda.OutOfMemoryError at the optimizer's 4 is recovered locally and reported."""
+    torch = require_module("torch")
+    done = subprocess.run([sys.executable, "examples/batch_loop.py", "--url", optimizer_process, "--batches", "30",
+                           "--capacity", "3", "--model", "torch", "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert f"torch {torch.__version__} on cpu, budget " in done.stdout
+    retries = [int(m) for m in re.findall(r"OOM retries (\d+)", done.stdout)]
+    assert len(retries) == 30 and retries[-1] >= 1, done.stdout
+    processed = int(re.findall(r"processed (\d+)", done.stdout)[-1])
+    assert processed >= 30  # every batch finished, on the retry when it ran out of memory
+    assert "oom_recovery_exhausted" not in done.stderr and "Traceback" not in done.stderr
+    with urllib.request.urlopen(optimizer_process + "/batch-size?service=batch-loop", timeout=5) as r:
+        decision = json.loads(r.read())
+    assert decision["batch_size"] <= 3 and "OOM reported at batch 4" in decision["reason"]

@@ -18,7 +18,8 @@ Units: memory is in bytes unless a name ends in ``_mb`` (mebibytes, 2**20 bytes,
 ``nvidia-smi`` and CLAMS call "MB"); times are in seconds.
 
 Nothing here imports the optimizer's server side, pynvml, kubernetes or prometheus_client. aiohttp is
-imported only by :func:`vram_middleware`, and PyTorch only by the ``*_torch`` defaults, when installed.
+imported only by :func:`vram_middleware`; PyTorch is never imported: the ``*_torch`` defaults use it when
+the service has loaded it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from optimizer.client.oom import loaded_torch
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -154,10 +156,14 @@ def check_vram(required_bytes: int, available_bytes: int,
 
 
 def _torch_cuda() -> Any | None:
-    """``torch.cuda`` when PyTorch is installed and a CUDA device is usable, else None."""
-    try:
-        torch: Any = importlib.import_module("torch")
-    except ImportError:
+    """``torch.cuda`` when the service has loaded PyTorch and a CUDA device is usable, else None.
+
+    PyTorch is never imported here (as in :func:`optimizer.client.oom.loaded_torch`): the guard runs
+    on the request path, where a first ``import torch`` would block the event loop for a second or more,
+    and a process that did not import it has no CUDA memory of its own to measure.
+    """
+    torch = loaded_torch()
+    if torch is None:
         return None
     try:
         cuda = torch.cuda
@@ -172,7 +178,7 @@ def torch_available_bytes(device: int | None = None) -> int | None:
 
     That is the driver's free memory (``torch.cuda.mem_get_info()[0]``) plus what PyTorch's caching
     allocator holds but does not use (``memory_reserved - memory_allocated``), which the process can
-    reuse without asking the driver. None without PyTorch or CUDA.
+    reuse without asking the driver. None unless the service loaded PyTorch and CUDA is usable.
     """
     cuda = _torch_cuda()
     if cuda is None:
@@ -183,7 +189,8 @@ def torch_available_bytes(device: int | None = None) -> int | None:
 
 
 def torch_total_bytes(device: int | None = None) -> int | None:
-    """Total bytes of ``device`` (``torch.cuda.mem_get_info()[1]``); None without PyTorch or CUDA."""
+    """Total bytes of ``device`` (``torch.cuda.mem_get_info()[1]``); None unless the service loaded PyTorch
+    and CUDA is usable."""
     cuda = _torch_cuda()
     if cuda is None:
         return None
@@ -195,7 +202,7 @@ def torch_peak_bytes(device: int | None = None) -> int | None:
 
     This is the peak since the process started or since the last
     ``torch.cuda.reset_peak_memory_stats`` (this module never resets it: other code may rely on it).
-    Only PyTorch allocations are seen. None without PyTorch or CUDA.
+    Only PyTorch allocations are seen. None unless the service loaded PyTorch and CUDA is usable.
     """
     cuda = _torch_cuda()
     if cuda is None:
@@ -385,8 +392,9 @@ class VRAMGuard:
 
     ``available_fn``, ``total_fn`` and ``peak_fn`` return bytes or None ("cannot measure"); by default
     they use PyTorch on ``device`` (:func:`torch_available_bytes`, :func:`torch_total_bytes`,
-    :func:`torch_peak_bytes`). Without PyTorch or CUDA nothing can be measured and **every request
-    is admitted** (logged once at info): the guard never blocks work it cannot judge.
+    :func:`torch_peak_bytes`). Without PyTorch loaded by the service, or without CUDA, nothing can be
+    measured and **every request is admitted** (logged once at info): the guard never blocks work it
+    cannot judge.
 
     ``min_bytes`` is a floor on the estimate (CLAMS's ``gpu_mem_min``, in bytes).
 
@@ -627,7 +635,8 @@ def hw_summary(name: str, total_bytes: int | None, available_bytes: int | None,
 
 
 def hw_summary_from_torch(device: int | None = None) -> str | None:
-    """:func:`hw_summary` of ``device`` (None: current) from PyTorch; None without PyTorch or CUDA.
+    """:func:`hw_summary` of ``device`` (None: current) from PyTorch; None unless the service loaded
+    PyTorch and CUDA is usable.
 
     Available is the driver's free memory (``mem_get_info``); peak is
     ``torch.cuda.max_memory_allocated``.

@@ -149,7 +149,8 @@ def gpu_identity() -> str | None:
 def _count(value: Any, name: str, lo: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool):
+    # a bool, or a bool tensor (PyTorch's __index__ turns torch.tensor(True) into 1): not a count
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) == "torch.bool":
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     try:
         n = operator.index(value)  # int, numpy integers, 0-d integer tensors
