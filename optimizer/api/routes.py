@@ -22,6 +22,7 @@ from optimizer.api.schemas import (
     read_limited,
     sample_dict,
 )
+from optimizer.api.decisions import decision_dict
 from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout
@@ -121,7 +122,7 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
         "settings": settings_to_dict(engine.settings),
         "runtime_settings": engine.runtime,  # the keys pinned through the admin API (the rest: file, env, flags)
         "gpus": gpus,
-        "services": [d.to_dict() for d in engine.decisions()],
+        "services": [decision_dict(d) for d in engine.decisions()],
     }
 
 
