@@ -1,4 +1,4 @@
-"""The engine's books: the event log, the per-GPU totals, the refused requests and the OOM reports.
+"""The engine's books: the samples' history, the event log, the per-GPU totals, refusals and OOM reports.
 
 What the metrics (``optimizer/metrics.py``) and the history endpoints read; only the engine writes it
 (:class:`optimizer.engine.Engine` keeps one :class:`Ledger` and exposes copies).
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from optimizer.policy.types import Event
+from optimizer.gpu.types import GpuSample
+from optimizer.policy.types import Event, Snapshot
 
 log = structlog.get_logger("optimizer.engine")  # the events are the engine's: logged under its name
 
@@ -41,9 +42,11 @@ class GpuCounters:
 
 
 class Ledger:
-    """The event log (the last :data:`EVENT_HISTORY`) and the totals, by GPU, refusal reason and OOM outcome."""
+    """The last samples of each GPU, the event log (the last :data:`EVENT_HISTORY`) and the totals, by GPU,
+    refusal reason and OOM outcome."""
 
     def __init__(self) -> None:
+        self.history: dict[int, deque[GpuSample]] = {}
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self.counters: dict[int, GpuCounters] = defaultdict(GpuCounters)
         self.refused: collections.Counter[str] = collections.Counter()  # requests refused, by reason
@@ -69,10 +72,20 @@ class Ledger:
             # Pressure crossing a threshold back and forth is normal near the target: debug only.
             (log.debug if e.kind == "pressure_changed" else log.info)(e.kind, gpu=e.gpu, **fields)
 
-    def forget(self, gone_gpus: Collection[int], live: Collection[tuple[int, str]]) -> None:
-        """Drop the totals of GPUs no longer present, and of services no longer known (names may churn)."""
-        for index in gone_gpus:
-            self.counters.pop(index, None)
+    def sampled(self, snapshot: Snapshot, history_size: int) -> None:
+        """Keep a sample in each GPU's history (the last ``history_size``); forget the GPUs no longer present."""
+        present = {g.index for g in snapshot.gpus}
+        for gone in [i for i in self.history if i not in present]:
+            del self.history[gone]
+            self.counters.pop(gone, None)
+        for g in snapshot.gpus:
+            h = self.history.get(g.index)
+            if h is None or h.maxlen != history_size:
+                h = self.history[g.index] = deque(h or (), maxlen=history_size)
+            h.append(g)
+
+    def forget(self, live: Collection[tuple[int, str]]) -> None:
+        """Drop the counts of services no longer known (names may churn), by (GPU, service)."""
         for index, c in self.counters.items():
             for name in [n for n in c.batch_changes if (index, n) not in live]:
                 del c.batch_changes[name]

@@ -4,30 +4,28 @@ One engine serves one process. The sampler loop feeds it snapshots (:meth:`Engin
 HTTP handlers feed it polls and reports, the virtual-time simulator does both with its own clock.
 Everything here is synchronous and runs on one thread (the event loop's), so no locks are needed.
 
-Its state is private: other modules change it only through the methods that say what they want
-(:meth:`Engine.observe`, :meth:`Engine.poll`, :meth:`Engine.set_runtime`, :meth:`Engine.restore_services`,
-:meth:`Engine.attach_discovery`, ...) and read it through read-only properties (docs/architecture.md,
-"The engine's API"). The ideas it calls live beside it: the settings layers (``runtime_settings.py``),
-the trust model (``trust.py``), GPU lookups (``selectors.py``) and the decision value (``decision.py``).
+Its state is private: other modules change it through methods that say what they want and read it
+through read-only properties (docs/architecture.md, "The engine's API"). Its parts live beside it: the
+settings layers (``runtime_settings.py``), the trust model (``trust.py``), GPU lookups (``selectors.py``),
+decisions (``decision.py``), the pods (``discovered.py``), the history and counters (``accounting.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import structlog
 
-from optimizer import coordination, decision, selectors, trust
-from optimizer.accounting import EVENT_HISTORY, OOM_OUTCOMES, GpuCounters, Ledger
+from optimizer import coordination, decision, policy, selectors, trust
 from optimizer import runtime_settings as layers
-from optimizer.config import Settings, apply_settings
+from optimizer.accounting import EVENT_HISTORY, OOM_OUTCOMES, GpuCounters, Ledger
+from optimizer.config import Settings
 from optimizer.decision import Decision
+from optimizer.discovered import DiscoveredPods
 from optimizer.gpu.types import GpuSample
-from optimizer import policy
 from optimizer.kube.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, ServiceReport, ServiceState, Snapshot
 from optimizer.runtime_settings import SettingsChange
@@ -43,22 +41,14 @@ log = structlog.get_logger(__name__)
 class Engine:
     def __init__(self, settings: Settings, *, has_gpus: bool = True) -> None:
         """``has_gpus``: false on backend ``none`` (a CPU-only host: services get the maximum batch)."""
-        self._base = settings  # file < environment < flags (and a simulated scenario's profiles)
-        self._runtime: dict[str, Any] = {}  # set through the admin API, by key, JSON-ready; persisted
-        self._settings = settings  # the base with the runtime layer applied
+        self._layers = layers.SettingsLayers(settings)  # the base settings and the runtime layer over them
         self._effective: Settings | None = None
         self._state = PolicyState()
         self._snapshot: Snapshot | None = None
-        self._history: dict[int, deque[GpuSample]] = {}
-        self._ledger = Ledger()  # the event log and the totals
+        self._ledger = Ledger()  # the samples' history, the event log and the totals
         self._has_gpus = has_gpus
         self._revision = 0  # rises on every change of state; the persister saves when it moved
-        # Kubernetes discovery (see optimizer.coordination): the pods on this node, by namespace/name.
-        self._discovery = False
-        self._pods: dict[str, PodInfo] = {}
-        self._ever_ready: frozenset[str] = frozenset()  # uids of the pods seen ready
-        self._pod_gpus: dict[str, int] = {}  # a pod's name (or namespace/name), as its polls and reports gave it
-        self._pod_devices: dict[str, tuple[str, ...]] = {}  # namespace/name -> GPU device IDs, from the kubelet
+        self._node = DiscoveredPods()  # Kubernetes discovery: the pods on this node (see optimizer.coordination)
         self._known: Known | None = None
 
     # ------------------------------------------------------------------ read-only views
@@ -76,7 +66,7 @@ class Engine:
     @property
     def history(self) -> Mapping[int, tuple[GpuSample, ...]]:
         """The last ``history_size`` samples of each GPU present, oldest first (a copy)."""
-        return MappingProxyType({i: tuple(h) for i, h in self._history.items()})
+        return MappingProxyType({i: tuple(h) for i, h in self._ledger.history.items()})
 
     @property
     def events(self) -> tuple[Event, ...]:
@@ -87,6 +77,16 @@ class Engine:
     def counters(self) -> Mapping[int, GpuCounters]:
         """The totals of each GPU that had an event (copies)."""
         return MappingProxyType({i: c.copy() for i, c in self._ledger.counters.items()})
+
+    @property
+    def refused(self) -> Mapping[str, int]:
+        """Requests the trust model refused, by reason."""
+        return MappingProxyType(self._ledger.refused)
+
+    @property
+    def oom_reports(self) -> Mapping[str, int]:
+        """OOM reports, by outcome."""
+        return MappingProxyType(self._ledger.oom_reports)
 
     @property
     def has_gpus(self) -> bool:
@@ -101,70 +101,58 @@ class Engine:
     @property
     def discovery(self) -> bool:
         """Whether Kubernetes discovery is attached (:meth:`attach_discovery`): pods and pod IPs count."""
-        return self._discovery
+        return self._node.attached
 
     @property
     def pods(self) -> Mapping[str, PodInfo]:
-        """The pods on this node discovery last saw, by ``namespace/name`` (read-only)."""
-        return MappingProxyType(self._pods)
+        """The pods on this node discovery last saw, by ``namespace/name``."""
+        return MappingProxyType(self._node.pods)
 
     @property
     def ever_ready(self) -> frozenset[str]:
         """The uids of the pods present that have been ready."""
-        return self._ever_ready
+        return self._node.ever_ready
 
     @property
     def pod_gpus(self) -> Mapping[str, int]:
-        """A pod's GPU, by the name its polls and reports gave (read-only)."""
-        return MappingProxyType(self._pod_gpus)
+        """A pod's GPU, by the name its polls and reports gave."""
+        return MappingProxyType(self._node.pod_gpus)
 
     @property
     def pod_devices(self) -> Mapping[str, tuple[str, ...]]:
-        """Each pod's GPU device IDs, by ``namespace/name``, from the kubelet (read-only)."""
-        return MappingProxyType(self._pod_devices)
+        """Each pod's GPU device IDs, by ``namespace/name``, from the kubelet."""
+        return MappingProxyType(self._node.devices)
 
-    @property
-    def refused(self) -> Mapping[str, int]:
-        """Requests the trust model refused, by reason (read-only)."""
-        return MappingProxyType(self._ledger.refused)
-
-    @property
-    def oom_reports(self) -> Mapping[str, int]:
-        """OOM reports, by outcome (read-only)."""
-        return MappingProxyType(self._ledger.oom_reports)
-
-    # ------------------------------------------------------------------ settings (see runtime_settings.py)
+    # ------------------------------------------------------------------ settings and saved state
 
     @property
     def settings(self) -> Settings:
         """The effective settings: the base settings with the runtime layer applied."""
-        return self._settings
+        return self._layers.settings
 
     @property
     def base_settings(self) -> Settings:
         """The settings from the config file, environment and flags (what a key falls back to when unpinned)."""
-        return self._base
+        return self._layers.base
 
     @property
     def runtime(self) -> dict[str, Any]:
         """The runtime layer (a copy): the keys pinned through the admin API, by key, as JSON-ready values."""
-        return dict(self._runtime)
+        return dict(self._layers.runtime)
 
     def set_runtime(self, updates: Mapping[str, Any], now: float | None = None) -> SettingsChange:
         """Set ``updates`` at runtime (``PATCH /admin/config``), all-or-nothing (raises :class:`ConfigError`).
 
-        Only a key whose value differs from the effective one is pinned; one that already has the
-        value is reported ``unchanged`` and pins nothing.
+        Only a key whose value differs from the effective one is pinned; the others are ``unchanged``.
         """
-        layer, unchanged = layers.set_layer(self._settings, self._runtime, updates)
-        return dataclasses.replace(self._install(layer, now), unchanged=unchanged)
+        return self._settings_moved(self._layers.set(updates), now)
 
     def replace_runtime(self, layer: Mapping[str, Any], now: float | None = None) -> SettingsChange:
         """Make ``layer`` the whole runtime layer (``import-config``), all-or-nothing (raises :class:`ConfigError`).
 
         A key ``layer`` leaves out takes its base value (file, environment, flags), not a built-in default.
         """
-        return self._install(layers.replace_layer(self._base, layer), now)
+        return self._settings_moved(self._layers.replace(layer), now)
 
     def reset_runtime(self, keys: Collection[str] | None = None, now: float | None = None) -> SettingsChange:
         """Unpin ``keys`` (``None``: every key): each takes its base value again at once.
@@ -172,43 +160,34 @@ class Engine:
         All-or-nothing: raises :class:`ConfigError` for a key that is not a runtime setting, or when the
         base values would not fit the keys that stay pinned (e.g. a pinned minimum above the file's maximum).
         """
-        return self._install(layers.reset_layer(self._runtime, keys), now)
+        return self._settings_moved(self._layers.reset(keys), now)
 
     def restore_runtime(self, saved: Mapping[str, Any]) -> dict[str, str]:
-        """Re-apply a saved runtime layer on top of the base, key by key (at start, before anything is served).
-
-        A key that is no longer valid is skipped (:func:`runtime_settings.restore_layer`); the others are
-        kept. Returns the skipped keys and why.
-        """
-        layer, skipped = layers.restore_layer(self._base, saved)
-        self._runtime = layer
-        self._settings = apply_settings(self._base, layer)
+        """Re-apply a saved runtime layer over the base (at start): the keys no longer valid are skipped,
+        returned with why (:func:`runtime_settings.restore_layer`)."""
+        skipped = self._layers.restore(saved)
         self._effective = None
         self._known = None
         self._revision += 1
         return skipped
 
+    def restore_services(self, services: Mapping[tuple[int, str], ServiceState]) -> None:
+        """Put saved services back over those known (at start); no new :attr:`revision`: nothing to save."""
+        self._state = self._state.with_(services={**self._state.services, **services})
+
     def update_settings(self, updates: dict[str, Any], now: float | None = None) -> dict[str, tuple[Any, Any]]:
         """:meth:`set_runtime`, returning only the effective changes: {key: (old, new)}."""
         return self.set_runtime(updates, now).changed
 
-    def _install(self, layer: dict[str, Any], now: float | None) -> SettingsChange:
-        """Make ``layer`` the runtime layer; act on a change of ``enabled``. Raises :class:`ConfigError`.
-
-        Turning optimization off publishes the default batches at once; turning it on optimizes at once
-        (where the samples allow).
-        """
-        new = apply_settings(self._base, layer)
-        change = layers.compare(self._settings, new, self._runtime, layer)
-        moved = layer != self._runtime
-        self._runtime = dict(layer)
-        self._settings = new
+    def _settings_moved(self, change: SettingsChange, now: float | None) -> SettingsChange:
+        """Act on a change of the runtime layer: a new revision; turning optimization off publishes the
+        default batches at once, turning it on optimizes at once (where the samples allow)."""
         self._effective = None
         self._known = None
-        if change.changed or moved:
+        if change.changed or change.pinned or change.unpinned:
             self._revision += 1
         if "enabled" in change.changed:
-            if new.enabled:
+            if self._layers.settings.enabled:
                 self.optimize_now()
             else:
                 at = now if now is not None else (self._snapshot.timestamp if self._snapshot else 0.0)
@@ -219,47 +198,28 @@ class Engine:
     def policy_settings(self) -> Settings:
         """What the policy runs with: the configured settings, with the pods' declared profiles."""
         if self._effective is None:
-            self._effective = coordination.effective_settings(self._settings, self._pods)
+            self._effective = coordination.effective_settings(self._layers.settings, self._node.pods)
         return self._effective
 
-    # ------------------------------------------------------------------ restoring saved state
-
-    def restore_services(self, services: Mapping[tuple[int, str], ServiceState]) -> None:
-        """Put saved services back, by (GPU, service), over those known (at start, before anything is served).
-
-        Leaves :attr:`revision` as it is: what was just loaded needs no save.
-        """
-        self._state = self._state.with_(services={**self._state.services, **services})
-
-    # ------------------------------------------------------------------ discovery
+    # ------------------------------------------------------------------ discovery (see discovered.py)
 
     def attach_discovery(self) -> None:
         """Kubernetes discovery runs: the pods it reports (:meth:`set_pods`) and their IPs count from now on."""
-        self._discovery = True
+        self._node.attached = True
 
     def set_pods(self, pods: dict[str, PodInfo], now: float | None = None) -> tuple[Event, ...]:
         """Discovery's latest view of the pods on this node. Shares move at once.
 
         Services whose batch no longer fits their (smaller) share are lowered now, not at the next sample.
         """
-        self._discovery = True
-        self._pods = dict(pods)
-        present = {p.uid for p in pods.values()}
-        self._ever_ready = frozenset({u for u in self._ever_ready if u in present}
-                                     | {p.uid for p in pods.values() if p.ready})
-        names = {p.key for p in pods.values()} | {p.name for p in pods.values()}
-        self._pod_gpus = {k: v for k, v in self._pod_gpus.items() if k in names}
+        self._node.set_pods(pods)
         self._effective = None
         self._known = None
         return self._rebalance(now)
 
     def set_pod_devices(self, devices: Mapping[str, tuple[str, ...]], now: float | None = None) -> tuple[Event, ...]:
         """The kubelet's latest answer: each pod's GPU device IDs (empty: none known, the fallbacks decide)."""
-        new = {k: tuple(v) for k, v in devices.items()}
-        if new == self._pod_devices:
-            return ()
-        self._pod_devices = new
-        return self._rebalance(now)
+        return self._rebalance(now) if self._node.set_devices(devices) else ()
 
     def _rebalance(self, now: float | None) -> tuple[Event, ...]:
         """The roster from the pods as they are now, and the batches that no longer fit lowered at once."""
@@ -271,24 +231,9 @@ class Engine:
         return self._apply(policy.rebalance(self._snapshot, self._state, self.policy_settings, at))
 
     def _update_roster(self) -> None:
-        gpus = list(self._snapshot.gpus) if self._snapshot else []
-        roster = coordination.build_roster(self._pods, self._ever_ready, self._pod_gpus, gpus, self._pod_devices)
+        roster = self._node.roster(list(self._snapshot.gpus) if self._snapshot else [])
         if roster != self._state.roster:
             self._state = dataclasses.replace(self._state, roster=roster)
-
-    def _note_pod(self, pod: str | None, index: int, peer: str | None = None) -> None:
-        """A poll or report said which pod it came from: its GPU is known from now on.
-
-        Only for a pod discovery knows, and (``peer``: the client's address; ``None``: in-process) only
-        when the request came from that pod's IP: no client moves another pod's share to another GPU.
-        """
-        if pod is None or not self._discovery or self._pod_gpus.get(pod) == index:
-            return  # (without discovery nothing would ever prune the table: not kept)
-        if not trust.sent_by(trust.pods_named(self._pods, pod), peer):
-            return
-        self._pod_gpus[pod] = index
-        if self._pods:
-            self._update_roster()
 
     # ------------------------------------------------------------------ trust (see trust.py)
 
@@ -296,7 +241,7 @@ class Engine:
     def known(self) -> Known:
         """The declared services and the pods' services with their IPs (cached until settings or pods change)."""
         if self._known is None:
-            self._known = trust.known_of(self._pods.values(), (p.name for p in self.policy_settings.profiles))
+            self._known = trust.known_of(self._node.pods.values(), (p.name for p in self.policy_settings.profiles))
         return self._known
 
     def _refuse(self, refusal: Refused) -> Refused:
@@ -311,8 +256,8 @@ class Engine:
         Raises :class:`Refused` (counted): see :func:`trust.admit`.
         """
         try:
-            return trust.admit(service, index, peer, known=self.known, discovery=self._discovery,
-                               settings=self._settings, registered=self._state.services)
+            return trust.admit(service, index, peer, known=self.known, discovery=self._node.attached,
+                               settings=self._layers.settings, registered=self._state.services)
         except Refused as exc:
             raise self._refuse(exc) from None
 
@@ -321,19 +266,11 @@ class Engine:
     def observe(self, snapshot: Snapshot) -> tuple[Event, ...]:
         """One sampler tick: keep the snapshot and its history, run the policy, account its events."""
         self._snapshot = snapshot
-        present = {g.index for g in snapshot.gpus}
-        gone = [i for i in self._history if i not in present]
-        for index in gone:
-            del self._history[index]
-        for g in snapshot.gpus:
-            h = self._history.get(g.index)
-            if h is None or h.maxlen != self._settings.history_size:
-                h = self._history[g.index] = deque(h or (), maxlen=self._settings.history_size)
-            h.append(g)
-        if self._pods:
+        self._ledger.sampled(snapshot, self._layers.settings.history_size)
+        if self._node.pods:
             self._update_roster()
         events = self._apply(policy.decide(snapshot, self._state, self.policy_settings))
-        self._ledger.forget(gone, self._state.services)  # forgotten services' counts go with them
+        self._ledger.forget(self._state.services)  # forgotten services' counts go with them
         return events
 
     # ------------------------------------------------------------------ operator actions (admin API)
@@ -380,15 +317,16 @@ class Engine:
         """
         index = self.resolve_gpu(service, gpu)
         if index is None:
-            return decision.cpu_only(service, now, self.policy_settings, self._settings.strategy.value)
+            return decision.cpu_only(service, now, self.policy_settings, self._layers.settings.strategy.value)
         new = (index, service) not in self._state.services
         if new:
             why = self.admit(service, index, peer)
             if why is not None:
                 return decision.unregistered(service, index, now, why, self.policy_settings,
-                                             self._settings.strategy.value, self._state.gpus.get(index),
+                                             self._layers.settings.strategy.value, self._state.gpus.get(index),
                                              self.gpu_sample(index))
-        self._note_pod(pod, index, peer)
+        if self._node.note(pod, index, peer) and self._node.pods:
+            self._update_roster()
         self._state, svc = policy.touch(self._state, service, index, now, self.policy_settings,
                                         self.gpu_sample(index))
         if new:
@@ -406,7 +344,7 @@ class Engine:
         """
         index = self.resolve_gpu(service, gpu)
         if index is None:
-            return decision.cpu_only(service, now, self.policy_settings, self._settings.strategy.value)
+            return decision.cpu_only(service, now, self.policy_settings, self._layers.settings.strategy.value)
         if (index, service) not in self._state.services:
             why = self.admit(service, index, peer)
             if why is not None:
@@ -414,10 +352,11 @@ class Engine:
                                            f"({why}): its reports are not taken"))
         else:
             try:
-                trust.check_peer(service, peer, self.known, self._discovery)
+                trust.check_peer(service, peer, self.known, self._node.attached)
             except Refused as exc:
                 raise self._refuse(exc) from None
-        self._note_pod(pod, index, peer)
+        if self._node.note(pod, index, peer) and self._node.pods:
+            self._update_roster()
         report = ServiceReport(service=service, gpu=index, timestamp=now, batch_size=batch_size,
                                peak_bytes=peak_bytes, allocated_bytes=allocated_bytes,
                                reserved_bytes=reserved_bytes, oom=oom,
@@ -437,23 +376,12 @@ class Engine:
     def gpu_sample(self, index: int) -> GpuSample | None:
         return selectors.gpu_sample(self._snapshot, index)
 
-    def gpu_indexes(self) -> list[int]:
-        return selectors.gpu_indexes(self._snapshot)
-
     def resolve_gpu(self, service: str, selector: int | str | None) -> int | None:
         """A GPU index from an index, a UUID, or nothing; ``None``: no GPU here (:func:`selectors.resolve_gpu`)."""
         return selectors.resolve_gpu(self._snapshot, self._state.services, self._has_gpus, service, selector)
 
-    def gpu_by_name(self, selector: str) -> int | None:
-        """The index of the entry named by UUID or ``parent:gi[:ci]`` (:func:`selectors.gpu_by_name`)."""
-        return selectors.gpu_by_name(self._snapshot, selector)
-
-    def gpu_selectors(self) -> list[str]:
-        """The names besides the index that select an entry now: UUIDs, and ``parent:instance`` for MIG."""
-        return selectors.gpu_selectors(self._snapshot)
-
     def decision_of(self, svc: ServiceState) -> Decision:
-        return decision.of_service(svc, self._settings.strategy.value, self._state.gpus.get(svc.gpu),
+        return decision.of_service(svc, self._layers.settings.strategy.value, self._state.gpus.get(svc.gpu),
                                    self.gpu_sample(svc.gpu))
 
     def decisions(self) -> list[Decision]:
@@ -462,11 +390,8 @@ class Engine:
     # ------------------------------------------------------------------ accounting
 
     def _apply(self, outcome: policy.Outcome) -> tuple[Event, ...]:
-        """Take a policy outcome: its state, and its events accounted."""
+        """Take a policy outcome: its state, a new revision, and its events kept, counted and logged."""
         self._state = outcome.state
-        self._account(outcome.events)
-        return outcome.events
-
-    def _account(self, events: tuple[Event, ...]) -> None:
         self._revision += 1
-        self._ledger.record(events)
+        self._ledger.record(outcome.events)
+        return outcome.events

@@ -3,11 +3,13 @@
 The runtime layer holds the keys pinned through the admin API (``PATCH /admin/config``, ``import-config``,
 ``DELETE /admin/config``) and is persisted. Pure: each function takes the layers as they are and returns the
 new runtime layer (or raises :class:`ConfigError`, changing nothing); :func:`compare` says what the new layer
-did. The engine installs the result and acts on it (:class:`optimizer.engine.Engine`).
+did. :class:`SettingsLayers` holds the layers; the engine keeps one and acts on each change
+(:class:`optimizer.engine.Engine`: a new revision, optimization turned on or off).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,3 +113,41 @@ def compare(old: Settings, new: Settings, old_layer: Mapping[str, Any], layer: M
     pinned = tuple(sorted(k for k in layer if k not in old_layer or old_layer[k] != layer[k]))
     unpinned = tuple(sorted(k for k in old_layer if k not in layer))
     return SettingsChange(changed=changed, pinned=pinned, unpinned=unpinned)
+
+
+class SettingsLayers:
+    """The base settings, the runtime layer over them, and the effective settings (the two applied).
+
+    Every change is all-or-nothing: it raises :class:`ConfigError` before anything moves.
+    """
+
+    def __init__(self, base: Settings) -> None:
+        self.base = base  # file < environment < flags (and a simulated scenario's profiles)
+        self.runtime: dict[str, Any] = {}  # set through the admin API, by key, JSON-ready; persisted
+        self.settings = base  # the base with the runtime layer applied
+
+    def set(self, updates: Mapping[str, Any]) -> SettingsChange:
+        """Pin ``updates`` (:func:`set_layer`)."""
+        layer, unchanged = set_layer(self.settings, self.runtime, updates)
+        return dataclasses.replace(self.install(layer), unchanged=unchanged)
+
+    def replace(self, layer: Mapping[str, Any]) -> SettingsChange:
+        """Make ``layer`` the whole runtime layer (:func:`replace_layer`)."""
+        return self.install(replace_layer(self.base, layer))
+
+    def reset(self, keys: Collection[str] | None) -> SettingsChange:
+        """Unpin ``keys`` (:func:`reset_layer`; ``None``: every key)."""
+        return self.install(reset_layer(self.runtime, keys))
+
+    def restore(self, saved: Mapping[str, Any]) -> dict[str, str]:
+        """Re-apply a saved layer (:func:`restore_layer`); returns the keys skipped and why."""
+        layer, skipped = restore_layer(self.base, saved)
+        self.runtime, self.settings = layer, apply_settings(self.base, layer)
+        return skipped
+
+    def install(self, layer: Mapping[str, Any]) -> SettingsChange:
+        """Make ``layer`` the runtime layer; what it changed."""
+        new = apply_settings(self.base, layer)
+        change = compare(self.settings, new, self.runtime, layer)
+        self.runtime, self.settings = dict(layer), new
+        return change
