@@ -146,15 +146,16 @@ async def history(request: web.Request) -> web.Response:
         gpu = parse_gpu(request.query.get("gpu"))
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
-    indexes = sorted(engine.history)
+    history = engine.history  # (a copy: taken once)
+    indexes = sorted(history)
     if gpu is not None:
         try:
             chosen = engine.resolve_gpu("", gpu)
         except UnknownGpu as exc:
             return _unknown_gpu(exc)
         indexes = [i for i in indexes if i == chosen]
-    samples = {str(i): [sample_dict(g) for g in list(engine.history[i])[-limit:]] for i in indexes}
-    events = [event_dict(e) for e in list(engine.events)[-limit:] if gpu is None or e.gpu in indexes]
+    samples = {str(i): [sample_dict(g) for g in history[i][-limit:]] for i in indexes}
+    events = [event_dict(e) for e in engine.events[-limit:] if gpu is None or e.gpu in indexes]
     return _json({"gpus": samples, "events": events})
 
 
