@@ -318,8 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except BackendError as exc:
             print(f"vlm-gpu-optimizer: GPU backend {cfg.server.backend.value} failed: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        engine = Engine(settings)
-        engine.has_gpus = backend.name != "none"
+        engine = Engine(settings, has_gpus=backend.name != "none")
     persister = None
     if cfg.server.state_path is not None:
         persister = Persister(engine, StateFile(cfg.server.state_path))

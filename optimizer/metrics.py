@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from optimizer.engine import OOM_OUTCOMES, REFUSAL_REASONS, Engine
+from optimizer.engine import OOM_OUTCOMES, REFUSAL_REASONS, Engine, GpuCounters
 from optimizer.gpu.types import HEAT_THROTTLE_REASONS, THROTTLE_REASONS, GpuSample
 from optimizer.sampler import DURATION_BUCKETS, Sampler
 
@@ -257,8 +257,9 @@ class OptimizerCollector(Collector):
         freed = CounterMetricFamily("vlm_memory_freed_bytes", "Memory freed after cleanups, measured from the samples "
                                     "that followed, bytes", labels=GPU)
         present = sorted({g.index for g in self.engine.snapshot.gpus}) if self.engine.snapshot else []
+        counters = self.engine.counters
         for index in present:
-            c = self.engine.counters[index]
+            c = counters.get(index) or GpuCounters()  # a GPU with no event yet: every total at zero
             labels = self._labels(index)
             for key in fams:
                 counts = getattr(c, key)

@@ -250,7 +250,7 @@ def restore(engine: Engine, data: dict[str, Any], now: float) -> None:
         lo, hi = engine.settings.batch_limits(engine.settings.profile(svc.service))
         svc = dataclasses.replace(svc, batch_size=max(lo, min(hi, svc.batch_size)))
         restored[(svc.gpu, svc.service)] = svc
-    engine.state = engine.state.with_(services={**engine.state.services, **restored})
+    engine.restore_services(restored)
     log.info("state_restored", services=len(restored), settings=sorted(engine.runtime))
 
 

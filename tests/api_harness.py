@@ -75,7 +75,7 @@ def make_api(aiohttp_client: AiohttpClient) -> MakeApi:
     async def make(gpus: int = 1, settings: Settings | None = None, backend: GpuBackend | None = None) -> Api:
         clock = FakeClock()
         backend = backend or ScriptedBackend(gpus)
-        engine = Engine(settings or Settings())
+        engine = Engine(settings or Settings(), has_gpus=backend.name != "none")  # as serve makes it
         sampler = Sampler(backend, engine, clock=clock, sleep=no_sleep)
         client = await aiohttp_client(build_app(engine, sampler, run_sampler=False))
         return Api(client, engine, sampler, backend, clock)

@@ -503,7 +503,7 @@ async def test_ready(make_api: MakeApi) -> None:
 
 async def test_cpu_only_host(make_api: MakeApi) -> None:
     a = await make_api(backend=NoGpuBackend())
-    a.engine.has_gpus = False
+    assert not a.engine.has_gpus  # as serve makes it for backend none
     await a.get("/ready", status=503)
     await a.tick()
     body = await a.get("/ready")

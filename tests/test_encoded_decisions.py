@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import pytest
@@ -24,13 +24,13 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from optimizer.api import build_app
 from optimizer.api.admin import build_admin_app
+from optimizer.api.decisions import decision_dict, decision_etag
 from optimizer.api.encoded import SLACK, Encoded, EncodedDecisions
 from optimizer.api.keys import ENCODED
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.gpu.none import NoGpuBackend
 from optimizer.gpu.types import GpuBackend
-from optimizer.policy.types import PolicyState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep
 
@@ -84,7 +84,7 @@ def make_rig(aiohttp_client: AiohttpClient) -> MakeRig:
     async def make(gpus: int = 1, settings: Settings | None = None, backend: GpuBackend | None = None) -> Rig:
         clock = FakeClock()
         backend = backend or ScriptedBackend(gpus)
-        engine = Engine(settings or Settings())
+        engine = Engine(settings or Settings(), has_gpus=backend.name != "none")  # as serve makes it
         sampler = Sampler(backend, engine, clock=clock, sleep=no_sleep)
         app = build_app(engine, sampler, run_sampler=False)
         admin = build_admin_app(app, b"tok")
@@ -111,13 +111,33 @@ def _opaque(tag: str) -> str:
     return tag[2:] if tag.startswith("W/") else tag
 
 
+def reference_dict(d: Decision) -> dict[str, Any]:
+    """The JSON object of a decision as ``Decision.to_dict`` wrote it before it moved to the API layer."""
+    gpu = None
+    if d.gpu_index is not None:
+        gpu = {"index": d.gpu_index, "uuid": d.gpu_uuid, "name": d.gpu_name,
+               "memory_used_bytes": d.memory_used_bytes, "memory_total_bytes": d.memory_total_bytes}
+    return {"service": d.service, "batch_size": d.batch_size, "optimal_batch_size": d.optimal_batch_size,
+            "strategy": d.strategy, "pressure": d.pressure, "cleanup_epoch": d.cleanup_epoch, "reason": d.reason,
+            "updated_at": d.updated_at, "gpu": gpu, "registered": d.registered}
+
+
+def reference_etag(d: Decision) -> str:
+    """The ETag of a decision as ``Decision.etag`` computed it before it moved to the API layer."""
+    key = json.dumps([d.service, d.gpu_index, d.batch_size, d.optimal_batch_size, d.strategy,
+                      d.pressure, d.cleanup_epoch, d.reason, d.registered])
+    return 'W/"' + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + '"'
+
+
 def reference_response(request: web.Request, d: Decision, interval: float) -> web.Response:
     """How ``/batch-size`` answered before the encoded decisions: a fresh encoding on every poll."""
-    headers = {"ETag": d.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
+    etag = reference_etag(d)
+    headers = {"ETag": etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
     inm = request.headers.get("If-None-Match")
-    if inm is not None and (inm.strip() == "*" or _opaque(d.etag) in [_opaque(t) for t in inm.split(",")]):
+    if inm is not None and (inm.strip() == "*" or _opaque(etag) in [_opaque(t) for t in inm.split(",")]):
         return web.Response(status=304, headers=headers)
-    return web.json_response(d.to_dict(), headers=headers, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+    return web.json_response(reference_dict(d), headers=headers,
+                             dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
 
 async def reference_server(aiohttp_server: AiohttpServer, engine: Engine) -> TestServer:
@@ -221,9 +241,9 @@ async def test_an_override_and_its_clearing_change_the_answer(rig: Rig) -> None:
     assert status == 200
     cleared = json.loads(body)
     assert cleared["reason"] != overridden_body["reason"]
-    assert cleared == rig.engine.decision_of(rig.engine.state.services[(0, "svc")]).to_dict()
+    assert cleared == decision_dict(rig.engine.decision_of(rig.engine.state.services[(0, "svc")]))
     await rig.tick()  # the policy decides again
-    assert await rig.body() == rig.engine.decision_of(rig.engine.state.services[(0, "svc")]).to_dict()
+    assert await rig.body() == decision_dict(rig.engine.decision_of(rig.engine.state.services[(0, "svc")]))
 
 
 async def test_a_settings_change_shows_in_the_body_and_the_headers(rig: Rig) -> None:
@@ -247,12 +267,11 @@ async def test_a_settings_change_shows_in_the_body_and_the_headers(rig: Rig) -> 
 
 
 async def test_a_state_swapped_without_a_revision_still_shows(rig: Rig) -> None:
-    """A state restored from disk replaces ``engine.state`` directly; the answer follows it all the same."""
+    """A state restored from disk replaces services without a new revision; the answer follows it all the same."""
     await rig.poll()
     revision = rig.engine.revision
     svc = rig.engine.state.services[(0, "svc")]
-    rig.engine.state = PolicyState(rig.engine.state.gpus, MappingProxyType(
-        {(0, "svc"): dataclasses.replace(svc, batch_size=3, reason="restored")}))
+    rig.engine.restore_services({(0, "svc"): dataclasses.replace(svc, batch_size=3, reason="restored")})
     assert rig.engine.revision == revision
     body = await rig.body()
     assert (body["batch_size"], body["reason"]) == (3, "restored")
@@ -272,7 +291,7 @@ async def test_services_and_gpus_are_kept_apart(make_rig: MakeRig) -> None:
 
 async def test_a_cpu_only_host_answers_the_time_of_each_poll(make_rig: MakeRig) -> None:
     r = await make_rig(backend=NoGpuBackend())
-    r.engine.has_gpus = False
+    assert not r.engine.has_gpus  # as serve makes it for backend none
     await r.tick()
     first = await r.body()
     r.clock.advance(1.5)
@@ -291,11 +310,31 @@ def decision(service: str = "svc", gpu: int | None = 0, batch: int = 4, used: in
                     memory_used_bytes=used, memory_total_bytes=None if gpu is None else 80 * GIB)
 
 
+def test_the_wire_form_of_a_decision_is_pinned() -> None:
+    """The JSON body and ETag of two decisions, byte for byte, as released (the API layer writes them now)."""
+    d = Decision(service="svc", batch_size=4, optimal_batch_size=6, strategy="balanced", pressure="high",
+                 cleanup_epoch=2, reason='r "q" \u00e9', updated_at=1.5, gpu_index=0, gpu_uuid="GPU-0", gpu_name="g",
+                 memory_used_bytes=20 * GIB, memory_total_bytes=80 * GIB)
+    cpu = Decision(service="cpu", batch_size=32, optimal_batch_size=32, strategy="fixed", pressure="normal",
+                   cleanup_epoch=0, reason="x", updated_at=2.0, gpu_index=None, gpu_uuid=None, gpu_name=None,
+                   memory_used_bytes=None, memory_total_bytes=None, registered=False)
+    assert Encoded.of(d).body == (
+        b'{"service":"svc","batch_size":4,"optimal_batch_size":6,"strategy":"balanced","pressure":"high",'
+        b'"cleanup_epoch":2,"reason":"r \\"q\\" \\u00e9","updated_at":1.5,"gpu":{"index":0,"uuid":"GPU-0",'
+        b'"name":"g","memory_used_bytes":21474836480,"memory_total_bytes":85899345920},"registered":true}')
+    assert Encoded.of(d).etag == decision_etag(d) == 'W/"71ece7fe6335d2e6"'
+    assert Encoded.of(cpu).body == (
+        b'{"service":"cpu","batch_size":32,"optimal_batch_size":32,"strategy":"fixed","pressure":"normal",'
+        b'"cleanup_epoch":0,"reason":"x","updated_at":2.0,"gpu":null,"registered":false}')
+    assert decision_etag(cpu) == 'W/"4aaf55e72846e1c5"'
+    assert decision_dict(d) == reference_dict(d) and decision_dict(cpu) == reference_dict(cpu)
+
+
 def test_encoded_is_the_compact_json_and_etag_of_the_decision() -> None:
     d = decision()
     e = Encoded.of(d)
-    assert e.body == json.dumps(d.to_dict(), separators=(",", ":")).encode()
-    assert e.etag == d.etag and e.opaque_etag == d.etag[2:]
+    assert e.body == json.dumps(reference_dict(d), separators=(",", ":")).encode()
+    assert e.etag == reference_etag(d) and e.opaque_etag == reference_etag(d)[2:]
 
 
 @pytest.mark.parametrize(("header", "matches"), [

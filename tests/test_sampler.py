@@ -67,7 +67,7 @@ class VirtualSleep:
 def make(backend: GpuBackend, settings: Settings | None = None,
          clock: FakeClock | None = None) -> tuple[Sampler, Engine, FakeClock]:
     clock = clock or FakeClock()
-    engine = Engine(settings or Settings())
+    engine = Engine(settings or Settings(), has_gpus=backend.name != "none")  # as serve makes it
     sampler = Sampler(backend, engine, clock=clock, sleep=no_sleep)
     return sampler, engine, clock
 
@@ -282,7 +282,7 @@ async def test_not_ready_after_a_backend_error() -> None:
 
 async def test_ready_after_a_tick_with_no_gpus() -> None:
     sampler, engine, _ = make(NoGpuBackend())
-    engine.has_gpus = False  # as serve sets it for backend none
+    assert not engine.has_gpus  # as serve makes it for backend none
     assert not sampler.ready
     snap = await sampler.tick()
     assert snap is not None and snap.gpus == ()

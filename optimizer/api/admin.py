@@ -24,6 +24,7 @@ from aiohttp import web
 
 from optimizer.admin_access import is_loopback_name, is_unspecified, parse_host_name, same_host
 from optimizer.api.app import Handler, errors_as_json
+from optimizer.api.decisions import decision_dict
 from optimizer.api.keys import ADMIN_ALLOWED_HOSTS, ADMIN_TOKEN, ENGINE, PERSISTER, SAMPLER
 from optimizer.api.routes import status_body
 from optimizer.api.schemas import (
@@ -211,7 +212,7 @@ async def optimize(request: web.Request) -> web.Response:
     deferred = _deferred(engine)
     _audit(request, "optimize", changes=[event_dict(e) for e in events if e.kind == "batch_changed"],
            deferred=[(d["service"], d["gpu"], d["until"]) for d in deferred])
-    return _json({"events": [event_dict(e) for e in events], "services": [d.to_dict() for d in engine.decisions()],
+    return _json({"events": [event_dict(e) for e in events], "services": [decision_dict(d) for d in engine.decisions()],
                   "deferred": deferred})
 
 
@@ -245,7 +246,7 @@ async def set_batch_size(request: web.Request) -> web.Response:
                       "selectors": exc.selectors}, status=400)
     _audit(request, "set_batch_size", service=service, gpu=d.gpu_index, ttl_s=ttl,
            old=None if old is None else old.override, new=batch, published=d.batch_size)
-    return _json(d.to_dict())
+    return _json(decision_dict(d))
 
 
 @admin_routes.delete("/admin/batch-size")
@@ -266,7 +267,7 @@ async def clear_batch_size(request: web.Request) -> web.Response:
     if d is None:
         return _json({"error": f"service: {service!r} is not known on that GPU", "parameter": "service"}, status=404)
     _audit(request, "clear_batch_size", service=service, gpu=d.gpu_index, old=old, new=None)
-    return _json(d.to_dict())
+    return _json(decision_dict(d))
 
 
 async def _set(request: web.Request, action: str, key: str, value: Any) -> web.Response:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from optimizer.api.decisions import decision_dict, decision_etag
 from optimizer.engine import Decision
 
 DEFAULT_ENTRIES = 4096  # (GPU, service) pairs kept at most; about 1 KiB each
@@ -42,8 +43,8 @@ class Encoded:
 
     @classmethod
     def of(cls, d: Decision) -> Encoded:
-        etag = d.etag
-        return cls(d, json.dumps(d.to_dict(), separators=(",", ":")).encode("utf-8"), etag, _opaque(etag))
+        etag = decision_etag(d)
+        return cls(d, json.dumps(decision_dict(d), separators=(",", ":")).encode("utf-8"), etag, _opaque(etag))
 
     def matches(self, if_none_match: str) -> bool:
         """Whether an ``If-None-Match`` header value names this entity (weak comparison, ``*``, lists)."""

@@ -22,6 +22,7 @@ from optimizer.api.schemas import (
     read_limited,
     sample_dict,
 )
+from optimizer.api.decisions import decision_dict
 from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout
@@ -121,7 +122,7 @@ def status_body(engine: Engine, sampler: Sampler) -> dict[str, Any]:
         "settings": settings_to_dict(engine.settings),
         "runtime_settings": engine.runtime,  # the keys pinned through the admin API (the rest: file, env, flags)
         "gpus": gpus,
-        "services": [d.to_dict() for d in engine.decisions()],
+        "services": [decision_dict(d) for d in engine.decisions()],
     }
 
 
@@ -145,15 +146,16 @@ async def history(request: web.Request) -> web.Response:
         gpu = parse_gpu(request.query.get("gpu"))
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
-    indexes = sorted(engine.history)
+    history = engine.history  # (a copy: taken once)
+    indexes = sorted(history)
     if gpu is not None:
         try:
             chosen = engine.resolve_gpu("", gpu)
         except UnknownGpu as exc:
             return _unknown_gpu(exc)
         indexes = [i for i in indexes if i == chosen]
-    samples = {str(i): [sample_dict(g) for g in list(engine.history[i])[-limit:]] for i in indexes}
-    events = [event_dict(e) for e in list(engine.events)[-limit:] if gpu is None or e.gpu in indexes]
+    samples = {str(i): [sample_dict(g) for g in history[i][-limit:]] for i in indexes}
+    events = [event_dict(e) for e in engine.events[-limit:] if gpu is None or e.gpu in indexes]
     return _json({"gpus": samples, "events": events})
 
 

@@ -47,7 +47,7 @@ class Discovery:
         self._changed = asyncio.Event()
         self.publish_rounds = 0  # publishing passes completed (successful or not)
         self._round = asyncio.Condition()
-        engine.discovery = True
+        engine.attach_discovery()
 
     def _on_change(self, pods: Mapping[str, PodInfo]) -> None:
         events = self.engine.set_pods(dict(pods), now=self.clock())
