@@ -6,7 +6,7 @@ Everything here is synchronous and runs on one thread (the event loop's), so no 
 
 Its state is private: other modules change it through methods that say what they want and read it
 through read-only properties (docs/architecture.md, "The engine's API"). Its parts live beside it: the
-settings layers (``runtime_settings.py``), the trust model (``trust.py``), GPU lookups (``selectors.py``),
+settings layers (``runtime_settings.py``), the trust model (``trust.py``), GPU lookups (``gpu_lookup.py``),
 decisions (``decision.py``), the pods (``discovered.py``), the history and counters (``accounting.py``).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from optimizer import coordination, decision, policy, selectors, trust
+from optimizer import coordination, decision, gpu_lookup, policy, trust
 from optimizer import runtime_settings as layers
 from optimizer.accounting import EVENT_HISTORY, OOM_OUTCOMES, GpuCounters, Ledger
 from optimizer.config import Settings
@@ -29,7 +29,7 @@ from optimizer.gpu.types import GpuSample
 from optimizer.kube.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, ServiceReport, ServiceState, Snapshot
 from optimizer.runtime_settings import SettingsChange
-from optimizer.selectors import UnknownGpu
+from optimizer.gpu_lookup import UnknownGpu
 from optimizer.trust import REFUSAL_REASONS, Known, Refused
 
 __all__ = ["EVENT_HISTORY", "OOM_OUTCOMES", "REFUSAL_REASONS", "Decision", "Engine", "GpuCounters", "Known",
@@ -371,14 +371,14 @@ class Engine:
         self._apply(policy.apply_report(self._state, report, self.policy_settings, sample))
         return self.decision_of(self._state.services[(index, service)])
 
-    # ------------------------------------------------------------------ lookups (see selectors.py)
+    # ------------------------------------------------------------------ lookups (see gpu_lookup.py)
 
     def gpu_sample(self, index: int) -> GpuSample | None:
-        return selectors.gpu_sample(self._snapshot, index)
+        return gpu_lookup.gpu_sample(self._snapshot, index)
 
     def resolve_gpu(self, service: str, selector: int | str | None) -> int | None:
-        """A GPU index from an index, a UUID, or nothing; ``None``: no GPU here (:func:`selectors.resolve_gpu`)."""
-        return selectors.resolve_gpu(self._snapshot, self._state.services, self._has_gpus, service, selector)
+        """A GPU index from an index, a UUID, or nothing; ``None``: no GPU here (:func:`gpu_lookup.resolve_gpu`)."""
+        return gpu_lookup.resolve_gpu(self._snapshot, self._state.services, self._has_gpus, service, selector)
 
     def decision_of(self, svc: ServiceState) -> Decision:
         return decision.of_service(svc, self._layers.settings.strategy.value, self._state.gpus.get(svc.gpu),

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import pytest
 
-from optimizer import decision, runtime_settings, selectors, trust
+from optimizer import decision, gpu_lookup, runtime_settings, trust
 from optimizer.config import ServiceProfile, Settings
 from optimizer.engine import Decision, Engine, Refused, SettingsChange, UnknownGpu
 from optimizer.kube.pods import PodInfo
@@ -127,7 +127,7 @@ def test_the_runtime_layer_moves_the_revision_only_when_it_changes() -> None:
 
 def test_a_decision_is_a_plain_value_and_the_old_names_still_import() -> None:
     assert not hasattr(Decision, "to_dict") and not hasattr(Decision, "etag")
-    assert Decision is decision.Decision and UnknownGpu is selectors.UnknownGpu
+    assert Decision is decision.Decision and UnknownGpu is gpu_lookup.UnknownGpu
     assert Refused is trust.Refused and SettingsChange is runtime_settings.SettingsChange
 
 
