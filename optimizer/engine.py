@@ -31,7 +31,7 @@ from optimizer.config import (
 )
 from optimizer.gpu.types import MIG_SELECTOR_RE, GpuSample
 from optimizer import policy
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, Pressure, ServiceReport, ServiceState, Snapshot
 
 log = structlog.get_logger(__name__)
