@@ -1,9 +1,9 @@
 """Settings: the seed's ``MemoryConfig`` keys, service profiles and server options.
 
-Settings are layered: built-in defaults, then a YAML file (``--config``), then environment
-variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every value is checked as it is
-read; the relations between settings (threshold order, min <= max) are checked once on the
-merged result. A bad value is rejected with a :class:`ConfigError` that names the key and the
+Settings are layered (``optimizer/config/load.py``): built-in defaults, then a YAML file (``--config``),
+then environment variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every value is checked
+as it is read (here, with ``optimizer.fields``); the relations between settings (threshold order,
+min <= max) are checked once on the merged result. A bad value is rejected with a :class:`ConfigError` that names the key and the
 allowed values, and nothing is applied.
 """
 
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
-
-import yaml
 
 from optimizer import fields
 from optimizer.admin_access import parse_host_name
-from optimizer.config.kube import KubeSettings, apply_kube, finish, kube_env
+from optimizer.config.kube import KubeSettings
 from optimizer.fields import FieldError
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
@@ -195,7 +191,8 @@ def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
     return profile
 
 
-def _coerce_setting(key: str, value: Any) -> Any:
+def coerce_setting(key: str, value: Any) -> Any:
+    """One policy setting as read from a file, the environment or a flag; raises :class:`ConfigError`."""
     if key in ("enabled", "register_unknown"):
         return fields.as_bool(key, value)
     if key == "strategy":
@@ -324,92 +321,13 @@ def validate_settings(settings: Settings) -> Settings:
 
 def apply_settings(base: Settings, updates: Mapping[str, Any]) -> Settings:
     """Return ``base`` with ``updates`` applied, all-or-nothing. Raises :class:`ConfigError`."""
-    coerced = {k: _coerce_setting(k, v) for k, v in updates.items()}
+    coerced = {k: coerce_setting(k, v) for k, v in updates.items()}
     return validate_settings(dataclasses.replace(base, **coerced))
 
 
 def apply_server(base: ServerSettings, updates: Mapping[str, Any]) -> ServerSettings:
     coerced = {k: _coerce_server(k, v) for k, v in updates.items()}
     return dataclasses.replace(base, **coerced)
-
-
-def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a YAML config file; returns (policy settings, server settings) as raw mappings.
-
-    The ``kubernetes:`` section, if any, is returned inside the server mapping under ``kubernetes``.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("config", f"{p} is not UTF-8 text: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{p} is not valid YAML: {exc}") from exc
-    except RecursionError:  # the YAML parser recurses once per level of nesting
-        raise ConfigError("config", f"{p} is nested too deeply to be a configuration") from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{p} must hold a mapping at its top level")
-    server = data.pop("server", None)
-    if server is None:
-        server = {}
-    if not isinstance(server, dict):
-        raise ConfigError("server", "must be a mapping")
-    kube = data.pop("kubernetes", None)
-    if kube is not None:
-        if not isinstance(kube, dict):
-            raise ConfigError("kubernetes", "must be a mapping")
-        server = {**server, "kubernetes": kube}
-    return data, server
-
-
-def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``VLM_OPTIMIZER_<KEY>`` for every scalar policy and server key."""
-    settings: dict[str, Any] = {}
-    server: dict[str, Any] = {}
-    for key in SETTING_KEYS:
-        if key in ("profiles", "default_profile"):
-            continue
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value is not None:
-            settings[key] = value
-    for key in SERVER_KEYS:
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value is not None:
-            server[key] = value
-    return settings, server
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    cli_settings: Mapping[str, Any] | None = None,
-    cli_server: Mapping[str, Any] | None = None,
-    cli_kube: Mapping[str, Any] | None = None,
-) -> Config:
-    """Build the effective configuration: defaults < file < environment < CLI flags."""
-    file_settings, file_server = load_file(path) if path is not None else ({}, {})
-    file_kube = file_server.pop("kubernetes", {})
-    env = os.environ if environ is None else environ
-    env_settings, env_server = env_overrides(env)
-    merged: dict[str, Any] = {}
-    for layer in (file_settings, env_settings, dict(cli_settings or {})):
-        merged.update((k, _coerce_setting(k, v)) for k, v in layer.items())
-    settings = validate_settings(dataclasses.replace(Settings(), **merged))  # relations: on the merged result
-    server = ServerSettings()
-    for slayer in (file_server, env_server, dict(cli_server or {})):
-        server = apply_server(server, slayer)
-    kube = KubeSettings()
-    for klayer in (file_kube, kube_env(env, ENV_PREFIX), dict(cli_kube or {})):
-        kube = apply_kube(kube, klayer)
-    kube = finish(kube)
-    return Config(settings=settings, server=server, kube=kube)
 
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:
