@@ -13,8 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import optimizer
 from tests.tools import require
 
