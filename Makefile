@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine (Python 3.11+ with venv):
 #   make serve   run the optimizer on a simulated H100-class GPU (no GPU needed), port 8080
-#   make test    type-check and run the test suite
+#   make test    type-check, check the import contracts (pyproject.toml [tool.importlinter]) and run the test suite
 VENV ?= .venv
 BIN := $(VENV)/bin
 
@@ -17,6 +17,7 @@ serve: $(BIN)/vlm-gpu-optimizer
 
 test: $(BIN)/vlm-gpu-optimizer
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # Regenerate the kubelet pod-resources stubs (optimizer/kube/podresources/api_pb2*.py) from api.proto.

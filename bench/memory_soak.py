@@ -54,7 +54,7 @@ async def serve(port: int, admin_port: int, scenario_path: str, speedup: float, 
     from optimizer.api.keys import ENCODED
     from optimizer.config import Settings
     from optimizer.engine import Engine
-    from optimizer.gpu.simulated import SimulatedBackend
+    from optimizer.simulation.backend import SimulatedBackend
     from optimizer.logs import configure_logging
     from optimizer.sampler import Sampler
     from optimizer.server import serve_until_signalled

@@ -255,7 +255,7 @@ def handler_timing(calls: int) -> dict[str, float]:
     from optimizer.api import build_app
     from optimizer.config import Settings
     from optimizer.engine import Engine
-    from optimizer.gpu.simulated import SimulatedBackend
+    from optimizer.simulation.backend import SimulatedBackend
     from optimizer.logs import configure_logging
     from optimizer.sampler import Sampler
     from optimizer.simulation.link import EngineLink

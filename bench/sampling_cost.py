@@ -69,7 +69,7 @@ def build(backend_name: str, scenario_path: str | None, virtual: bool) -> Rig:
         backend: GpuBackend = NvmlBackend()
         label = "nvml"
     else:
-        from optimizer.gpu.simulated import SimulatedBackend
+        from optimizer.simulation.backend import SimulatedBackend
         from optimizer.simulation.link import EngineLink
         from optimizer.simulation.run import with_scenario_profiles
         from optimizer.simulation.scenario import DEFAULT_SCENARIO, load_scenario

@@ -287,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from optimizer.api.timeouts import ReadTimeouts
     from optimizer.engine import Engine
     from optimizer.gpu.factory import make_hardware_backend
-    from optimizer.gpu.simulated import SimulatedBackend
+    from optimizer.simulation.backend import SimulatedBackend
     from optimizer.gpu.types import BackendError, GpuBackend
     from optimizer.persistence import Persister, StateFile
     from optimizer.sampler import Sampler

@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 from optimizer.config import ServiceProfile, Settings
 from optimizer.gpu.types import GpuSample
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.types import MIB, Roster
 
 EMPTY_ROSTER = Roster()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from optimizer import coordination, trust
 from optimizer.gpu.types import GpuSample
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.types import Roster
 
 

@@ -26,7 +26,7 @@ from optimizer.config import Settings
 from optimizer.decision import Decision
 from optimizer.discovered import DiscoveredPods
 from optimizer.gpu.types import GpuSample
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.types import Event, PolicyState, ServiceReport, ServiceState, Snapshot
 from optimizer.runtime_settings import SettingsChange
 from optimizer.gpu_lookup import UnknownGpu

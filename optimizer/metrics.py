@@ -22,6 +22,10 @@ from optimizer.sampler import DURATION_BUCKETS, Sampler
 if TYPE_CHECKING:
     from optimizer.persistence import Persister
 
+#: The registry's type, for a module that holds one (``optimizer.api.keys``) without importing
+#: prometheus_client itself: only this module does (the "prometheus" import contract).
+Registry = CollectorRegistry
+
 #: Every GPU series' identity. On a MIG device (as dcgm-exporter and nvidia_gpu_exporter label them)
 #: ``uuid`` is the parent's UUID and ``mig_uuid``, ``gpu_instance_id``, ``profile`` name the instance;
 #: on a whole GPU those three are empty. ``gpu`` is the entry's index (docs/architecture.md, "MIG").

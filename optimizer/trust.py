@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimizer.config import Settings
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 
 
 class Refused(Exception):

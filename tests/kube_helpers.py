@@ -8,8 +8,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from optimizer.kube.pods import PodInfo
-from optimizer.kube.settings import KubeSettings
+from optimizer.pods import PodInfo
+from optimizer.config.kube import KubeSettings
 from optimizer.kube.watcher import PodWatcher
 
 Pods = Mapping[str, PodInfo]

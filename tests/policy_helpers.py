@@ -8,7 +8,7 @@ from pathlib import Path
 
 from optimizer.config import Settings
 from optimizer.engine import Engine
-from optimizer.gpu.simulated import SimulatedBackend
+from optimizer.simulation.backend import SimulatedBackend
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.types import Event, Snapshot
 from optimizer.simulation.link import EngineLink

@@ -29,7 +29,7 @@ from optimizer.benchmark.report import COLUMNS, scenario_document
 from optimizer.benchmark.run import STRATEGIES, Run, run_baseline, run_scenario, settings_for
 from optimizer.cli import main
 from optimizer.config import Settings, Strategy
-from optimizer.gpu.simulated import limits_from
+from optimizer.simulation.backend import limits_from
 from optimizer.simulation.run import simulate
 from optimizer.simulation.physics import BACKOFF_INITIAL_S
 from optimizer.simulation.scenario import Background, Scenario, SimGpu, SimService, load_scenario

@@ -677,7 +677,7 @@ def test_settings_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
 
 
 def test_kubernetes_section_layers_file_environment_and_flags(tmp_path: Path) -> None:
-    from optimizer.kube.settings import KubeSettings
+    from optimizer.config.kube import KubeSettings
 
     f = tmp_path / "c.yaml"
     f.write_text("kubernetes:\n  discovery: true\n  namespaces: [vlm, batch]\n  publish_interval: 30\n")

@@ -13,7 +13,7 @@ import pytest
 from optimizer import coordination
 from optimizer.config import ServiceProfile, Settings
 from optimizer.engine import Engine
-from optimizer.kube.pods import DeclaredProfile, PodInfo
+from optimizer.pods import DeclaredProfile, PodInfo
 from optimizer.policy.model import safety_bytes
 from tests.policy_helpers import GIB, MIB, Harness, gpu
 

@@ -25,7 +25,7 @@ from optimizer.cli import main
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.kube.discovery import Discovery
-from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo
+from optimizer.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo
 from optimizer.sampler import Sampler
 from tests.fake_kube import FakeKube, make_pod
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep

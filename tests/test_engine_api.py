@@ -15,7 +15,7 @@ import pytest
 from optimizer import decision, gpu_lookup, runtime_settings, trust
 from optimizer.config import ServiceProfile, Settings
 from optimizer.engine import Decision, Engine, Refused, SettingsChange, UnknownGpu
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.types import Snapshot
 from tests.fakes import ScriptedBackend
 

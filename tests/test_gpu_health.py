@@ -14,7 +14,7 @@ import pytest
 
 from optimizer.config import Settings
 from optimizer.gpu import nvml as mod
-from optimizer.gpu.simulated import SimulatedBackend
+from optimizer.simulation.backend import SimulatedBackend
 from optimizer.gpu.nvml import NvmlBackend
 from optimizer.gpu.types import FATAL_XIDS, THROTTLE_REASONS
 from optimizer.simulation.run import simulate

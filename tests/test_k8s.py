@@ -17,7 +17,7 @@ from optimizer.api.app import build_app
 from optimizer.cli import build_parser
 from optimizer.config import BackendName, ServerSettings, Settings, load_config
 from optimizer.engine import Engine
-from optimizer.kube.settings import KubeSettings
+from optimizer.config.kube import KubeSettings
 from optimizer.gpu.none import NoGpuBackend
 from optimizer.sampler import Sampler
 from tests.policy_helpers import ROOT

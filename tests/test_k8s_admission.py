@@ -22,7 +22,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from optimizer.kube.client import core_v1, default_api_factory
-from optimizer.kube.pods import PUBLISHED, pod_from_object
+from optimizer.pods import PUBLISHED, pod_from_object
 from optimizer.kube.publisher import AnnotationPublisher
 from optimizer.kube.watcher import PodWatcher
 from tests.admission_policy import AdmissionPolicy, Verdict

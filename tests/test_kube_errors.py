@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from optimizer.kube import errors
 from optimizer.kube.client import core_v1, default_api_factory
 from optimizer.kube.errors import KubeConfigError, KubeError
-from optimizer.kube.settings import KubeSettings
+from optimizer.config.kube import KubeSettings
 
 
 def status(code: int, reason: str, message: str) -> dict[str, object]:

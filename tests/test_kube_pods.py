@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, DeclaredProfile, parse_profile, pod_from_object
-from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
+from optimizer.pods import BATCH_SIZE_ANNOTATION, DeclaredProfile, parse_profile, pod_from_object
+from optimizer.config.kube import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
 
 P = "vlm-gpu-optimizer/"
 

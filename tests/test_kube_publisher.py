@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from optimizer.kube.client import core_v1, default_api_factory
 from optimizer.kube.errors import KubeApiError, wrap
-from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo, pod_from_object
+from optimizer.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo, pod_from_object
 from optimizer.kube.publisher import AnnotationPublisher
 from optimizer.kube.watcher import PodWatcher
 from tests.fake_kube import FakeKube, make_pod

@@ -31,8 +31,8 @@ from optimizer.kube.discovery import Discovery
 from optimizer.kube.podresources import api_pb2
 from optimizer.kube.podresources.client import PodResourcesClient, PodResourcesError, gpu_devices, normalise_device_id
 from optimizer.kube.podresources.poller import PodResourcesPoller
-from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube
-from optimizer.kube.pods import DeclaredProfile, PodInfo
+from optimizer.config.kube import KubeSettingError, KubeSettings, apply_kube
+from optimizer.pods import DeclaredProfile, PodInfo
 from optimizer.sampler import Sampler
 from tests.fake_kube import FakeKube, make_pod
 from tests.fake_kubelet import FakeKubelet, GarbageSocket, answer, short_dir

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.kube.pods import DeclaredProfile, PodInfo
+from optimizer.pods import DeclaredProfile, PodInfo
 from tests.fakes import uuid_of
 from tests.api_harness import Api, MakeApi
 

@@ -21,7 +21,7 @@ from optimizer.api import build_app
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.kube.discovery import Discovery
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.persistence import Persister, StateFile
 from optimizer.sampler import Sampler
 from optimizer.tasks import Policy, Supervisor

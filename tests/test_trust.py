@@ -24,7 +24,7 @@ from optimizer.api import build_app
 from optimizer.config import ServiceProfile, Settings
 from optimizer.engine import Engine
 from optimizer.kube.discovery import Discovery
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.sampler import Sampler
 from tests.api_harness import GIB, Api, MakeApi
 from tests.fake_kube import FakeKube, make_pod

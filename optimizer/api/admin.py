@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from optimizer import fields
 from optimizer.admin_access import is_loopback_name, is_unspecified, parse_host_name, same_host
 from optimizer.api.app import Handler, errors_as_json
 from optimizer.api.decisions import decision_dict
@@ -53,10 +54,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
 
-def _bad(exc: InvalidInput | ConfigError) -> web.Response:
-    if isinstance(exc, ConfigError):
-        return _json({"error": str(exc), "field": exc.key}, status=400)
-    return _json(exc.body(), status=400)
+def _bad(exc: InvalidInput) -> web.Response:
+    return _json(exc.body(), status=400)  # a ConfigError is the same class, named as a body field
 
 
 def _audit(request: web.Request, action: str, **fields: Any) -> None:
@@ -228,14 +227,9 @@ async def set_batch_size(request: web.Request) -> web.Response:
             raise InvalidInput(unknown[0], "unknown field; allowed: service, gpu, batch_size, ttl_s", kind="field")
         service = parse_service(body.get("service"), kind="field")
         gpu = parse_gpu(body.get("gpu"), kind="field")
-        batch = body.get("batch_size")
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
-            raise InvalidInput("batch_size", f"must be an integer in [1, 4096], got {batch!r}", kind="field")
+        batch = fields.as_int("batch_size", body.get("batch_size"), 1, 4096, text=False)
         ttl = body.get("ttl_s")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                                or not 0 < ttl <= MAX_TTL_S):
-            raise InvalidInput("ttl_s", f"must be a number of seconds in (0, {MAX_TTL_S}], got {ttl!r}",
-                               kind="field")
+        ttl = None if ttl is None else fields.as_float("ttl_s", ttl, 0.0, MAX_TTL_S, lo_open=True, text=False)
         before = engine.resolve_gpu(service, gpu)
         old = engine.state.services.get((before, service)) if before is not None else None
         d = engine.set_override(service, gpu, batch, None if ttl is None else float(ttl), sampler.clock())

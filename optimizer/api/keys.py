@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from optimizer.api.encoded import EncodedDecisions
 from optimizer.engine import Engine
+from optimizer.metrics import Registry
 from optimizer.persistence import Persister
 from optimizer.sampler import Sampler
 from optimizer.tasks import Supervisor
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 ENGINE = web.AppKey("engine", Engine)
 SAMPLER = web.AppKey("sampler", Sampler)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
+REGISTRY = web.AppKey("registry", Registry)
 PERSISTER: web.AppKey[Persister | None] = web.AppKey("persister")
 ADMIN_TOKEN = web.AppKey("admin_token", bytes)
 ADMIN_ALLOWED_HOSTS: web.AppKey[tuple[str, ...]] = web.AppKey("admin_allowed_hosts")

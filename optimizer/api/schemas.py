@@ -7,34 +7,23 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from optimizer import fields
+from optimizer.fields import FieldError
 from optimizer.gpu.types import MAX_GPU_INDEX, MIG_SELECTOR_RE, GpuSample
 from optimizer.policy.types import Event
-from optimizer.values import SERVICE_RE, SERVICE_RULE
 
 MAX_REPORT_BYTES = 64 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0  # serve sets server.body_timeout (optimizer.api.timeouts)
 MAX_BYTES_FIELD = 1 << 50  # 1 PiB: anything above is a client bug, not a GPU
 
 
-class InvalidInput(ValueError):
-    """A request parameter or body field is invalid; ``name`` says which."""
-
-    def __init__(self, name: str, message: str, *, kind: str = "parameter") -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-        self.kind = kind
-        self.message = message
-
-    def body(self) -> dict[str, str]:
-        return {"error": str(self), self.kind: self.name}
+#: A request parameter (``kind="parameter"``) or body field (``kind="field"``) is invalid; ``name`` says which.
+#: The one "bad field" error, :class:`~optimizer.fields.FieldError`; its ``body()`` is the 400 answer.
+InvalidInput = FieldError
 
 
 def parse_service(value: Any, name: str = "service", kind: str = "parameter") -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(name, f"is required ({SERVICE_RULE})", kind=kind)
-    if not SERVICE_RE.fullmatch(value):
-        raise InvalidInput(name, f"must be {SERVICE_RULE}, got {value[:64]!r}", kind=kind)
-    return value
+    return fields.as_service(name, value, kind=kind)
 
 
 POD_RE = re.compile(r"([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -78,13 +67,7 @@ def parse_gpu(value: Any, name: str = "gpu", kind: str = "parameter") -> int | s
 
 def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidInput(key, f"must be an integer in [{lo}, {hi}], got {v!r}", kind="field")
-    if v < lo or v > hi:
-        raise InvalidInput(key, f"must be an integer in [{lo}, {hi}], got {v}", kind="field")
-    return v
+    return None if v is None else fields.as_int(key, v, lo, hi, text=False)
 
 
 REPORT_FIELDS = ("service", "gpu", "pod", "batch_size", "peak_bytes", "allocated_bytes", "reserved_bytes",
@@ -110,10 +93,9 @@ def parse_report(body: Any) -> ReportIn:
         raise InvalidInput("body", "must be a JSON object", kind="field")
     unknown = sorted(set(body) - set(REPORT_FIELDS))
     if unknown:
-        raise InvalidInput(unknown[0], f"unknown field; allowed fields are {', '.join(REPORT_FIELDS)}", kind="field")
+        raise fields.unknown_key(unknown[0], REPORT_FIELDS, noun="field")
     oom = body.get("oom", False)
-    if not isinstance(oom, bool):
-        raise InvalidInput("oom", f"must be true or false, got {oom!r}", kind="field")
+    oom = fields.as_bool("oom", oom, text=False)
     report = ReportIn(
         service=parse_service(body.get("service"), kind="field"),
         gpu=parse_gpu(body.get("gpu"), kind="field"),
@@ -135,16 +117,16 @@ def parse_limit(value: str | None, default: int, hi: int) -> int:
     if value is None:
         return default
     if not re.fullmatch(r"[0-9]{1,9}", value) or not 1 <= int(value) <= hi:
-        raise InvalidInput("limit", f"must be an integer in [1, {hi}], got {value[:32]!r}")
+        raise InvalidInput("limit", f"must be an integer in [1, {hi}], got {value[:32]!r}", kind="parameter")
     return int(value)
 
 
 def parse_positive(value: str | None, name: str, *, hi: float, integer: bool = False) -> float:
     """A required positive number from a query parameter (ASCII digits, optionally one decimal point)."""
-    kind = "an integer" if integer else "a number"
+    what = "an integer" if integer else "a number"
     pattern = r"[0-9]{1,9}" if integer else r"[0-9]{1,9}(\.[0-9]{1,6})?"
     if value is None or not re.fullmatch(pattern, value) or not 0 < float(value) <= hi:
-        raise InvalidInput(name, f"must be {kind} in (0, {hi:g}], got {str(value)[:32]!r}")
+        raise InvalidInput(name, f"must be {what} in (0, {hi:g}], got {str(value)[:32]!r}", kind="parameter")
     return float(value)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from optimizer import coordination
 from optimizer.engine import Engine
-from optimizer.kube.pods import PodInfo
+from optimizer.pods import PodInfo
 from optimizer.policy.model import gpu_view
 from optimizer.policy.types import MIB
 

@@ -28,18 +28,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware  # the handler type optimizer.api.app uses too
 from aiohttp.web_protocol import RequestHandler
 
 from optimizer.api.keys import BODY_TIMEOUT
 from optimizer.api.schemas import DEFAULT_BODY_TIMEOUT_S
-
-if TYPE_CHECKING:
-    from optimizer.api.app import Handler
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ import structlog
 
 from optimizer.benchmark.baselines import BASELINES, lightning_search, make_link, poll_interval
 from optimizer.config import ConfigError, Settings, Strategy, validate_settings
-from optimizer.gpu.simulated import limits_from
+from optimizer.simulation.backend import limits_from
 from optimizer.logs import configure_logging
 from optimizer.simulation.run import (
     GpuResult,

@@ -2,5 +2,5 @@
 
 Only this package talks to the Kubernetes API (through the official ``kubernetes`` client, imported
 lazily by :mod:`optimizer.kube.watcher` and :mod:`optimizer.kube.publisher`). The rest of the service
-sees :class:`~optimizer.kube.pods.PodInfo` values.
+sees :class:`~optimizer.pods.PodInfo` values.
 """

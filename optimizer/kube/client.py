@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from optimizer.kube.errors import KubeConfigError
-from optimizer.kube.settings import KubeSettings
+from optimizer.config.kube import KubeSettings
 
 ApiFactory = Callable[[KubeSettings], Any]  # returns a kubernetes.client.ApiClient
 

@@ -16,10 +16,10 @@ import structlog
 from optimizer import coordination
 from optimizer.engine import Engine
 from optimizer.metrics import KubeCounts
-from optimizer.kube.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo
+from optimizer.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodInfo
 from optimizer.kube.podresources.poller import PodResourcesPoller
 from optimizer.kube.publisher import AnnotationPublisher
-from optimizer.kube.settings import KubeSettings
+from optimizer.config.kube import KubeSettings
 from optimizer.kube.watcher import PodWatcher
 
 log = structlog.get_logger(__name__)

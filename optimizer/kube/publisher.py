@@ -29,8 +29,8 @@ import structlog
 from optimizer.kube._threads import grace_for, run_blocking
 from optimizer.kube.client import FIELD_MANAGER, ApiFactory, core_v1, default_api_factory
 from optimizer.kube.errors import KubeError, KubeForbidden, KubeNotFound, wrap
-from optimizer.kube.pods import PUBLISHED, PodInfo
-from optimizer.kube.settings import KubeSettings
+from optimizer.pods import PUBLISHED, PodInfo
+from optimizer.config.kube import KubeSettings
 
 log = structlog.get_logger("optimizer.kube")
 
@@ -75,7 +75,7 @@ class AnnotationPublisher:
     async def sync(self, desired: Mapping[str, Mapping[str, str]], pods: Mapping[str, PodInfo]) -> None:
         """Patch the pods whose annotations differ from ``desired`` (pod key -> {annotation: value}).
 
-        Only the keys in :data:`~optimizer.kube.pods.PUBLISHED` may be set (``ValueError`` otherwise,
+        Only the keys in :data:`~optimizer.pods.PUBLISHED` may be set (``ValueError`` otherwise,
         before anything is sent); annotations not named are left alone. Pods not in ``pods`` are
         skipped. Raises nothing else (``CancelledError`` aside).
         """

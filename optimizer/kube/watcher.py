@@ -40,8 +40,8 @@ import structlog
 from optimizer.kube._threads import Stream, grace_for, post, run_blocking
 from optimizer.kube.client import ApiFactory, core_v1, default_api_factory
 from optimizer.kube.errors import KubeError, KubeGone, KubeProtocolError, from_status, wrap
-from optimizer.kube.pods import AnnotationProblem, PodInfo, pod_from_object
-from optimizer.kube.settings import KubeSettings
+from optimizer.pods import AnnotationProblem, PodInfo, pod_from_object
+from optimizer.config.kube import KubeSettings
 
 log = structlog.get_logger("optimizer.kube")
 

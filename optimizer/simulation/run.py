@@ -8,7 +8,7 @@ from typing import Any
 
 from optimizer.config import Settings, Strategy, validate_settings
 from optimizer.engine import Engine
-from optimizer.gpu.simulated import SimulatedBackend
+from optimizer.simulation.backend import SimulatedBackend
 from optimizer.policy.types import Snapshot
 from optimizer.simulation.link import EngineLink
 from optimizer.simulation.scenario import Scenario

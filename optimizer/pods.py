@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from optimizer.kube.settings import PREFIX
+from optimizer.config.kube import PREFIX
 from optimizer.values import SERVICE_RE, SERVICE_RULE
 
 GPU_RE = re.compile(r"(GPU|MIG)-[A-Za-z0-9-]{1,100}")

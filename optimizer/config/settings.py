@@ -1,9 +1,9 @@
 """Settings: the seed's ``MemoryConfig`` keys, service profiles and server options.
 
-Settings are layered: built-in defaults, then a YAML file (``--config``), then environment
-variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every value is checked as it is
-read; the relations between settings (threshold order, min <= max) are checked once on the
-merged result. A bad value is rejected with a :class:`ConfigError` that names the key and the
+Settings are layered (``optimizer/config/load.py``): built-in defaults, then a YAML file (``--config``),
+then environment variables (``VLM_OPTIMIZER_<KEY>``), then command-line flags. Every value is checked
+as it is read (here, with ``optimizer.fields``); the relations between settings (threshold order,
+min <= max) are checked once on the merged result. A bad value is rejected with a :class:`ConfigError` that names the key and the
 allowed values, and nothing is applied.
 """
 
@@ -11,30 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
+from optimizer import fields
 from optimizer.admin_access import parse_host_name
-from optimizer.kube.settings import KubeSettingError, KubeSettings, apply_kube, finish, kube_env
-from optimizer.values import BOOL_RULE, parse_bool
+from optimizer.config.kube import KubeSettings
+from optimizer.fields import FieldError
 
 ENV_PREFIX = "VLM_OPTIMIZER_"
 DEFAULT_BATCH_SIZE = 4
 PROFILE_CACHE = 4096  # default profiles kept per Settings value, by service name
 
 
-class ConfigError(ValueError):
-    """A setting is invalid. ``key`` names it; the message says what is allowed."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+#: A setting is invalid: ``key`` names it, the message says what is allowed (the one "bad field" error).
+ConfigError = FieldError
 
 
 class Strategy(str, enum.Enum):
@@ -174,75 +166,23 @@ _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _as_bool(key: str, value: Any) -> bool:
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise ConfigError(key, f"must be {BOOL_RULE}, got {value!r}")
-    return parsed
-
-
-def _as_float(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number, got {value!r}") from None
-    bracket = "(" if lo_open else "["
-    rng = f"{bracket}{lo:g}, {hi:g}]"
-    if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
-        raise ConfigError(key, f"must be in {rng}, got {value!r}")
-    return f
-
-
-def _as_int(key: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    try:
-        i = int(value) if not isinstance(value, float) else None
-    except (TypeError, ValueError):
-        i = None
-    if i is None:
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if i < lo or i > hi:
-        raise ConfigError(key, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    return i
-
-
-def _as_enum(key: str, value: Any, enum_type: type[enum.Enum]) -> Any:
-    allowed = [str(m.value) for m in enum_type]
-    if isinstance(value, enum_type):
-        return value
-    if isinstance(value, str) and value.strip().lower() in allowed:
-        return enum_type(value.strip().lower())
-    raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if isinstance(value, str) and value.strip().lower() in choices:
-        return value.strip().lower()
-    raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
-
-
 def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
     if not isinstance(raw, Mapping):
         raise ConfigError(key, f"must be a mapping, got {type(raw).__name__}")
     allowed = {f.name for f in dataclasses.fields(ServiceProfile)}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
+        raise fields.unknown_key(f"{key}.{unknown[0]}", sorted(allowed))
     name = raw.get("name") if named else raw.get("name", "default")
     if named and (not isinstance(name, str) or not name.strip()):
         raise ConfigError(f"{key}.name", "must be a non-empty string")
     opt_int = {}
     for k in ("min_batch_size", "max_batch_size", "default_batch_size"):
-        opt_int[k] = None if raw.get(k) is None else _as_int(f"{key}.{k}", raw[k], 1, 4096)
+        opt_int[k] = None if raw.get(k) is None else fields.as_int(f"{key}.{k}", raw[k], 1, 4096)
     profile = ServiceProfile(
         name=str(name),
-        per_item_mb=_as_float(f"{key}.per_item_mb", raw.get("per_item_mb", 512.0), 0.0, 1e7, lo_open=True),
-        weight=_as_float(f"{key}.weight", raw.get("weight", 1.0), 0.0, 1e6, lo_open=True),
+        per_item_mb=fields.as_float(f"{key}.per_item_mb", raw.get("per_item_mb", 512.0), 0.0, 1e7, lo_open=True),
+        weight=fields.as_float(f"{key}.weight", raw.get("weight", 1.0), 0.0, 1e6, lo_open=True),
         **opt_int,
     )
     lo, hi = profile.min_batch_size, profile.max_batch_size
@@ -251,31 +191,32 @@ def _parse_profile(key: str, raw: Any, *, named: bool) -> ServiceProfile:
     return profile
 
 
-def _coerce_setting(key: str, value: Any) -> Any:
+def coerce_setting(key: str, value: Any) -> Any:
+    """One policy setting as read from a file, the environment or a flag; raises :class:`ConfigError`."""
     if key in ("enabled", "register_unknown"):
-        return _as_bool(key, value)
+        return fields.as_bool(key, value)
     if key == "strategy":
-        return _as_enum(key, value, Strategy)
+        return fields.as_enum(key, value, Strategy)
     if key in _FRACTION_KEYS:
-        return _as_float(key, value, 0.0, 1.0, lo_open=True)
+        return fields.as_float(key, value, 0.0, 1.0, lo_open=True)
     if key == "fragmentation_threshold":
-        return _as_float(key, value, 0.0, 1.0)
+        return fields.as_float(key, value, 0.0, 1.0)
     if key in _POSITIVE_FLOAT_KEYS:
-        return _as_float(key, value, 0.0, 86400.0, lo_open=True)
+        return fields.as_float(key, value, 0.0, 86400.0, lo_open=True)
     if key == "temperature_threshold":
-        return _as_float(key, value, 0.0, 150.0, lo_open=True)
+        return fields.as_float(key, value, 0.0, 150.0, lo_open=True)
     if key == "oom_cost_s":
-        return _as_float(key, value, 0.0, 86400.0)
+        return fields.as_float(key, value, 0.0, 86400.0)
     if key == "default_batch_size" and value is None:
         return None
     if key in ("max_batch_size", "min_batch_size", "default_batch_size"):
-        return _as_int(key, value, 1, 4096)
+        return fields.as_int(key, value, 1, 4096)
     if key == "memory_reserve_mb":
-        return _as_int(key, value, 0, 1 << 24)
+        return fields.as_int(key, value, 0, 1 << 24)
     if key == "history_size":
-        return _as_int(key, value, 1, 100_000)
+        return fields.as_int(key, value, 1, 100_000)
     if key in ("max_services_per_gpu", "max_services"):
-        return _as_int(key, value, 1, 100_000)
+        return fields.as_int(key, value, 1, 100_000)
     if key == "default_profile":
         return _parse_profile(key, value, named=False)
     if key == "profiles":
@@ -287,7 +228,7 @@ def _coerce_setting(key: str, value: Any) -> Any:
         if dupes:
             raise ConfigError(key, f"service names must be unique; {dupes[0]!r} appears twice")
         return profiles
-    raise ConfigError(key, f"unknown key; allowed keys are {', '.join(SETTING_KEYS)}")
+    raise fields.unknown_key(key, SETTING_KEYS)
 
 
 def _coerce_server(key: str, value: Any) -> Any:
@@ -296,7 +237,7 @@ def _coerce_server(key: str, value: Any) -> Any:
             raise ConfigError(f"server.{key}", "must be a non-empty string")
         return value
     if key in ("port", "admin_port"):
-        return _as_int(f"server.{key}", value, 0, 65535)
+        return fields.as_int(f"server.{key}", value, 0, 65535)
     if key in ("admin_token_file", "state_path"):
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"server.{key}", "must be a file path")
@@ -304,18 +245,18 @@ def _coerce_server(key: str, value: Any) -> Any:
     if key == "admin_allowed_hosts":
         return _host_names(f"server.{key}", value)
     if key == "backend":
-        return _as_enum(f"server.{key}", value, BackendName)
+        return fields.as_enum(f"server.{key}", value, BackendName)
     if key == "scenario":
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"server.{key}", "must be a file path")
         return value
     if key == "log_format":
-        return _as_choice(f"server.{key}", value, _LOG_FORMATS)
+        return fields.as_choice(f"server.{key}", value, _LOG_FORMATS)
     if key == "log_level":
-        return _as_choice(f"server.{key}", value, _LOG_LEVELS)
+        return fields.as_choice(f"server.{key}", value, _LOG_LEVELS)
     if key in ("header_timeout", "body_timeout"):
-        return _as_float(f"server.{key}", value, 0.0, 3600.0, lo_open=True)
-    raise ConfigError(f"server.{key}", f"unknown key; allowed keys are {', '.join(SERVER_KEYS)}")
+        return fields.as_float(f"server.{key}", value, 0.0, 3600.0, lo_open=True)
+    raise fields.unknown_key(f"server.{key}", SERVER_KEYS)
 
 
 def _host_names(key: str, value: Any) -> tuple[str, ...]:
@@ -380,95 +321,13 @@ def validate_settings(settings: Settings) -> Settings:
 
 def apply_settings(base: Settings, updates: Mapping[str, Any]) -> Settings:
     """Return ``base`` with ``updates`` applied, all-or-nothing. Raises :class:`ConfigError`."""
-    coerced = {k: _coerce_setting(k, v) for k, v in updates.items()}
+    coerced = {k: coerce_setting(k, v) for k, v in updates.items()}
     return validate_settings(dataclasses.replace(base, **coerced))
 
 
 def apply_server(base: ServerSettings, updates: Mapping[str, Any]) -> ServerSettings:
     coerced = {k: _coerce_server(k, v) for k, v in updates.items()}
     return dataclasses.replace(base, **coerced)
-
-
-def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a YAML config file; returns (policy settings, server settings) as raw mappings.
-
-    The ``kubernetes:`` section, if any, is returned inside the server mapping under ``kubernetes``.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("config", f"{p} is not UTF-8 text: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{p} is not valid YAML: {exc}") from exc
-    except RecursionError:  # the YAML parser recurses once per level of nesting
-        raise ConfigError("config", f"{p} is nested too deeply to be a configuration") from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{p} must hold a mapping at its top level")
-    server = data.pop("server", None)
-    if server is None:
-        server = {}
-    if not isinstance(server, dict):
-        raise ConfigError("server", "must be a mapping")
-    kube = data.pop("kubernetes", None)
-    if kube is not None:
-        if not isinstance(kube, dict):
-            raise ConfigError("kubernetes", "must be a mapping")
-        server = {**server, "kubernetes": kube}
-    return data, server
-
-
-def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``VLM_OPTIMIZER_<KEY>`` for every scalar policy and server key."""
-    settings: dict[str, Any] = {}
-    server: dict[str, Any] = {}
-    for key in SETTING_KEYS:
-        if key in ("profiles", "default_profile"):
-            continue
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value is not None:
-            settings[key] = value
-    for key in SERVER_KEYS:
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value is not None:
-            server[key] = value
-    return settings, server
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    cli_settings: Mapping[str, Any] | None = None,
-    cli_server: Mapping[str, Any] | None = None,
-    cli_kube: Mapping[str, Any] | None = None,
-) -> Config:
-    """Build the effective configuration: defaults < file < environment < CLI flags."""
-    file_settings, file_server = load_file(path) if path is not None else ({}, {})
-    file_kube = file_server.pop("kubernetes", {})
-    env = os.environ if environ is None else environ
-    env_settings, env_server = env_overrides(env)
-    merged: dict[str, Any] = {}
-    for layer in (file_settings, env_settings, dict(cli_settings or {})):
-        merged.update((k, _coerce_setting(k, v)) for k, v in layer.items())
-    settings = validate_settings(dataclasses.replace(Settings(), **merged))  # relations: on the merged result
-    server = ServerSettings()
-    for slayer in (file_server, env_server, dict(cli_server or {})):
-        server = apply_server(server, slayer)
-    kube = KubeSettings()
-    try:
-        for klayer in (file_kube, kube_env(env, ENV_PREFIX), dict(cli_kube or {})):
-            kube = apply_kube(kube, klayer)
-        kube = finish(kube)
-    except KubeSettingError as exc:
-        raise ConfigError(exc.key, exc.message) from exc
-    return Config(settings=settings, server=server, kube=kube)
 
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:

@@ -7,13 +7,13 @@ Environment variables are ``VLM_OPTIMIZER_KUBE_<KEY>``; ``node_name`` also falls
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from optimizer.values import BOOL_RULE, parse_bool
+from optimizer import fields
+from optimizer.fields import FieldError
 
 #: Prefix of every annotation and label the optimizer reads or writes.
 PREFIX = "vlm-gpu-optimizer/"
@@ -22,13 +22,9 @@ _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
-class KubeSettingError(ValueError):
-    """A Kubernetes setting is invalid; ``key`` names it (``kubernetes.<name>``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
+#: A Kubernetes setting is invalid; ``key`` names it (``kubernetes.<name>``). The one "bad field" error,
+#: :class:`optimizer.fields.FieldError` (``optimizer.config.ConfigError`` too).
+KubeSettingError = FieldError
 
 
 @dataclass(frozen=True)
@@ -62,28 +58,15 @@ class KubeSettings:
 KUBE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KubeSettings))
 
 
-def _bool(key: str, value: Any) -> bool:
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise KubeSettingError(key, f"must be {BOOL_RULE}, got {value!r}")
-    return parsed
-
-
 def _seconds(key: str, value: Any, lo: float, hi: float) -> float:
-    try:
-        f = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        f = math.nan
-    if not math.isfinite(f) or not lo <= f <= hi:
-        raise KubeSettingError(key, f"must be a number of seconds in [{lo:g}, {hi:g}], got {value!r}")
-    return f
+    return fields.as_float(key, value, lo, hi)
 
 
 def coerce_kube(name: str, value: Any) -> Any:
     """Check one setting as read from a file, the environment or a flag; raises :class:`KubeSettingError`."""
     key = f"kubernetes.{name}"
     if name in ("discovery", "publish"):
-        return _bool(key, value)
+        return fields.as_bool(key, value)
     if name == "pod_resources_socket":
         if not isinstance(value, str) or (value and not value.startswith("/")) or "\0" in value:
             raise KubeSettingError(key, f"must be an absolute path to a unix socket, or \"\" (off), got {value!r}")
@@ -99,14 +82,7 @@ def coerce_kube(name: str, value: Any) -> Any:
             raise KubeSettingError(key, f"must be a node name (lower-case DNS subdomain), got {value!r}")
         return value
     if name == "namespaces":
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise KubeSettingError(key, f"must be a list of namespaces (or comma-separated), got {value!r}")
-        out = tuple(str(n).strip() for n in items if str(n).strip())
-        for n in out:
-            if not _DNS1123.fullmatch(n):
-                raise KubeSettingError(key, f"{n!r} is not a namespace name (lower-case letters, digits, '-')")
-        return tuple(dict.fromkeys(out))
+        return fields.as_names(key, value, _DNS1123, "lower-case letters, digits, '-'", what="namespace")
     if name == "label_selector":
         if not isinstance(value, str):
             raise KubeSettingError(key, f"must be a label selector string, got {value!r}")
@@ -123,7 +99,7 @@ def coerce_kube(name: str, value: Any) -> Any:
         return _seconds(key, value, 0.1, 300.0)
     if name == "backoff_max":
         return _seconds(key, value, 1.0, 3600.0)
-    raise KubeSettingError(key, f"unknown key; allowed keys are {', '.join(KUBE_KEYS)}")
+    raise fields.unknown_key(key, KUBE_KEYS)
 
 
 def apply_kube(base: KubeSettings, updates: Mapping[str, Any]) -> KubeSettings:
