@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from optimizer.client.follow import BatchSizeClient
-from optimizer.client.oom import oom_attempts
-from optimizer.client.telemetry import Reporter, measure
+from vlm_optimizer_client import BatchSizeClient
+from vlm_optimizer_client import oom_attempts
+from vlm_optimizer_client import Reporter, measure
 
 
 class FakeOOM(RuntimeError):

@@ -1,4 +1,4 @@
-"""The batch-size follower (``optimizer.client.follow``) against a real optimizer on an ephemeral port.
+"""The batch-size follower (``vlm_optimizer_client.follow``) against a real optimizer on an ephemeral port.
 
 The optimizer is the real application (``build_app``) over a scripted backend; the tests drive its
 sampler by hand (``await opt.tick()``) and change its decisions through the engine. The client's
@@ -33,27 +33,28 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from optimizer.api import build_app
-from optimizer.client import follow
-from optimizer.client.follow import (
-    BACKOFF_MAX_S,
+from optimizer.config import Settings
+from optimizer.engine import Engine
+from optimizer.sampler import Sampler
+from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+from vlm_optimizer_client import (
     DEFAULT_URL,
     URL_ENV,
     AsyncBatchSizeClient,
     BadAnswer,
     BatchSizeClient,
-    _Follower,
     default_cleanup,
+    follow,
     parse_decision,
 )
-from optimizer.config import Settings
-from optimizer.engine import Engine
-from optimizer.sampler import Sampler
-from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
+from vlm_optimizer_client import _follower
+from vlm_optimizer_client._follower import _Follower
+from vlm_optimizer_client.follow import BACKOFF_MAX_S
 
 GIB = 1024**3
 INTERVAL = Settings().monitoring_interval  # 5 s
 DEFAULT_BATCH = 4  # the default profile's batch before any optimization
-LOGGER = "optimizer.client"
+LOGGER = "vlm_optimizer_client"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -449,7 +450,7 @@ async def test_cleanup_epoch_rises_call_on_cleanup(make_optimizer: MakeOptimizer
 
 async def test_without_on_cleanup_the_default_cleanup_runs(opt: Optimizer, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
-    monkeypatch.setattr(follow, "default_cleanup", lambda: ran.append("cleanup"))
+    monkeypatch.setattr(_follower, "default_cleanup", lambda: ran.append("cleanup"))  # where the state machine calls it
     client = BatchSizeClient("svc-a", url=opt.url)
     await poll(client)
     opt.backend.used[0] = 70 * GIB
@@ -733,7 +734,7 @@ def test_importable_without_the_server_dependencies() -> None:
                     raise ImportError(f"blocked: {{name}}")
                 return None
         sys.meta_path.insert(0, Block())
-        from optimizer.client.follow import AsyncBatchSizeClient, BatchSizeClient, default_cleanup
+        from vlm_optimizer_client import AsyncBatchSizeClient, BatchSizeClient, default_cleanup
         default_cleanup()
         async def main():
             c = AsyncBatchSizeClient("svc-a", url="http://127.0.0.1:{closed_port()}", safe_batch_size=2)
@@ -749,5 +750,4 @@ def test_importable_without_the_server_dependencies() -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["optimizer", "optimizer.client", "optimizer.client.follow",
-                                  "optimizer.client.identity"]
+    assert out.stdout.split() == []  # nothing of the server, nor any of the blocked packages

@@ -1,4 +1,4 @@
-"""Telemetry of the client library (optimizer.client.telemetry) against a real optimizer.
+"""Telemetry of the client library (vlm_optimizer_client.telemetry) against a real optimizer.
 
 The optimizer runs on an ephemeral port (pytest-aiohttp's ``aiohttp_server``) over a scripted GPU
 backend; its engine records every report it takes. The sync reporter's blocking calls run in a worker
@@ -16,7 +16,7 @@ import socket
 import sys
 import types
 import uuid as pyuuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,14 +26,13 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from optimizer.api import build_app
-from optimizer.client import telemetry
-from optimizer.client.telemetry import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.policy.types import ServiceState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep, uuid_of
-from tests.test_client_oom import OOM_ERROR, oom
+from tests.oom_fakes import OOM_ERROR, oom
+from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure, recover_oom, telemetry
 
 GIB = 1024**3
 HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
@@ -154,7 +153,7 @@ def closed_port() -> int:
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "optimizer.client" and r.getMessage().startswith(event)]
+    return [r for r in caplog.records if r.name == "vlm_optimizer_client" and r.getMessage().startswith(event)]
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -300,7 +299,7 @@ async def test_report_does_not_block_while_a_send_hangs(upstream: Upstream, repo
 
 async def test_one_log_line_per_outage_and_one_on_recovery(start_optimizer: StartOptimizer,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="optimizer.client")
+    caplog.set_level(logging.DEBUG, logger="vlm_optimizer_client")
     port = closed_port()
     reporter = Reporter("svc-a", url=f"http://127.0.0.1:{port}", gpu=0, interval=HOUR)
     reporter.report(8, peak_bytes=30 * GIB)
@@ -345,20 +344,22 @@ async def test_a_server_error_or_a_reply_that_is_no_decision_is_retried(upstream
 
 async def test_a_refused_report_is_logged_and_not_retried(optimizer: Optimizer,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    reporter = Reporter("not a name", url=optimizer.url, interval=HOUR)
+    # A malformed name is refused here, at construction (tests/test_client_validation.py); a GPU the
+    # optimizer does not have only it can refuse.
+    reporter = Reporter("svc", url=optimizer.url, gpu=7, interval=HOUR)
     reporter.report(8)
     await asyncio.to_thread(reporter.flush)
     assert reporter.stats.rejected == 1 and reporter.stats.pending == 0 and reporter.stats.failed == 0
     [line] = log_lines(caplog, "report_rejected")
     assert line.levelno == logging.WARNING
-    assert "HTTP 400: service: must be" in line.getMessage()
+    assert "HTTP 400: gpu: " in line.getMessage()
 
     await asyncio.to_thread(reporter.flush)  # not retried
     reporter.report(8)
     await asyncio.to_thread(reporter.flush)  # refused again, for the same reason: not logged again
     assert reporter.stats.rejected == 2
     assert len(log_lines(caplog, "report_rejected")) == 1
-    assert optimizer.engine.reports == [] and optimizer.engine.state.services == {}
+    assert optimizer.engine.state.services == {}  # refused: nothing changed
 
 
 async def test_a_failing_sink_does_not_stop_the_reports(optimizer: Optimizer) -> None:
@@ -436,7 +437,7 @@ def test_bad_arguments_are_refused_at_once(kwargs: dict[str, Any]) -> None:
 
 
 async def test_a_follower_takes_the_lowered_batch_from_the_oom_reply(optimizer: Optimizer) -> None:
-    from optimizer.client.follow import BatchSizeClient
+    from vlm_optimizer_client import BatchSizeClient
 
     follower = BatchSizeClient("svc-a", url=optimizer.url, gpu=0, interval=HOUR)  # not polling
     sink: DecisionSink = follower
@@ -740,8 +741,50 @@ async def test_the_async_reporter_logs_an_outage_once_and_keeps_the_reports(tran
 
 
 async def test_the_async_reporter_refuses_what_the_optimizer_refuses(optimizer: Optimizer, transport: str) -> None:
-    reporter = AsyncReporter("bad name", url=optimizer.url, interval=HOUR)
+    reporter = AsyncReporter("svc", url=optimizer.url, gpu=7, interval=HOUR)  # a GPU it does not have
     reporter.report(8)
     await reporter.flush()
     await reporter.flush()
     assert reporter.stats.rejected == 1 and reporter.stats.pending == 0
+
+
+# --------------------------------------------------------------------------- OOM recovery against a real optimizer
+
+
+@pytest.fixture
+def sync_reporters() -> Iterator[list[Reporter]]:
+    made: list[Reporter] = []
+    yield made
+    for r in made:
+        r.stop()
+
+
+async def test_each_oom_reaches_the_optimizer_which_lowers_the_batch(aiohttp_server: AiohttpServer,
+                                                                     sync_reporters: list[Reporter]) -> None:
+    engine = Engine(Settings(default_batch_size=16))
+    # 40 of 80 GiB in use: memory an OOM could have run out of (not contradicted by the sample)
+    sampler = Sampler(ScriptedBackend(used=40 * 1024**3), engine, clock=FakeClock(), sleep=no_sleep)
+    server = await aiohttp_server(build_app(engine, sampler, run_sampler=False))
+    await sampler.tick()
+    sink = Sink()
+    reporter = Reporter("svc-oom", url=f"http://{server.host}:{server.port}", gpu=0, interval=3600, sink=sink)
+    sync_reporters.append(reporter.start())
+    assert engine.poll("svc-oom", 0, sampler.clock()).batch_size == 16
+
+    calls: list[int] = []
+
+    @recover_oom(reporter=reporter, cleanup=lambda: None)
+    def run(batch_size: int) -> int:
+        calls.append(batch_size)
+        if len(calls) == 1:
+            raise oom()
+        return batch_size
+
+    assert await asyncio.to_thread(run, batch_size=16) == 16  # the retry at the same size (empty_cache) works
+    assert await asyncio.to_thread(sink.received.wait, 10)  # sent at once, not at the 1-hour interval
+    svc = engine.state.services[(0, "svc-oom")]
+    assert svc.batch_size == 14  # the optimizer's own back-off: 90 % of the failed 16
+    assert svc.last_oom_at is not None
+    assert sink.decisions[0]["batch_size"] == 14
+    assert "OOM reported at batch 16" in sink.decisions[0]["reason"]
+    assert reporter.stats.sent == 1

@@ -26,23 +26,28 @@ from typing import Any
 
 import pytest
 
-from optimizer.client.admission import (
+from tests.oom_fakes import OOM_TEXT, FakeReporter
+from tests.policy_helpers import ROOT
+from tests.test_client_telemetry import HOUR, Optimizer, Upstream
+from tests.test_client_telemetry import optimizer, start_optimizer, upstream  # noqa: F401 - fixtures
+from tests.tools import require_module
+from vlm_optimizer_client import (
     Admission,
+    Reporter,
     VRAMGuard,
     VRAMProfiles,
+    default_cleanup,
+    empty_cache,
+    gpu_identity,
     hw_summary_from_torch,
+    is_oom_error,
+    measure,
+    oom_attempts,
+    recover_oom,
     torch_available_bytes,
     torch_peak_bytes,
     torch_total_bytes,
 )
-from optimizer.client.follow import default_cleanup
-from optimizer.client.oom import empty_cache, is_oom_error, oom_attempts, recover_oom
-from optimizer.client.telemetry import Reporter, gpu_identity, measure
-from tests.policy_helpers import ROOT
-from tests.test_client_oom import OOM_TEXT, FakeReporter
-from tests.test_client_telemetry import HOUR, Optimizer, Upstream
-from tests.test_client_telemetry import optimizer, start_optimizer, upstream  # noqa: F401 - fixtures
-from tests.tools import require_module
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +227,8 @@ def test_no_client_path_imports_pytorch_for_a_service_that_did_not(torch: Module
     """PyTorch installed but not imported by the service: every CUDA path of the client leaves it so."""
     code = textwrap.dedent(f"""
         import sys
-        from optimizer.client.admission import VRAMGuard, VRAMProfiles, hw_summary_from_torch
-        from optimizer.client.follow import default_cleanup
-        from optimizer.client.oom import empty_cache, is_oom_error
-        from optimizer.client.telemetry import Reporter, gpu_identity, measure
+        from vlm_optimizer_client import (Reporter, VRAMGuard, VRAMProfiles, default_cleanup, empty_cache,
+                                          gpu_identity, hw_summary_from_torch, is_oom_error, measure)
         empty_cache(); default_cleanup()
         assert gpu_identity() is None and not is_oom_error(RuntimeError("x"))
         with measure(Reporter("svc", interval=3600), batch_size=2, device="cuda:0"):
