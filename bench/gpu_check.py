@@ -53,13 +53,12 @@ from types import ModuleType
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "client")):  # run as a script from anywhere, installed or not
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from vlm_optimizer_client import BatchSizeClient  # noqa: E402
-from vlm_optimizer_client import is_oom_error, oom_attempts  # noqa: E402
-from vlm_optimizer_client import Reporter, gpu_identity, measure  # noqa: E402
 from optimizer.logs import configure_logging  # noqa: E402
+from vlm_optimizer_client import BatchSizeClient, Reporter, gpu_identity, is_oom_error, measure, oom_attempts  # noqa: E402
 
 NO_GPU_EXIT = 2
 SERVICE = "gpu-check"

@@ -30,9 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vlm_optimizer_client import BatchSizeClient
-from vlm_optimizer_client import oom_attempts
-from vlm_optimizer_client import Reporter, measure
+from vlm_optimizer_client import BatchSizeClient, Reporter, measure, oom_attempts
 
 
 class FakeOOM(RuntimeError):

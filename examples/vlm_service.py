@@ -23,16 +23,17 @@ from typing import Any
 from aiohttp import web
 
 from vlm_optimizer_client import (
+    AsyncBatchSizeClient,
+    AsyncReporter,
     ConcurrencyLimits,
     VRAMGuard,
     VRAMProfiles,
     hw_summary_from_decision,
+    measure,
     plan_workers,
+    recover_oom,
     vram_middleware,
 )
-from vlm_optimizer_client import AsyncBatchSizeClient
-from vlm_optimizer_client import recover_oom
-from vlm_optimizer_client import AsyncReporter, measure
 
 MIB = 1024 * 1024
 PER_ITEM_MIB = 512  # what the fake model "needs" per image; a real service measures it (measure())
