@@ -57,3 +57,21 @@ class Upstream:
         self.arrived.set()
         status, text = self.script.pop(0) if self.script else (200, json.dumps(decision(4)))
         return web.Response(status=status, text=text, content_type="application/json")
+
+
+class FakeClock:
+    """A clock that moves only when told to (as the server's tests/fakes.py)."""
+
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def uuid_of(i: int) -> str:
+    """A GPU UUID that shows its index (as the server's tests/fakes.py)."""
+    return f"GPU-{i:08d}-0000-4000-8000-000000000000"
