@@ -1,4 +1,5 @@
 """Telemetry of the client library (vlm_optimizer_client.telemetry) against a real optimizer.
+(The reporters on their own, against fakes: client/tests/test_client_telemetry.py.)
 
 The optimizer runs on an ephemeral port (pytest-aiohttp's ``aiohttp_server``) over a scripted GPU
 backend; its engine records every report it takes. The sync reporter's blocking calls run in a worker
@@ -195,15 +196,6 @@ async def test_the_aggregate_carries_the_latest_batch_and_its_own_peak(optimizer
     assert memory.fixed == 3 * GIB and [x for _, x in memory.observations] == [29 * GIB / 8]
 
 
-async def test_the_wire_body_names_only_what_was_measured(upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url + "/", gpu="GPU-1234-abcd", interval=HOUR)
-    reporter.report(6, inactive_split_bytes=123)
-    reporter.report(6, peak_bytes=7)
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": "GPU-1234-abcd", "batch_size": 6, "peak_bytes": 7,
-                                "inactive_split_bytes": 123}]
-
-
 async def test_the_background_thread_sends_every_interval(optimizer: Optimizer, reporters: list[Reporter]) -> None:
     sink = Sink()
     reporter = Reporter("svc-a", url=optimizer.url, interval=0.05, sink=sink)
@@ -260,25 +252,6 @@ async def test_ooms_are_not_aggregated(optimizer: Optimizer) -> None:
 # --------------------------------------------------------------------------- outages and refusals
 
 
-async def test_report_never_raises_and_the_buffer_drops_the_oldest(caplog: pytest.LogCaptureFixture) -> None:
-    reporter = Reporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=4)
-    for i in range(10):
-        reporter.report(8, peak_bytes=i * GIB)
-    assert reporter.stats.queued == 10
-    assert reporter.stats.dropped == 6 and reporter.stats.pending == 4
-
-    for bad in (0, -1, True, "8", None, 8.5):
-        reporter.report(bad)  # type: ignore[arg-type]
-    reporter.report(8, peak_bytes=-1)
-    assert reporter.stats.invalid == 7 and reporter.stats.pending == 4
-    assert [r.levelno for r in log_lines(caplog, "telemetry_invalid")] == [logging.WARNING]  # once: a hot path
-
-    await asyncio.to_thread(reporter.flush)  # refused: kept, as one aggregate
-    stats = reporter.stats
-    assert stats.failed == 1 and stats.outages == 1 and stats.sent == 0
-    assert stats.pending == 1
-
-
 async def test_report_does_not_block_while_a_send_hangs(upstream: Upstream, reporters: list[Reporter]) -> None:
     upstream.stall = True
     sink = Sink()
@@ -325,21 +298,6 @@ async def test_one_log_line_per_outage_and_one_on_recovery(start_optimizer: Star
     await asyncio.to_thread(reporter.flush)
     assert len(log_lines(caplog, "optimizer_unreachable")) == 2
     assert reporter.stats.outages == 2
-
-
-async def test_a_server_error_or_a_reply_that_is_no_decision_is_retried(upstream: Upstream,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    upstream.script = [(503, '{"error": "overloaded"}'), (200, "<html>a proxy</html>")]
-    sink = Sink()
-    reporter = Reporter("svc", url=upstream.url, interval=HOUR, sink=sink)
-    reporter.report(8)
-    await asyncio.to_thread(reporter.flush)
-    await asyncio.to_thread(reporter.flush)
-    assert reporter.stats.failed == 2 and reporter.stats.pending == 1 and sink.decisions == []
-    assert "HTTP 503: overloaded" in log_lines(caplog, "optimizer_unreachable")[0].getMessage()
-    await asyncio.to_thread(reporter.flush)
-    assert sink.decisions == [decision(4)]
-    assert len(upstream.bodies) == 3 and reporter.stats.pending == 0
 
 
 async def test_a_refused_report_is_logged_and_not_retried(optimizer: Optimizer,
@@ -417,25 +375,6 @@ async def test_a_proxy_in_the_environment_is_not_used(optimizer: Optimizer, tran
     assert reporter.stats.sent == 1 and async_reporter.stats.sent == 1
 
 
-def test_the_url_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(telemetry.URL_ENV, raising=False)
-    assert Reporter("svc").url == "http://127.0.0.1:8080"
-    monkeypatch.setenv(telemetry.URL_ENV, "http://optimizer.gpu-system:8080/")
-    assert Reporter("svc").url == "http://optimizer.gpu-system:8080"
-    assert Reporter("svc", url="https://o:1").url == "https://o:1"
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"url": "optimizer:8080"}, {"url": "ftp://o"}, {"interval": 0}, {"interval": float("inf")}, {"timeout": -1},
-    {"max_pending": 0}, {"gpu": 1.5}, {"gpu": True},
-])
-def test_bad_arguments_are_refused_at_once(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        Reporter("svc", **kwargs)
-    with pytest.raises(ValueError):
-        AsyncReporter("svc", **kwargs)
-
-
 async def test_a_follower_takes_the_lowered_batch_from_the_oom_reply(optimizer: Optimizer) -> None:
     from vlm_optimizer_client import BatchSizeClient
 
@@ -496,31 +435,6 @@ async def test_measure_reports_an_oom_and_reraises_it(optimizer: Optimizer) -> N
     await asyncio.to_thread(reporter.flush)
     assert [(r["batch_size"], r["oom"]) for r in optimizer.engine.reports] == [(8, True)]
     assert optimizer.service("svc-a").batch_size == 7
-
-
-def test_measure_reports_nothing_for_the_cpu() -> None:
-    reporter = Reporter("svc", interval=HOUR)
-    with measure(reporter, batch_size=8, device="cpu"):
-        pass
-    with pytest.raises(OOM_ERROR):
-        with measure(reporter, batch_size=8, device="cpu"):
-            raise oom()
-    assert reporter.stats.queued == 0
-
-
-def test_measure_needs_a_batch_size() -> None:
-    reporter = Reporter("svc", interval=HOUR)
-    with pytest.raises(ValueError, match="batch_size"):
-        with measure(reporter):
-            pass
-
-    def no_batch(images: list[str]) -> int:
-        return len(images)
-
-    with pytest.raises(TypeError, match="batch_size"):
-        measure(reporter)(no_batch)
-    assert measure(reporter, batch_size=4)(no_batch)(["a"]) == 1
-    assert reporter.stats.queued == 1
 
 
 # --------------------------------------------------------------------------- with PyTorch (a stand-in)
@@ -601,60 +515,6 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     return fake
 
 
-async def test_measure_with_cuda_reads_the_allocator_around_the_batch(cuda: FakeCuda, upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
-    with measure(reporter, batch_size=8, device="cuda:0"):
-        cuda.calls.append("batch")
-        cuda.peak, cuda.allocated, cuda.reserved, cuda.inactive = 30 * GIB, 6 * GIB, 8 * GIB, GIB
-    assert cuda.calls == ["reset cuda:0", "batch", "max cuda:0", "allocated cuda:0", "reserved cuda:0",
-                          "stats cuda:0"]
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 8, "peak_bytes": 30 * GIB,
-                                "allocated_bytes": 6 * GIB, "reserved_bytes": 8 * GIB, "inactive_split_bytes": GIB}]
-
-
-async def test_measure_with_cuda_reports_an_oom_with_the_allocator_figures(cuda: FakeCuda,
-                                                                           upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
-    cuda.allocated, cuda.reserved = 70 * GIB, 79 * GIB
-    with pytest.raises(OOM_ERROR):
-        with measure(reporter, batch_size=16):
-            raise oom()
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 16, "allocated_bytes": 70 * GIB,
-                                "reserved_bytes": 79 * GIB, "inactive_split_bytes": 0, "oom": True}]
-
-
-def test_measure_survives_a_failing_allocator_reading(cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(device: Any = None) -> dict[str, int]:
-        raise RuntimeError("no stats")
-
-    monkeypatch.setattr(cuda, "memory_stats", broken)
-    reporter = Reporter("svc", interval=HOUR)
-    with measure(reporter, batch_size=2):
-        pass
-    assert reporter.stats.queued == 1 and reporter.stats.invalid == 0
-
-
-def test_the_gpu_identity_is_the_current_devices_uuid(cuda: FakeCuda) -> None:
-    assert gpu_identity() == uuid_of(0)
-    cuda.uuid = CUuuid("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f")
-    assert gpu_identity() == "MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"
-    cuda.uuid = RawCUuuid(uuid_of(3))  # PyTorch 2.4: printed as raw bytes, read through .bytes
-    assert gpu_identity() == uuid_of(3)
-    cuda.uuid = None  # an older PyTorch
-    assert gpu_identity() is None
-    cuda.uuid = CUuuid("x")
-    cuda.initialized = False  # reading it would initialise CUDA
-    assert gpu_identity() is None
-
-
-def test_without_torch_there_is_no_gpu_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-    assert gpu_identity() is None
-    assert "torch" not in sys.modules
-
-
 async def test_the_reporter_sends_the_uuid_of_the_current_device(cuda: FakeCuda, optimizer: Optimizer) -> None:
     cuda.initialized = False
     reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
@@ -726,18 +586,6 @@ async def test_the_async_reporter_stops_promptly(optimizer: Optimizer, transport
     await asyncio.wait_for(reporter.stop(), 5)
     assert not reporter.running
     await reporter.stop()
-
-
-async def test_the_async_reporter_logs_an_outage_once_and_keeps_the_reports(transport: str,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
-    reporter = AsyncReporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=2)
-    for batch in (8, 8, 6):
-        reporter.report(batch)
-    await reporter.flush()
-    await reporter.flush()
-    stats = reporter.stats
-    assert (stats.queued, stats.dropped, stats.failed, stats.outages, stats.pending) == (3, 1, 2, 1, 1)
-    assert len(log_lines(caplog, "optimizer_unreachable")) == 1
 
 
 async def test_the_async_reporter_refuses_what_the_optimizer_refuses(optimizer: Optimizer, transport: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -75,3 +76,18 @@ class FakeClock:
 def uuid_of(i: int) -> str:
     """A GPU UUID that shows its index (as the server's tests/fakes.py)."""
     return f"GPU-{i:08d}-0000-4000-8000-000000000000"
+
+
+@dataclass
+class Sink:
+    """A DecisionSink that records the decisions it gets (as the server's tests/fakes.py)."""
+
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    received: threading.Event = field(default_factory=threading.Event)
+
+    def apply_decision(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        self.received.set()
+
+    async def wait(self) -> bool:
+        return await asyncio.to_thread(self.received.wait, 10)
