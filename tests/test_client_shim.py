@@ -7,6 +7,9 @@ import ast
 import subprocess
 import sys
 import textwrap
+import tomllib
+
+import vlm_optimizer_client
 
 from tests.policy_helpers import ROOT
 
@@ -52,3 +55,15 @@ def test_no_server_module_imports_the_client() -> None:
             for name in names:
                 assert not (name == "optimizer.client" or name.startswith(("optimizer.client.", "vlm_optimizer_client"))), \
                     (str(path.relative_to(ROOT)), name)
+
+
+def test_the_server_pins_the_client_of_its_own_version() -> None:
+    """They are released together: the same version, the server's dependency pinned to it, and the package's
+    ``__version__`` saying it."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        server = tomllib.load(f)["project"]
+    with (ROOT / "client/pyproject.toml").open("rb") as f:
+        client = tomllib.load(f)["project"]
+    assert client["name"] == "vlm-gpu-optimizer-client" and client["version"] == server["version"]
+    assert f"vlm-gpu-optimizer-client=={client['version']}" in server["dependencies"]
+    assert vlm_optimizer_client.__version__ == client["version"]
