@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test podresources-stubs
 
-$(BIN)/vlm-gpu-optimizer: pyproject.toml
+# The server (.) and the client distribution it depends on (./client), both editable: a change to
+# either pyproject.toml reinstalls.
+$(BIN)/vlm-gpu-optimizer: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $@
 
 serve: $(BIN)/vlm-gpu-optimizer

@@ -17,7 +17,7 @@ In one run of a few minutes:
    at the end is the optimizer's answer.
 4. **The largest batch that fits**, found by real OOMs and without telling the optimizer: doubling from
    the published batch until a step runs out of memory (``torch.cuda.OutOfMemoryError``, or any error
-   :func:`optimizer.client.oom.is_oom_error` takes for one), then bisection; ``gc.collect()`` and
+   :func:`vlm_optimizer_client.oom.is_oom_error` takes for one), then bisection; ``gc.collect()`` and
    ``torch.cuda.empty_cache()`` between tries, ``--steps-per-trial`` steps per try.
 5. **The ratio** published / largest: below 1 is headroom the optimizer keeps, above 1 a batch it
    would publish that does not fit.
@@ -53,13 +53,12 @@ from types import ModuleType
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "client")):  # run as a script from anywhere, installed or not
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from optimizer.client.follow import BatchSizeClient  # noqa: E402
-from optimizer.client.oom import is_oom_error, oom_attempts  # noqa: E402
-from optimizer.client.telemetry import Reporter, gpu_identity, measure  # noqa: E402
 from optimizer.logs import configure_logging  # noqa: E402
+from vlm_optimizer_client import BatchSizeClient, Reporter, gpu_identity, is_oom_error, measure, oom_attempts  # noqa: E402
 
 NO_GPU_EXIT = 2
 SERVICE = "gpu-check"
@@ -531,7 +530,7 @@ def run(args: argparse.Namespace, nvml: ModuleType | None = None, optimizer_back
 def main(argv: list[str] | None = None, nvml: ModuleType | None = None) -> int:
     args = parse_args(argv)
     configure_logging("auto", "warning")  # the backend's info lines would mix into the report
-    logging.getLogger("optimizer.client").setLevel(logging.ERROR)  # each OOM retry is counted in the report
+    logging.getLogger("vlm_optimizer_client").setLevel(logging.ERROR)  # each OOM retry is counted in the report
     try:
         result = run(args, nvml)
     except NoGpu as exc:

@@ -30,9 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from optimizer.client.follow import BatchSizeClient
-from optimizer.client.oom import oom_attempts
-from optimizer.client.telemetry import Reporter, measure
+from vlm_optimizer_client import BatchSizeClient, Reporter, measure, oom_attempts
 
 
 class FakeOOM(RuntimeError):

@@ -6,7 +6,7 @@
     curl -s localhost:9000/hw
     curl -s localhost:9000/workers
 
-It uses every piece of ``optimizer.client``: the batch size it captions with comes from the optimizer
+It uses every piece of ``vlm_optimizer_client``: the batch size it captions with comes from the optimizer
 (AsyncBatchSizeClient), each batch is measured and reported (AsyncReporter, measure), an OOM is
 recovered (recover_oom) and reported, requests are admitted only when the GPU has room for them
 (VRAMGuard + vram_middleware: 503 with Retry-After otherwise), work is limited per kind
@@ -22,17 +22,18 @@ from typing import Any
 
 from aiohttp import web
 
-from optimizer.client.admission import (
+from vlm_optimizer_client import (
+    AsyncBatchSizeClient,
+    AsyncReporter,
     ConcurrencyLimits,
     VRAMGuard,
     VRAMProfiles,
     hw_summary_from_decision,
+    measure,
     plan_workers,
+    recover_oom,
     vram_middleware,
 )
-from optimizer.client.follow import AsyncBatchSizeClient
-from optimizer.client.oom import recover_oom
-from optimizer.client.telemetry import AsyncReporter, measure
 
 MIB = 1024 * 1024
 PER_ITEM_MIB = 512  # what the fake model "needs" per image; a real service measures it (measure())

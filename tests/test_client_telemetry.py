@@ -1,4 +1,5 @@
-"""Telemetry of the client library (optimizer.client.telemetry) against a real optimizer.
+"""Telemetry of the client library (vlm_optimizer_client.telemetry) against a real optimizer.
+(The reporters on their own, against fakes: client/tests/test_client_telemetry.py.)
 
 The optimizer runs on an ephemeral port (pytest-aiohttp's ``aiohttp_server``) over a scripted GPU
 backend; its engine records every report it takes. The sync reporter's blocking calls run in a worker
@@ -16,7 +17,7 @@ import socket
 import sys
 import types
 import uuid as pyuuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,14 +27,13 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from optimizer.api import build_app
-from optimizer.client import telemetry
-from optimizer.client.telemetry import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.policy.types import ServiceState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep, uuid_of
-from tests.test_client_oom import OOM_ERROR, oom
+from tests.oom_fakes import OOM_ERROR, oom
+from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure, recover_oom, telemetry
 
 GIB = 1024**3
 HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
@@ -154,7 +154,7 @@ def closed_port() -> int:
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "optimizer.client" and r.getMessage().startswith(event)]
+    return [r for r in caplog.records if r.name == "vlm_optimizer_client" and r.getMessage().startswith(event)]
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -194,15 +194,6 @@ async def test_the_aggregate_carries_the_latest_batch_and_its_own_peak(optimizer
                                          "allocated_bytes": 3 * GIB, "reserved_bytes": 12 * GIB, "oom": False}]
     memory = optimizer.service("svc-a").memory
     assert memory.fixed == 3 * GIB and [x for _, x in memory.observations] == [29 * GIB / 8]
-
-
-async def test_the_wire_body_names_only_what_was_measured(upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url + "/", gpu="GPU-1234-abcd", interval=HOUR)
-    reporter.report(6, inactive_split_bytes=123)
-    reporter.report(6, peak_bytes=7)
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": "GPU-1234-abcd", "batch_size": 6, "peak_bytes": 7,
-                                "inactive_split_bytes": 123}]
 
 
 async def test_the_background_thread_sends_every_interval(optimizer: Optimizer, reporters: list[Reporter]) -> None:
@@ -261,25 +252,6 @@ async def test_ooms_are_not_aggregated(optimizer: Optimizer) -> None:
 # --------------------------------------------------------------------------- outages and refusals
 
 
-async def test_report_never_raises_and_the_buffer_drops_the_oldest(caplog: pytest.LogCaptureFixture) -> None:
-    reporter = Reporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=4)
-    for i in range(10):
-        reporter.report(8, peak_bytes=i * GIB)
-    assert reporter.stats.queued == 10
-    assert reporter.stats.dropped == 6 and reporter.stats.pending == 4
-
-    for bad in (0, -1, True, "8", None, 8.5):
-        reporter.report(bad)  # type: ignore[arg-type]
-    reporter.report(8, peak_bytes=-1)
-    assert reporter.stats.invalid == 7 and reporter.stats.pending == 4
-    assert [r.levelno for r in log_lines(caplog, "telemetry_invalid")] == [logging.WARNING]  # once: a hot path
-
-    await asyncio.to_thread(reporter.flush)  # refused: kept, as one aggregate
-    stats = reporter.stats
-    assert stats.failed == 1 and stats.outages == 1 and stats.sent == 0
-    assert stats.pending == 1
-
-
 async def test_report_does_not_block_while_a_send_hangs(upstream: Upstream, reporters: list[Reporter]) -> None:
     upstream.stall = True
     sink = Sink()
@@ -300,7 +272,7 @@ async def test_report_does_not_block_while_a_send_hangs(upstream: Upstream, repo
 
 async def test_one_log_line_per_outage_and_one_on_recovery(start_optimizer: StartOptimizer,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="optimizer.client")
+    caplog.set_level(logging.DEBUG, logger="vlm_optimizer_client")
     port = closed_port()
     reporter = Reporter("svc-a", url=f"http://127.0.0.1:{port}", gpu=0, interval=HOUR)
     reporter.report(8, peak_bytes=30 * GIB)
@@ -328,37 +300,24 @@ async def test_one_log_line_per_outage_and_one_on_recovery(start_optimizer: Star
     assert reporter.stats.outages == 2
 
 
-async def test_a_server_error_or_a_reply_that_is_no_decision_is_retried(upstream: Upstream,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    upstream.script = [(503, '{"error": "overloaded"}'), (200, "<html>a proxy</html>")]
-    sink = Sink()
-    reporter = Reporter("svc", url=upstream.url, interval=HOUR, sink=sink)
-    reporter.report(8)
-    await asyncio.to_thread(reporter.flush)
-    await asyncio.to_thread(reporter.flush)
-    assert reporter.stats.failed == 2 and reporter.stats.pending == 1 and sink.decisions == []
-    assert "HTTP 503: overloaded" in log_lines(caplog, "optimizer_unreachable")[0].getMessage()
-    await asyncio.to_thread(reporter.flush)
-    assert sink.decisions == [decision(4)]
-    assert len(upstream.bodies) == 3 and reporter.stats.pending == 0
-
-
 async def test_a_refused_report_is_logged_and_not_retried(optimizer: Optimizer,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    reporter = Reporter("not a name", url=optimizer.url, interval=HOUR)
+    # A malformed name is refused here, at construction (tests/test_client_validation.py); a GPU the
+    # optimizer does not have only it can refuse.
+    reporter = Reporter("svc", url=optimizer.url, gpu=7, interval=HOUR)
     reporter.report(8)
     await asyncio.to_thread(reporter.flush)
     assert reporter.stats.rejected == 1 and reporter.stats.pending == 0 and reporter.stats.failed == 0
     [line] = log_lines(caplog, "report_rejected")
     assert line.levelno == logging.WARNING
-    assert "HTTP 400: service: must be" in line.getMessage()
+    assert "HTTP 400: gpu: " in line.getMessage()
 
     await asyncio.to_thread(reporter.flush)  # not retried
     reporter.report(8)
     await asyncio.to_thread(reporter.flush)  # refused again, for the same reason: not logged again
     assert reporter.stats.rejected == 2
     assert len(log_lines(caplog, "report_rejected")) == 1
-    assert optimizer.engine.reports == [] and optimizer.engine.state.services == {}
+    assert optimizer.engine.state.services == {}  # refused: nothing changed
 
 
 async def test_a_failing_sink_does_not_stop_the_reports(optimizer: Optimizer) -> None:
@@ -416,27 +375,8 @@ async def test_a_proxy_in_the_environment_is_not_used(optimizer: Optimizer, tran
     assert reporter.stats.sent == 1 and async_reporter.stats.sent == 1
 
 
-def test_the_url_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(telemetry.URL_ENV, raising=False)
-    assert Reporter("svc").url == "http://127.0.0.1:8080"
-    monkeypatch.setenv(telemetry.URL_ENV, "http://optimizer.gpu-system:8080/")
-    assert Reporter("svc").url == "http://optimizer.gpu-system:8080"
-    assert Reporter("svc", url="https://o:1").url == "https://o:1"
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"url": "optimizer:8080"}, {"url": "ftp://o"}, {"interval": 0}, {"interval": float("inf")}, {"timeout": -1},
-    {"max_pending": 0}, {"gpu": 1.5}, {"gpu": True},
-])
-def test_bad_arguments_are_refused_at_once(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        Reporter("svc", **kwargs)
-    with pytest.raises(ValueError):
-        AsyncReporter("svc", **kwargs)
-
-
 async def test_a_follower_takes_the_lowered_batch_from_the_oom_reply(optimizer: Optimizer) -> None:
-    from optimizer.client.follow import BatchSizeClient
+    from vlm_optimizer_client import BatchSizeClient
 
     follower = BatchSizeClient("svc-a", url=optimizer.url, gpu=0, interval=HOUR)  # not polling
     sink: DecisionSink = follower
@@ -495,31 +435,6 @@ async def test_measure_reports_an_oom_and_reraises_it(optimizer: Optimizer) -> N
     await asyncio.to_thread(reporter.flush)
     assert [(r["batch_size"], r["oom"]) for r in optimizer.engine.reports] == [(8, True)]
     assert optimizer.service("svc-a").batch_size == 7
-
-
-def test_measure_reports_nothing_for_the_cpu() -> None:
-    reporter = Reporter("svc", interval=HOUR)
-    with measure(reporter, batch_size=8, device="cpu"):
-        pass
-    with pytest.raises(OOM_ERROR):
-        with measure(reporter, batch_size=8, device="cpu"):
-            raise oom()
-    assert reporter.stats.queued == 0
-
-
-def test_measure_needs_a_batch_size() -> None:
-    reporter = Reporter("svc", interval=HOUR)
-    with pytest.raises(ValueError, match="batch_size"):
-        with measure(reporter):
-            pass
-
-    def no_batch(images: list[str]) -> int:
-        return len(images)
-
-    with pytest.raises(TypeError, match="batch_size"):
-        measure(reporter)(no_batch)
-    assert measure(reporter, batch_size=4)(no_batch)(["a"]) == 1
-    assert reporter.stats.queued == 1
 
 
 # --------------------------------------------------------------------------- with PyTorch (a stand-in)
@@ -600,60 +515,6 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     return fake
 
 
-async def test_measure_with_cuda_reads_the_allocator_around_the_batch(cuda: FakeCuda, upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
-    with measure(reporter, batch_size=8, device="cuda:0"):
-        cuda.calls.append("batch")
-        cuda.peak, cuda.allocated, cuda.reserved, cuda.inactive = 30 * GIB, 6 * GIB, 8 * GIB, GIB
-    assert cuda.calls == ["reset cuda:0", "batch", "max cuda:0", "allocated cuda:0", "reserved cuda:0",
-                          "stats cuda:0"]
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 8, "peak_bytes": 30 * GIB,
-                                "allocated_bytes": 6 * GIB, "reserved_bytes": 8 * GIB, "inactive_split_bytes": GIB}]
-
-
-async def test_measure_with_cuda_reports_an_oom_with_the_allocator_figures(cuda: FakeCuda,
-                                                                           upstream: Upstream) -> None:
-    reporter = Reporter("svc", url=upstream.url, gpu=0, interval=HOUR)
-    cuda.allocated, cuda.reserved = 70 * GIB, 79 * GIB
-    with pytest.raises(OOM_ERROR):
-        with measure(reporter, batch_size=16):
-            raise oom()
-    await asyncio.to_thread(reporter.flush)
-    assert upstream.bodies == [{"service": "svc", "gpu": 0, "batch_size": 16, "allocated_bytes": 70 * GIB,
-                                "reserved_bytes": 79 * GIB, "inactive_split_bytes": 0, "oom": True}]
-
-
-def test_measure_survives_a_failing_allocator_reading(cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(device: Any = None) -> dict[str, int]:
-        raise RuntimeError("no stats")
-
-    monkeypatch.setattr(cuda, "memory_stats", broken)
-    reporter = Reporter("svc", interval=HOUR)
-    with measure(reporter, batch_size=2):
-        pass
-    assert reporter.stats.queued == 1 and reporter.stats.invalid == 0
-
-
-def test_the_gpu_identity_is_the_current_devices_uuid(cuda: FakeCuda) -> None:
-    assert gpu_identity() == uuid_of(0)
-    cuda.uuid = CUuuid("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f")
-    assert gpu_identity() == "MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"
-    cuda.uuid = RawCUuuid(uuid_of(3))  # PyTorch 2.4: printed as raw bytes, read through .bytes
-    assert gpu_identity() == uuid_of(3)
-    cuda.uuid = None  # an older PyTorch
-    assert gpu_identity() is None
-    cuda.uuid = CUuuid("x")
-    cuda.initialized = False  # reading it would initialise CUDA
-    assert gpu_identity() is None
-
-
-def test_without_torch_there_is_no_gpu_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-    assert gpu_identity() is None
-    assert "torch" not in sys.modules
-
-
 async def test_the_reporter_sends_the_uuid_of_the_current_device(cuda: FakeCuda, optimizer: Optimizer) -> None:
     cuda.initialized = False
     reporter = Reporter("svc-a", url=optimizer.url, interval=HOUR)
@@ -727,21 +588,51 @@ async def test_the_async_reporter_stops_promptly(optimizer: Optimizer, transport
     await reporter.stop()
 
 
-async def test_the_async_reporter_logs_an_outage_once_and_keeps_the_reports(transport: str,
-                                                                            caplog: pytest.LogCaptureFixture) -> None:
-    reporter = AsyncReporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=2)
-    for batch in (8, 8, 6):
-        reporter.report(batch)
-    await reporter.flush()
-    await reporter.flush()
-    stats = reporter.stats
-    assert (stats.queued, stats.dropped, stats.failed, stats.outages, stats.pending) == (3, 1, 2, 1, 1)
-    assert len(log_lines(caplog, "optimizer_unreachable")) == 1
-
-
 async def test_the_async_reporter_refuses_what_the_optimizer_refuses(optimizer: Optimizer, transport: str) -> None:
-    reporter = AsyncReporter("bad name", url=optimizer.url, interval=HOUR)
+    reporter = AsyncReporter("svc", url=optimizer.url, gpu=7, interval=HOUR)  # a GPU it does not have
     reporter.report(8)
     await reporter.flush()
     await reporter.flush()
     assert reporter.stats.rejected == 1 and reporter.stats.pending == 0
+
+
+# --------------------------------------------------------------------------- OOM recovery against a real optimizer
+
+
+@pytest.fixture
+def sync_reporters() -> Iterator[list[Reporter]]:
+    made: list[Reporter] = []
+    yield made
+    for r in made:
+        r.stop()
+
+
+async def test_each_oom_reaches_the_optimizer_which_lowers_the_batch(aiohttp_server: AiohttpServer,
+                                                                     sync_reporters: list[Reporter]) -> None:
+    engine = Engine(Settings(default_batch_size=16))
+    # 40 of 80 GiB in use: memory an OOM could have run out of (not contradicted by the sample)
+    sampler = Sampler(ScriptedBackend(used=40 * 1024**3), engine, clock=FakeClock(), sleep=no_sleep)
+    server = await aiohttp_server(build_app(engine, sampler, run_sampler=False))
+    await sampler.tick()
+    sink = Sink()
+    reporter = Reporter("svc-oom", url=f"http://{server.host}:{server.port}", gpu=0, interval=3600, sink=sink)
+    sync_reporters.append(reporter.start())
+    assert engine.poll("svc-oom", 0, sampler.clock()).batch_size == 16
+
+    calls: list[int] = []
+
+    @recover_oom(reporter=reporter, cleanup=lambda: None)
+    def run(batch_size: int) -> int:
+        calls.append(batch_size)
+        if len(calls) == 1:
+            raise oom()
+        return batch_size
+
+    assert await asyncio.to_thread(run, batch_size=16) == 16  # the retry at the same size (empty_cache) works
+    assert await asyncio.to_thread(sink.received.wait, 10)  # sent at once, not at the 1-hour interval
+    svc = engine.state.services[(0, "svc-oom")]
+    assert svc.batch_size == 14  # the optimizer's own back-off: 90 % of the failed 16
+    assert svc.last_oom_at is not None
+    assert sink.decisions[0]["batch_size"] == 14
+    assert "OOM reported at batch 16" in sink.decisions[0]["reason"]
+    assert reporter.stats.sent == 1

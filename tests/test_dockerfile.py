@@ -385,7 +385,21 @@ def test_copy_sources_exist_and_are_what_the_build_needs(stages: list[Stage], py
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
     needed |= {p.rstrip("*").rstrip(".") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert needed <= set(sources), f"the builder must COPY {sorted(needed - set(sources))}"
-    assert not {"tests", "docs", "ops", "examples", "."} & set(sources), "COPY only what the build needs"
+    assert not {"tests", "docs", "ops", "examples", ".", "client", "client/tests"} & set(sources), \
+        "COPY only what the build needs"
+
+
+def test_the_client_distribution_is_copied_and_installed_before_the_server(stages: list[Stage]) -> None:
+    """The server pins vlm-gpu-optimizer-client, which is not on any index the build reaches: ./client goes
+    in first, with its metadata, its readme and its package (not its tests)."""
+    with (ROOT / "client/pyproject.toml").open("rb") as f:
+        client = tomllib.load(f)
+    sources = {src.rstrip("/") for c in context_copies(stages) for src in c.sources}
+    assert {"client/pyproject.toml", f"client/{client['project']['readme']}", "client/vlm_optimizer_client"} <= sources
+    installs = [words for stage in stages for run in stage.all("RUN") for words in shell_commands(run.args)
+                if posixpath.basename(words[0]).startswith("pip") and "install" in words]
+    targets = [w for words in installs for w in words if w in (".", "./client", "/src", "/src/client")]
+    assert targets[:2] in (["./client", "."], ["/src/client", "/src"]), targets
 
 
 def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
@@ -467,7 +481,9 @@ def test_dockerignore_keeps_clutter_out() -> None:
                  "examples/config.yaml", "bench/results.json", "build/lib/x.py", "dist/x.whl",
                  "vlm_gpu_optimizer.egg-info/PKG-INFO", "optimizer/__pycache__/cli.cpython-311.pyc",
                  "optimizer/gpu/__pycache__/nvml.cpython-311.pyc", ".mypy_cache/3.11/x.json",
-                 ".pytest_cache/v/x", "optimizer/vlm_gpu_optimizer.egg-info/PKG-INFO"):
+                 ".pytest_cache/v/x", "optimizer/vlm_gpu_optimizer.egg-info/PKG-INFO", "client/tests/test_client_oom.py",
+                 "client/vlm_optimizer_client/__pycache__/follow.cpython-311.pyc",
+                 "client/vlm_gpu_optimizer_client.egg-info/PKG-INFO"):
         assert excluded(path, rules), f".dockerignore lets {path} into the build context"
 
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from optimizer.api.app import build_app
-from optimizer.client.admission import VRAMProfiles
+from vlm_optimizer_client import VRAMProfiles
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler

@@ -49,7 +49,7 @@ def torch() -> ModuleType:
 def logging_restored() -> Iterator[None]:
     """main() configures structlog (warnings only) and quiets the client's logger, as a script does:
     the tests after these must find both as they were."""
-    saved, client = structlog.get_config(), logging.getLogger("optimizer.client")
+    saved, client = structlog.get_config(), logging.getLogger("vlm_optimizer_client")
     level = client.level
     yield
     structlog.configure(**saved)

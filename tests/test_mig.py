@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from optimizer.api.schemas import parse_gpu
-from optimizer.client.follow import BatchSizeClient
+from vlm_optimizer_client import BatchSizeClient
 from optimizer.config import ServiceProfile, Settings
 from optimizer.gpu.nvml import NvmlBackend
 from optimizer.gpu.types import MAX_GPU_INDEX, GpuSample, mig_index
@@ -151,9 +151,9 @@ def test_the_client_accepts_the_mig_forms() -> None:
 
 
 def test_the_client_and_server_agree_on_the_largest_index() -> None:
-    from optimizer.client import follow
+    from vlm_optimizer_client import validate
 
-    assert follow._MAX_GPU_INDEX == MAX_GPU_INDEX
+    assert validate.MAX_GPU_INDEX == MAX_GPU_INDEX
 
 
 # -- the simulated backend ---------------------------------------------------------------------------

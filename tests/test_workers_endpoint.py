@@ -9,7 +9,9 @@ from optimizer.api.app import build_app
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler
+from optimizer.workers import plan_workers as server_plan
 from tests.fakes import GIB, FakeClock, ScriptedBackend
+from vlm_optimizer_client.workers import plan_workers as client_plan
 
 
 
@@ -43,3 +45,14 @@ async def test_bad_parameters_are_named(aiohttp_client: AiohttpClient) -> None:
         r = await c.get(f"/workers?{query}")
         assert r.status == 400, query
         assert (await r.json()).get("parameter") == name, query
+
+
+def test_the_servers_formula_is_the_clients() -> None:
+    """optimizer/workers.py and vlm_optimizer_client.workers are two copies of one formula (docs/architecture.md):
+    they agree on every figure, the body's fields included, over a grid with the edge cases."""
+    for cores in (1, 2, 7, 64):
+        for total in (None, 0.0, 500.0, 6000.0, 81559.0, 1e6):
+            for typ in (0.0, -1.0, 0.5, 1000.0, 6000.0, 90000.0, float("inf")):
+                server = server_plan(cores, total, typ).as_dict()
+                client = client_plan(cores=cores, total_vram_mb=total, gpu_mem_typ_mb=typ, environ={}).as_dict()
+                assert server == client, (cores, total, typ)

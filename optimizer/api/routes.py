@@ -26,11 +26,11 @@ from optimizer.api.decisions import decision_dict
 from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout
-from optimizer.client.admission import plan_workers
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, Refused, UnknownGpu
 from optimizer.metrics import render
 from optimizer.sampler import Sampler
+from optimizer.workers import default_cores, plan_workers
 
 routes = web.RouteTableDef()
 
@@ -178,7 +178,7 @@ async def workers(request: web.Request) -> web.Response:
     total_mb = None
     if sample is not None and sample.memory_total_bytes:
         total_mb = sample.memory_total_bytes / (1024 * 1024)
-    plan = plan_workers(cores=cores, total_vram_mb=total_mb, gpu_mem_typ_mb=typ, environ={})
+    plan = plan_workers(cores if cores is not None else default_cores(), total_mb, typ)
     body = plan.as_dict()
     body["gpu"] = None if sample is None else {"index": sample.index, "uuid": sample.uuid, "name": sample.name,
                                                "memory_total_bytes": sample.memory_total_bytes}

@@ -1,10 +1,17 @@
-"""The client library VLM services use to follow the optimizer (``optimizer.client``).
+"""Deprecated: the client library is the distribution ``vlm-gpu-optimizer-client``, package ``vlm_optimizer_client``.
 
-It imports nothing of the server (no pynvml, kubernetes, prometheus_client or structlog) and uses
-PyTorch only when the service has loaded it. Its pieces, each in its own module (docs/client.md):
-
-- :mod:`optimizer.client.follow`: follow ``GET /batch-size`` (``BatchSizeClient``, ``AsyncBatchSizeClient``);
-- :mod:`optimizer.client.telemetry`: measure batches and report them (``Reporter``, ``AsyncReporter``, ``measure``);
-- :mod:`optimizer.client.oom`: survive CUDA out-of-memory errors (``recover_oom``, ``oom_attempts``);
-- :mod:`optimizer.client.admission`: VRAM admission, worker counts, hardware summary, concurrency limits.
+``optimizer.client`` and its modules stay for one release as thin re-exports of it, and warn
+(:class:`DeprecationWarning`) when imported. Import ``vlm_optimizer_client`` instead
+(``from vlm_optimizer_client import BatchSizeClient, Reporter``): docs/client.md. The server itself
+imports nothing from here.
 """
+
+from __future__ import annotations
+
+import warnings
+
+from vlm_optimizer_client import *  # noqa: F403 - the re-export
+from vlm_optimizer_client import __all__ as __all__
+
+warnings.warn("optimizer.client is deprecated and will be removed in the next release: import vlm_optimizer_client "
+              "instead (pip install vlm-gpu-optimizer-client; docs/client.md)", DeprecationWarning, stacklevel=2)

@@ -1,4 +1,4 @@
-"""optimizer.client.admission: VRAM profiles and checks, the 503 middleware (over a real aiohttp
+"""vlm_optimizer_client.admission: VRAM profiles and checks, the 503 middleware (over a real aiohttp
 server), worker counts, hwFetch summaries and per-kind concurrency limits.
 
 Concurrency is synchronised with events and by yielding to the loop, never by sleeping for time.
@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from optimizer.client.admission import (
+from vlm_optimizer_client import (
     MIB,
     WORKERS_ENV,
     Admission,
@@ -65,11 +65,10 @@ def test_client_imports_without_server_dependencies() -> None:
         "import sys\n"
         "for name in ('pynvml', 'kubernetes', 'prometheus_client', 'structlog', 'yaml', 'aiohttp', 'torch'):\n"
         "    sys.modules[name] = None\n"
-        "import optimizer.client.admission as a\n"
+        "import vlm_optimizer_client as a\n"
         "assert a.worker_count(cores=2) == 5\n"
         "assert a.hw_summary_from_torch() is None\n"
-        "leaked = sorted(m for m in sys.modules if m.startswith('optimizer') and not m.startswith('optimizer.client')"
-        " and m != 'optimizer')\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] == 'optimizer')\n"
         "assert not leaked, leaked\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -141,10 +140,10 @@ def test_corrupt_profile_is_unknown_and_logged(cache_home: Path, caplog: pytest.
         path.write_bytes(content)
     else:
         path.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="optimizer.client"):
+    with caplog.at_level(logging.WARNING, logger="vlm_optimizer_client"):
         assert p.peak(PARAMS) is None
         assert p.estimate(PARAMS, TOTAL) == math.ceil(TOTAL * 0.8)
-    assert any(r.name == "optimizer.client" and str(path) in r.getMessage() for r in caplog.records)
+    assert any(r.name == "vlm_optimizer_client" and str(path) in r.getMessage() for r in caplog.records)
     # A new peak replaces the corrupt file.
     assert p.record(PARAMS, GIB)
     assert p.peak(PARAMS) == GIB
@@ -153,10 +152,10 @@ def test_corrupt_profile_is_unknown_and_logged(cache_home: Path, caplog: pytest.
 def test_unreadable_profile_is_unknown(cache_home: Path, caplog: pytest.LogCaptureFixture) -> None:
     p = VRAMProfiles("app")
     p.path(PARAMS).mkdir(parents=True)  # a directory where the file should be
-    with caplog.at_level(logging.WARNING, logger="optimizer.client"):
+    with caplog.at_level(logging.WARNING, logger="vlm_optimizer_client"):
         assert p.peak(PARAMS) is None
         assert not p.record(PARAMS, GIB)  # the write fails too: logged, not raised
-    assert len([r for r in caplog.records if r.name == "optimizer.client"]) >= 2
+    assert len([r for r in caplog.records if r.name == "vlm_optimizer_client"]) >= 2
 
 
 def test_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,7 +275,7 @@ def test_guard_admit_records_peak_of_failed_run_and_keeps_its_error(cache_home: 
 def test_guard_without_measurements_admits(cache_home: Path, caplog: pytest.LogCaptureFixture) -> None:
     profiles = VRAMProfiles("app")
     gpu = FakeGpu(available=None, total=None, peak=None)
-    with caplog.at_level(logging.INFO, logger="optimizer.client"):
+    with caplog.at_level(logging.INFO, logger="vlm_optimizer_client"):
         with gpu.guard(profiles).admit(PARAMS) as a:
             pass
     assert a == Admission(None, None, None, None)

@@ -5,10 +5,11 @@ What must hold there (docs/client.md): ``torch.cuda.OutOfMemoryError`` is recogn
 a real model's activations of a failed attempt are freed before the retry, the cleanups run without
 raising and without initialising CUDA, ``measure`` reports the batch size alone (nothing for a CPU
 device), no GPU identity is guessed, the VRAM guard admits, and no client path imports PyTorch for a
-service that did not. Where CUDA is present the stand-in ``torch`` modules of test_client_oom,
-test_client_telemetry and test_client_follow test those paths; this file is what runs for real here.
+service that did not. Where CUDA is present the stand-in ``torch`` modules of test_client_oom and of
+the server's tests/test_client_telemetry and tests/test_client_follow test those paths; this file is
+what runs for real here.
 
-Under CI a missing PyTorch fails these tests (tests/tools.py): make test installs it.
+Under CI a missing PyTorch fails these tests (client_fakes.py): make test installs it.
 """
 
 from __future__ import annotations
@@ -26,23 +27,26 @@ from typing import Any
 
 import pytest
 
-from optimizer.client.admission import (
+from client_fakes import HOUR, Upstream, require_module
+from test_client_oom import OOM_TEXT, FakeReporter
+
+from vlm_optimizer_client import (
     Admission,
+    Reporter,
     VRAMGuard,
     VRAMProfiles,
+    default_cleanup,
+    empty_cache,
+    gpu_identity,
     hw_summary_from_torch,
+    is_oom_error,
+    measure,
+    oom_attempts,
+    recover_oom,
     torch_available_bytes,
     torch_peak_bytes,
     torch_total_bytes,
 )
-from optimizer.client.follow import default_cleanup
-from optimizer.client.oom import empty_cache, is_oom_error, oom_attempts, recover_oom
-from optimizer.client.telemetry import Reporter, gpu_identity, measure
-from tests.policy_helpers import ROOT
-from tests.test_client_oom import OOM_TEXT, FakeReporter
-from tests.test_client_telemetry import HOUR, Optimizer, Upstream
-from tests.test_client_telemetry import optimizer, start_optimizer, upstream  # noqa: F401 - fixtures
-from tests.tools import require_module
 
 
 @pytest.fixture(scope="module")
@@ -163,18 +167,17 @@ def test_the_cleanups_run_on_the_real_module_without_cuda(cpu_only: ModuleType) 
 
 
 async def test_measure_on_the_real_module_without_cuda_reports_the_batch_size_alone(
-        cpu_only: ModuleType, optimizer: Optimizer) -> None:
+        cpu_only: ModuleType, upstream: Upstream) -> None:
     torch = cpu_only
     net = tiny_net(torch)
-    reporter = Reporter("svc-a", url=optimizer.url, gpu=0, interval=HOUR)
+    reporter = Reporter("svc-a", url=upstream.url, gpu=0, interval=HOUR)
     for device in (None, "cuda:0", torch.device("cuda", 0)):  # CUDA absent: no figures, no error
         with measure(reporter, batch_size=3, device=device), torch.inference_mode():
             net(torch.randn(3, 3, 16, 16))
     with measure(reporter, batch_size=5, device=torch.device("cpu")):  # the CPU says nothing of the GPU
         net(torch.randn(5, 3, 16, 16))
     await asyncio.to_thread(reporter.flush)
-    assert optimizer.engine.reports == [{"service": "svc-a", "gpu": 0, "batch_size": 3, "peak_bytes": None,
-                                         "allocated_bytes": None, "reserved_bytes": None, "oom": False}]
+    assert upstream.bodies == [{"service": "svc-a", "gpu": 0, "batch_size": 3}]  # no figure: none measured
     assert reporter.stats.queued == 3 and reporter.stats.invalid == 0
 
 
@@ -222,10 +225,8 @@ def test_no_client_path_imports_pytorch_for_a_service_that_did_not(torch: Module
     """PyTorch installed but not imported by the service: every CUDA path of the client leaves it so."""
     code = textwrap.dedent(f"""
         import sys
-        from optimizer.client.admission import VRAMGuard, VRAMProfiles, hw_summary_from_torch
-        from optimizer.client.follow import default_cleanup
-        from optimizer.client.oom import empty_cache, is_oom_error
-        from optimizer.client.telemetry import Reporter, gpu_identity, measure
+        from vlm_optimizer_client import (Reporter, VRAMGuard, VRAMProfiles, default_cleanup, empty_cache,
+                                          gpu_identity, hw_summary_from_torch, is_oom_error, measure)
         empty_cache(); default_cleanup()
         assert gpu_identity() is None and not is_oom_error(RuntimeError("x"))
         with measure(Reporter("svc", interval=3600), batch_size=2, device="cuda:0"):
@@ -237,6 +238,7 @@ def test_no_client_path_imports_pytorch_for_a_service_that_did_not(torch: Module
         import torch  # installed all along
         print("ok", torch.__version__)
     """)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok ")
