@@ -16,6 +16,9 @@ Every poll interval a service reports its telemetry and polls (adopting the batc
 full clocks; a GPU above its slowdown temperature runs slower (:mod:`optimizer.simulation.physics`).
 
 The same seed gives the same run: jitter comes from one ``random.Random(seed)``.
+
+What the oracle measures credit is :mod:`optimizer.simulation.world_oracle`; what NVML would read of the
+world (its samples) is :mod:`optimizer.simulation.world_nvml`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from optimizer.gpu.types import FATAL_XIDS, GpuProcess, GpuSample
 from optimizer.simulation.physics import (
     BACKOFF_RESET_S,
     Demand,
@@ -39,9 +41,9 @@ from optimizer.simulation.physics import (
     temperature_c,
     throughput_per_ms,
 )
-from optimizer.simulation.scenario import Background, HealthEvent, Scenario, SimGpu, SimService, ramped
-
-MIB = 1024 * 1024
+from optimizer.simulation.scenario import Background, Scenario, SimService, ramped
+from optimizer.simulation.world_nvml import MIB, NvmlView
+from optimizer.simulation.world_oracle import OracleView
 
 __all__ = ["Limits", "ServiceLink", "ServiceRun", "Start", "Trace", "World", "throughput_per_ms"]
 
@@ -195,7 +197,7 @@ class Limits:
         return total_mb * self.safe_fraction - self.reserve_mb
 
 
-class World:
+class World(OracleView, NvmlView):
     def __init__(self, scenario: Scenario, *, initial_batch: int = 1, limits: Limits | None = None,
                  poll_interval: float = 5.0) -> None:
         self.scenario = scenario
@@ -217,68 +219,6 @@ class World:
         """Start recording memory used per GPU and OOMs at every step (unbounded: for finite runs only)."""
         self.trace = Trace(used_mb={g.index: [] for g in self.scenario.gpus})
         return self.trace
-
-    # ------------------------------------------------------------------ what the oracle measures see
-
-    def _thermal(self, gpu: int, t: float) -> float:
-        return sum(x.level(t) for x in self.scenario.thermal if x.gpu == gpu)
-
-    def _base(self, r: ServiceRun) -> float:
-        return r.spec.base_mb + r.leak_mb
-
-    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float, t: float,
-                fragmentation: float | None = None) -> dict[str, int]:
-        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
-
-        A service whose share does not hold one item still runs one where it fits (a service cannot
-        run at batch 0): that item comes out of the memory first and the rest is shared among the
-        others, so the ceilings never credit more than fits together. ``fragmentation`` (a
-        fraction) replaces every service's own when given.
-        """
-        avail = total_mb - background - sum(self._base(r) for r in runs)
-        worst: dict[str, float] = {}
-        for r in runs:
-            frag = (0.0 if r.pool_mb is not None else r.fragmentation) if fragmentation is None else fragmentation
-            worst[r.spec.name] = r.spec.per_item_at(t) * (1 + r.spec.noise) / (1 - frag)
-        out: dict[str, int] = {}
-        sharing = list(runs)
-        while sharing:
-            weights = sum(r.spec.weight for r in sharing)
-            short = [r for r in sharing if avail * r.spec.weight / weights < worst[r.spec.name]]
-            if not short:
-                break
-            for r in sorted(short, key=lambda r: -r.spec.weight):
-                out[r.spec.name] = 1 if avail >= worst[r.spec.name] else 0
-                avail -= out[r.spec.name] * worst[r.spec.name]
-            sharing = [r for r in sharing if r.spec.name not in out]
-        weights = sum(r.spec.weight for r in sharing)
-        for r in sharing:
-            out[r.spec.name] = fits(avail * r.spec.weight / weights, worst[r.spec.name],
-                                    self.limits.max_batch(r.spec.name))
-        return out
-
-    def _started(self, gpu: int, t: float) -> list[ServiceRun]:
-        """The services the ceilings count at ``t``: those whose first start and load are done."""
-        return [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s + r.spec.load_s]
-
-    def oracle_batch(self, service: str, gpu: int, t: float, *, fragmentation: float | None = None) -> int:
-        """The batch the ``oracle_items`` measure credits ``service`` with in the step starting at ``t``.
-
-        The same computation as the measure (the GPU's total memory, the co-tenants' memory at
-        ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
-        """
-        g = self.scenario.gpu(gpu)
-        background = self._scheduled(gpu, t) + self._loading(gpu, t)
-        return self._oracle(self._started(gpu, t), g.total_mb, background, t, fragmentation).get(service, 0)
-
-    def _scheduled(self, gpu: int, t: float) -> float:
-        """What the co-tenants ask for at ``t`` (MiB): the ceilings leave them that, whether or not a run let them in."""
-        return sum(b.spec.level(t) for b in self.backgrounds if b.spec.gpu == gpu)
-
-    def _loading(self, gpu: int, t: float) -> float:
-        """The weights of services loading for the first time (MiB): not yet credited, but coming, whole."""
-        return sum(self._base(r) for r in self.runs
-                   if r.spec.gpu == gpu and r.alive and t < r.spec.start_s + r.spec.load_s)
 
     # ------------------------------------------------------------------ the world's physics
 
@@ -505,87 +445,3 @@ class World:
                         r.alive, r.start_at, r.up_since, r.loaded_at = True, None, self.t, self.t + r.spec.load_s
             self._step(self.t, dt, link)
             self.t = round(self.t + dt, 9)
-
-    # ------------------------------------------------------------------ what NVML would read
-
-    def _health(self, gpu_index: int, timestamp: float) -> dict[str, Any]:
-        """The GPU's health as NVML would read it: the scenario's health events up to now, no page
-        retired, no row remapped (``timestamp`` is the sampler's clock at world time ``self.t``)."""
-        xids: dict[int, int] = {}
-        last: HealthEvent | None = None
-        corrected = uncorrected = 0
-        for h in self.scenario.health:
-            if h.gpu != gpu_index or h.at_s > self.t:
-                continue
-            corrected += h.ecc_corrected
-            uncorrected += h.ecc_uncorrected
-            if h.xid is not None:
-                xids[h.xid] = xids.get(h.xid, 0) + 1
-                if last is None or h.at_s >= last.at_s:
-                    last = h
-        return {"xid_errors": tuple(sorted(xids.items())), "last_xid": None if last is None else last.xid,
-                "last_xid_at": None if last is None else timestamp - self.t + last.at_s,
-                "ecc_corrected_volatile": corrected, "ecc_uncorrected_volatile": uncorrected,
-                "ecc_corrected_aggregate": corrected, "ecc_uncorrected_aggregate": uncorrected,
-                "retired_pages_sbe": 0, "retired_pages_dbe": 0, "retired_pages_pending": False,
-                "remapped_rows_correctable": 0, "remapped_rows_uncorrectable": 0, "remapped_rows_pending": False,
-                "remapped_rows_failure": False}
-
-    def _fatal_xid(self, gpu_index: int) -> int | None:
-        for h in self.scenario.health:
-            if h.gpu == gpu_index and h.at_s <= self.t and h.xid in FATAL_XIDS:
-                return h.xid
-        return None
-
-    def sample(self, timestamp: float) -> list[GpuSample]:
-        out = []
-        for gpu in self.scenario.gpus:
-            uuid = gpu.uuid or self._uuid(gpu)
-            mig = gpu.parent_index is not None
-            name = f"{gpu.name} MIG {gpu.mig_profile}" if mig else gpu.name
-            identity: dict[str, Any] = {} if not mig else {
-                "parent_index": gpu.parent_index,
-                "parent_uuid": gpu.parent_uuid or f"GPU-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}",
-                "gpu_instance_id": gpu.gpu_instance_id, "compute_instance_id": 0, "mig_profile": gpu.mig_profile}
-            fatal = self._fatal_xid(gpu.index)
-            if fatal is not None:  # as the NVML backend: failed, no readings, the Xid counts kept
-                health = self._health(gpu.index, timestamp)
-                out.append(GpuSample(index=gpu.index, uuid=uuid, name=name, timestamp=timestamp, failed=True,
-                                     error=f"fatal Xid {fatal} (simulated): the GPU needs a reset",
-                                     xid_errors=health["xid_errors"], last_xid=health["last_xid"],
-                                     last_xid_at=health["last_xid_at"], **identity))
-                continue
-            total = int(gpu.total_mb * MIB)
-            used = min(total, int(self.used_mb[gpu.index] * MIB))
-            util = self.util[gpu.index]
-            clock = self.clock[gpu.index]
-            procs = tuple(
-                GpuProcess(pid=10_000 + i, used_memory_bytes=int((r.held_base_mb + r.held_act_mb) * MIB))
-                for i, r in enumerate(self.runs) if r.spec.gpu == gpu.index and r.alive
-            )
-            out.append(GpuSample(
-                index=gpu.index,
-                uuid=uuid,
-                name=name,
-                timestamp=timestamp,
-                memory_total_bytes=total,
-                memory_used_bytes=used,
-                memory_free_bytes=total - used,
-                memory_reserved_bytes=0,
-                temperature_celsius=round(self.temperature[gpu.index], 1),
-                power_usage_watts=round(gpu.power_limit_w * (0.2 + 0.8 * clock * util / 100), 1),
-                power_limit_watts=gpu.power_limit_w,
-                utilization_percent=round(util, 1),
-                processes=procs,
-                throttle_reasons=frozenset({"sw_thermal_slowdown"}) if clock < 1.0 else frozenset(),
-                **self._health(gpu.index, timestamp),
-                **identity,
-            ))
-        return out
-
-    def _uuid(self, gpu: SimGpu) -> str:
-        """A stable made-up UUID: ``GPU-sim-<seed>-<index>``, ``MIG-sim-<seed>-<parent>-<instance>`` on MIG."""
-        if gpu.parent_index is not None:
-            return f"MIG-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}-{gpu.gpu_instance_id:02d}"
-        return f"GPU-sim-{self.scenario.seed:04d}-{gpu.index:04d}"
-
