@@ -1,7 +1,6 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
 from optimizer.policy.core import decide, initial_batch, touch
-from optimizer.policy.reports import apply_report, oom_verdict
 from optimizer.policy.operator import (
     Deferral,
     apply_disabled,
@@ -11,6 +10,7 @@ from optimizer.policy.operator import (
     rebalance,
     set_override,
 )
+from optimizer.policy.reports import apply_report, oom_verdict
 from optimizer.policy.types import (
     Event,
     GpuState,
