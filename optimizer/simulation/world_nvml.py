@@ -3,13 +3,11 @@ scenario's health events (Xids, ECC) and a MIG instance's identity."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from optimizer.gpu.types import FATAL_XIDS, GpuProcess, GpuSample
 from optimizer.simulation.scenario import HealthEvent, Scenario, SimGpu
-
-if TYPE_CHECKING:
-    from optimizer.simulation.world import ServiceRun
+from optimizer.simulation.world_types import ServiceRun
 
 MIB = 1024 * 1024
 

@@ -3,13 +3,9 @@ fits with the jitter at its worst, given the co-tenants' scheduled memory and th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from optimizer.simulation.physics import fits
 from optimizer.simulation.scenario import Scenario
-
-if TYPE_CHECKING:
-    from optimizer.simulation.world import BackgroundRun, Limits, ServiceRun
+from optimizer.simulation.world_types import BackgroundRun, Limits, ServiceRun
 
 
 class OracleView:
