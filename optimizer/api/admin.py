@@ -1,20 +1,14 @@
 """The admin API (its own port, default 8081): steer a running optimizer.
 
-No web page can drive it, whatever browser it runs in and whatever name it resolves: a request is
-answered only when its ``Host`` names this API (421 otherwise: DNS rebinding), when it carries no
-``Origin`` (403: a page's own requests always do), with ``Authorization: Bearer <token>`` (compared
-in constant time; 401 otherwise), and, for a write, with ``Content-Type: application/json`` (415
-otherwise: no cross-origin "simple request" a page can send without asking first). There is always a
-token: ``serve`` generates one when none is configured (:mod:`optimizer.admin_access`). A refused
-request changes nothing and is logged as a warning with the client's address. Every change is logged
+No web page can drive it: every request passes the guards of :mod:`optimizer.api.admin_guard` first
+(``Host``, ``Origin``, bearer token, JSON content type on writes). There is always a token: ``serve``
+generates one when none is configured (:mod:`optimizer.admin_access`). Every change is logged
 as an ``admin_audit`` event: who (client address), what, old and new values. Changes are saved to the
 state file at once when one is configured; a change that cannot be saved answers 503 (applied in
 memory, not saved, with the file and the OS error).
 """
-
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -23,8 +17,9 @@ import structlog
 from aiohttp import web
 
 from optimizer import fields
-from optimizer.admin_access import is_loopback_name, is_unspecified, parse_host_name, same_host
-from optimizer.api.app import Handler, errors_as_json
+from optimizer.admin_access import is_unspecified, parse_host_name
+from optimizer.api.admin_guard import _json, bearer_auth, browser_guard, json_writes
+from optimizer.api.app import errors_as_json
 from optimizer.api.decisions import decision_dict
 from optimizer.api.keys import ADMIN_ALLOWED_HOSTS, ADMIN_TOKEN, ENGINE, PERSISTER, SAMPLER
 from optimizer.api.routes import status_body
@@ -48,10 +43,6 @@ EXPORT_FORMAT = "vlm-gpu-optimizer-config"
 MAX_TTL_S = 7 * 86400
 HISTORY_KINDS = ("batch_changed", "cleanup_raised", "optimization_started", "optimization_succeeded",
                  "optimization_failed", "override_set", "override_cleared")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
 
 def _bad(exc: InvalidInput) -> web.Response:
@@ -101,89 +92,6 @@ async def _body(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput("body", f"not valid JSON ({exc})", kind="field") from None
-
-
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-JSON_TYPE = "application/json"
-
-
-def _printable(value: str, limit: int = 200) -> str:
-    """A header value as it can be logged and echoed: ASCII, non-UTF-8 bytes escaped, cut at ``limit``."""
-    text = value.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _refuse(request: web.Request, status: int, header: str, value: str | None, error: str,
-            **extra: Any) -> web.Response:
-    shown = None if value is None else _printable(value)
-    log.warning("admin_refused", client=request.remote, method=request.method, path=request.path,
-                status=status, header=header, value=shown)
-    return _json({"error": error, "header": header, **extra}, status=status)
-
-
-def _answers_for(request: web.Request, name: str) -> bool:
-    """Whether ``name`` (a normalised ``Host``) names this admin API: a loopback name, the address the
-    connection arrived on, or a configured name. Ports are not compared (see docs/admin.md)."""
-    if is_loopback_name(name):
-        return True
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    if isinstance(sockname, tuple) and sockname and same_host(name, str(sockname[0])):
-        return True
-    return any(same_host(name, allowed) for allowed in request.app[ADMIN_ALLOWED_HOSTS])
-
-
-@web.middleware
-async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse what only a browser sends: a ``Host`` that is not this API's (a DNS-rebinding page names its
-    own domain) with 421, and any ``Origin`` (a page's fetch, form or preflight) with 403."""
-    hosts = request.headers.getall("Host", [])
-    name = parse_host_name(hosts[0]) if len(hosts) == 1 else None
-    if name is None or not _answers_for(request, name):
-        given = ", ".join(hosts) if hosts else None
-        return _refuse(request, 421, "Host", given,
-                       f"Host {_printable(given) if given is not None else '(none)'} does not name this admin "
-                       "API: use the address it listens on, localhost, 127.0.0.1 or [::1], or add the name "
-                       "to server.admin_allowed_hosts")
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        return _refuse(request, 403, "Origin", origin,
-                       "requests from web pages (with an Origin header) are refused: the admin API is for "
-                       "the management CLI and other programs, not browsers")
-    return await handler(request)
-
-
-def _offered_token(request: web.Request) -> bytes | None:
-    """The bearer token offered, as the bytes sent (aiohttp decodes header values as UTF-8 with
-    ``surrogateescape``, so encoding back the same way gives them exactly, valid UTF-8 or not)."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    try:
-        return given.strip().encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return None
-
-
-@web.middleware
-async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    offered = _offered_token(request)
-    if offered is None or not hmac.compare_digest(offered, request.app[ADMIN_TOKEN]):
-        log.warning("admin_unauthorized", client=request.remote, method=request.method, path=request.path)
-        return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                 headers={"WWW-Authenticate": 'Bearer realm="vlm-gpu-optimizer admin"'})
-    return await handler(request)
-
-
-@web.middleware
-async def json_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A write must say ``Content-Type: application/json``, with a body or without one: a browser sends
-    that type across origins only after a preflight (which carries ``Origin``), never in a form."""
-    given = request.headers.get("Content-Type")
-    if request.method in WRITE_METHODS and (given is None or request.content_type != JSON_TYPE):
-        return _refuse(request, 415, "Content-Type", given,
-                       f"{request.method} needs Content-Type: {JSON_TYPE}, got "
-                       f"{_printable(given) if given is not None else 'none'}", allowed=[JSON_TYPE])
-    return await handler(request)
 
 
 @admin_routes.get("/admin/status")

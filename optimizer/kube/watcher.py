@@ -20,6 +20,9 @@ The client blocks, so every call runs in its own thread (:mod:`optimizer.kube._t
 events come back to the loop one by one through ``call_soon_threadsafe``. Cancelling :meth:`run`
 shuts the watch's socket down and waits for the threads (a list in flight: at most about
 ``settings.request_timeout``).
+
+This module stays one file of about 400 lines on purpose: it is one state machine (list, watch, renew,
+back off, per scope) whose steps share the scope's resource version and the pod mapping.
 """
 
 from __future__ import annotations

@@ -48,12 +48,11 @@ from optimizer.manage.commands import (
     cmd_optimize,
     cmd_set_batch_size,
     cmd_status,
-    generated_token,
     parse_gpu_selector,
     read_config_document,
-    resolve_token,
     run,
 )
+from optimizer.manage.tokens import generated_token, resolve_token
 
 __all__ = [
     "AdminClient",

@@ -1,6 +1,6 @@
 """The policy: a functional core (no I/O, no clock) that turns snapshots and reports into decisions."""
 
-from optimizer.policy.core import apply_report, decide, initial_batch, oom_verdict, touch
+from optimizer.policy.core import decide, initial_batch, touch
 from optimizer.policy.operator import (
     Deferral,
     apply_disabled,
@@ -10,6 +10,7 @@ from optimizer.policy.operator import (
     rebalance,
     set_override,
 )
+from optimizer.policy.reports import apply_report, oom_verdict
 from optimizer.policy.types import (
     Event,
     GpuState,

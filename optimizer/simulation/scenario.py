@@ -1,4 +1,6 @@
-"""Scenario files: the GPUs, services and other tenants a simulated run replays (see docs/scenarios.md)."""
+"""Scenario files: reading and checking the GPUs, services and other tenants a simulated run replays
+(see docs/scenarios.md). The value types are in :mod:`optimizer.simulation.scenario_types`, writing in
+:mod:`optimizer.simulation.scenario_write`; both are importable from here."""
 
 from __future__ import annotations
 
@@ -6,17 +8,27 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from optimizer.config import ServiceProfile
 from optimizer.gpu.types import MIG_ID_LIMIT, MIG_MAX_PARENTS, MIG_SELECTOR_RE, mig_index
+from optimizer.simulation.scenario_types import (
+    _MIG_INTERNAL,
+    OOM_MODES,
+    Background,
+    HealthEvent,
+    Scenario,
+    SimGpu,
+    SimService,
+    Thermal,
+    ramped,
+)
+from optimizer.simulation.scenario_write import scenario_to_dict
 
-
-OOM_MODES = ("recover", "crash")
+__all__ = ["DEFAULT_SCENARIO", "MIG_PROFILE_RE", "OOM_MODES", "Background", "HealthEvent", "Scenario", "ScenarioError",
+           "SimGpu", "SimService", "Thermal", "load_scenario", "parse_scenario", "ramped", "scenario_to_dict"]
 
 
 class ScenarioError(ValueError):
@@ -25,161 +37,6 @@ class ScenarioError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-@dataclass(frozen=True)
-class SimGpu:
-    index: int
-    name: str
-    total_mb: float
-    idle_temperature_c: float = 35.0
-    power_limit_w: float = 700.0
-    load_temperature_rise_c: float = 30.0  # added at 100 % utilisation
-    uuid: str | None = None
-    slowdown_temperature_c: float = 90.0  # above it the clocks drop (thermal throttling)
-    min_clock_fraction: float = 0.5  # the lowest clock throttling goes to, as a fraction of the full clock
-    # MIG: a scenario GPU with ``mig:`` becomes one SimGpu per instance (index: mig_index(parent, gi, 0),
-    # total_mb: the instance's memory); these say which parent it is on. None on a whole GPU.
-    parent_index: int | None = None
-    parent_uuid: str | None = None
-    parent_total_mb: float | None = None
-    gpu_instance_id: int | None = None
-    mig_profile: str | None = None
-
-
-@dataclass(frozen=True)
-class SimService:
-    name: str
-    gpu: int
-    base_mb: float
-    per_item_mb: float
-    item_ms: float
-    overhead_ms: float
-    noise: float = 0.0  # per-item memory jitter, uniform in [-noise, +noise]
-    fragmentation_growth_per_min: float = 0.0
-    declared_per_item_mb: float | None = None  # what the service tells the optimizer; default: the truth
-    start_s: float = 0.0
-    weight: float = 1.0
-    max_batch_size: int | None = None  # declared to the optimizer (its profile); default: the settings'
-    load_s: float = 10.0  # at every start its weights take this long to load (memory rising), then it runs
-    leak_mb_per_min: float = 0.0  # fixed memory that grows while the process runs (a slow leak)
-    per_item_changes: tuple[tuple[float, float], ...] = ()  # (at_s, per_item_mb): the real per-item memory from then
-
-    @property
-    def declared(self) -> float:
-        return self.per_item_mb if self.declared_per_item_mb is None else self.declared_per_item_mb
-
-    def per_item_at(self, t: float) -> float:
-        """The real per-item memory at scenario time ``t`` (MiB): ``per_item_mb``, or the latest change."""
-        p = self.per_item_mb
-        for at, mb in self.per_item_changes:
-            if t >= at:
-                p = mb
-        return p
-
-
-@dataclass(frozen=True)
-class Background:
-    """Another tenant's memory on a GPU: ``mb`` from ``at_s`` (ramping over ``ramp_s``) for ``for_s``.
-
-    With ``every_s`` it comes back: an arrival every ``every_s`` seconds from ``at_s``, each staying
-    ``for_s`` (a bursting tenant). :meth:`level` is what it asks for when nothing stops it; in the world
-    an arrival that does not fit in the free memory fails and retries later.
-    """
-
-    gpu: int
-    at_s: float
-    mb: float
-    for_s: float | None = None
-    ramp_s: float = 0.0
-    every_s: float | None = None
-
-    def occurrence(self, t: float) -> tuple[float, float | None] | None:
-        """The (start, end) of the stay that covers ``t`` (end ``None``: for good), or ``None``."""
-        if t < self.at_s:
-            return None
-        start = self.at_s
-        if self.every_s is not None:
-            start += math.floor((t - self.at_s) / self.every_s) * self.every_s
-        end = None if self.for_s is None else start + self.for_s
-        if end is not None and t >= end:
-            return None
-        return start, end
-
-    def level(self, t: float) -> float:
-        stay = self.occurrence(t)
-        if stay is None:
-            return 0.0
-        return ramped(t, stay[0], self.for_s, self.ramp_s, self.mb)
-
-
-@dataclass(frozen=True)
-class Thermal:
-    """Extra heat on a GPU (a failing fan, a hot aisle): ``celsius`` added from ``at_s``."""
-
-    gpu: int
-    at_s: float
-    celsius: float
-    for_s: float | None = None
-    ramp_s: float = 0.0
-
-    def level(self, t: float) -> float:
-        return ramped(t, self.at_s, self.for_s, self.ramp_s, self.celsius)
-
-
-@dataclass(frozen=True)
-class HealthEvent:
-    """A GPU health event at ``at_s``: an Xid the driver reports, and/or ECC errors it counts.
-
-    A fatal Xid (``optimizer.gpu.types.FATAL_XIDS``: 48, 64, 74, 79, 95) fails the GPU's samples
-    from then on, as on real hardware until a reset.
-    """
-
-    gpu: int
-    at_s: float
-    xid: int | None = None
-    ecc_corrected: int = 0
-    ecc_uncorrected: int = 0
-
-
-def ramped(t: float, at_s: float, for_s: float | None, ramp_s: float, amount: float) -> float:
-    """``amount`` from ``at_s`` for ``for_s`` (``None``: for good), rising linearly over ``ramp_s``."""
-    if t < at_s or (for_s is not None and t >= at_s + for_s):
-        return 0.0
-    if ramp_s > 0 and t < at_s + ramp_s:
-        return amount * (t - at_s) / ramp_s
-    return amount
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    seed: int
-    duration_s: float
-    step_s: float
-    gpus: tuple[SimGpu, ...]
-    services: tuple[SimService, ...]
-    background: tuple[Background, ...] = ()
-    thermal: tuple[Thermal, ...] = ()
-    health: tuple[HealthEvent, ...] = ()
-    oom_mode: str = "recover"  # recover: the service goes on after an OOM; crash: the process dies and restarts
-    oom_recovery_s: float = 3.0  # recover mode: seconds without items after the lost batch
-    restart_s: float = 60.0  # crash mode: seconds before a restarted process loads its weights again (after the back-off)
-    cleanup_stall_s: float = 1.0  # seconds without items while a service empties its allocator cache
-
-    def profiles(self) -> tuple[ServiceProfile, ...]:
-        """What the simulated services declare to the optimizer (their declared per-item memory)."""
-        seen: dict[str, ServiceProfile] = {}
-        for s in self.services:  # one profile per name: a name on two GPUs declares what its first entry says
-            seen.setdefault(s.name, ServiceProfile(name=s.name, per_item_mb=s.declared, weight=s.weight,
-                                                   max_batch_size=s.max_batch_size))
-        return tuple(seen.values())
-
-    def gpu(self, index: int) -> SimGpu:
-        for g in self.gpus:
-            if g.index == index:
-                return g
-        raise KeyError(index)
 
 
 def _num(field: str, raw: dict[str, Any], key: str, *, lo: float = 0.0, hi: float = math.inf,
@@ -241,7 +98,6 @@ def _check_keys(field: str, raw: dict[str, Any], cls: type) -> None:
         raise ScenarioError(f"{field}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(allowed))}")
 
 
-_MIG_INTERNAL = frozenset({"parent_index", "parent_uuid", "parent_total_mb", "gpu_instance_id", "mig_profile"})
 _MIG_KEYS = ("profile", "memory_gb", "gpu_instance_id", "uuid")
 MIG_PROFILE_RE = re.compile(r"(?:[0-9]+c\.)?[0-9]+g\.([0-9]+)gb")
 
@@ -431,51 +287,3 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
-
-
-def scenario_to_dict(sc: Scenario) -> dict[str, Any]:
-    """The scenario in the file format (what :func:`parse_scenario` reads back to an equal value).
-
-    Fields at their defaults are left out, so a written file shows what is particular to it.
-    """
-    def fields(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if f.name in skip or v == f.default:
-                continue
-            out[f.name] = v
-        return out
-
-    doc: dict[str, Any] = {"name": sc.name, "seed": sc.seed, "duration_s": sc.duration_s, "step_s": sc.step_s}
-    doc.update(fields(sc, skip=("name", "seed", "duration_s", "step_s", "gpus", "services", "background",
-                                "thermal", "health")))
-    doc["gpus"] = []
-    for g in sc.gpus:
-        if g.parent_index is None:
-            doc["gpus"].append(fields(g) | {"index": g.index, "total_mb": g.total_mb})
-            continue
-        mig = {"profile": g.mig_profile, "memory_gb": g.total_mb / 1024, "gpu_instance_id": g.gpu_instance_id}
-        mig |= {} if g.uuid is None else {"uuid": g.uuid}
-        parent = next((d for d in doc["gpus"] if d["index"] == g.parent_index and "mig" in d), None)
-        if parent is None:
-            parent = fields(g, skip=("uuid", *_MIG_INTERNAL)) | {"index": g.parent_index,
-                                                               "total_mb": g.parent_total_mb, "mig": []}
-            parent |= {} if g.parent_uuid is None else {"uuid": g.parent_uuid}
-            doc["gpus"].append(parent)
-        parent["mig"].append(mig)
-    services = []
-    for s in sc.services:
-        d = fields(s, skip=("per_item_changes",)) | {"name": s.name, "gpu": s.gpu, "base_mb": s.base_mb,
-                                                     "per_item_mb": s.per_item_mb, "item_ms": s.item_ms}
-        if s.per_item_changes:
-            d["per_item_changes"] = [{"at_s": at, "per_item_mb": mb} for at, mb in s.per_item_changes]
-        services.append(d)
-    doc["services"] = services
-    if sc.background:
-        doc["background"] = [fields(b) | {"gpu": b.gpu, "mb": b.mb} for b in sc.background]
-    if sc.thermal:
-        doc["thermal"] = [fields(t) | {"gpu": t.gpu, "celsius": t.celsius} for t in sc.thermal]
-    if sc.health:
-        doc["health"] = [fields(h) | {"gpu": h.gpu, "at_s": h.at_s} for h in sc.health]
-    return doc

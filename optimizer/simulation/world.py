@@ -16,18 +16,17 @@ Every poll interval a service reports its telemetry and polls (adopting the batc
 full clocks; a GPU above its slowdown temperature runs slower (:mod:`optimizer.simulation.physics`).
 
 The same seed gives the same run: jitter comes from one ``random.Random(seed)``.
+
+The world's records (a service's run, a co-tenant's, the trace, the limits) are
+:mod:`optimizer.simulation.world_types`; what the oracle measures credit is :mod:`optimizer.simulation.world_oracle`;
+what NVML would read of the world (its samples) is :mod:`optimizer.simulation.world_nvml`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Protocol
 
-from optimizer.gpu.types import FATAL_XIDS, GpuProcess, GpuSample
 from optimizer.simulation.physics import (
     BACKOFF_RESET_S,
     Demand,
@@ -39,163 +38,15 @@ from optimizer.simulation.physics import (
     temperature_c,
     throughput_per_ms,
 )
-from optimizer.simulation.scenario import Background, HealthEvent, Scenario, SimGpu, SimService, ramped
-
-MIB = 1024 * 1024
+from optimizer.simulation.scenario import Scenario
+from optimizer.simulation.world_nvml import MIB, NvmlView
+from optimizer.simulation.world_oracle import OracleView
+from optimizer.simulation.world_types import BackgroundRun, GpuRun, Limits, ServiceLink, ServiceRun, Start, Trace
 
 __all__ = ["Limits", "ServiceLink", "ServiceRun", "Start", "Trace", "World", "throughput_per_ms"]
 
 
-@dataclass(frozen=True)
-class Start:
-    """What a starting service process does besides polling (a baseline's behaviour; the optimizer's need none).
-
-    ``pool_mb``: memory it reserves at start and holds for good, running as many items as fit in it
-    (a vLLM-style static reservation). ``failed``: its start-up check failed; it exits and is
-    restarted after the back-off.
-    """
-
-    pool_mb: float | None = None
-    failed: bool = False
-
-
-class ServiceLink(Protocol):
-    """How simulated services reach the optimizer (in process; an HTTP client would do the same)."""
-
-    def poll(self, service: str, gpu: int, t: float) -> tuple[int, int]:
-        """Return (batch size, cleanup epoch) for the service at scenario time ``t``."""
-        ...
-
-    def report(self, service: str, gpu: int, t: float, *, batch_size: int, peak_bytes: int | None,
-               allocated_bytes: int | None, reserved_bytes: int | None, oom: bool,
-               inactive_split_bytes: int | None = None) -> int:
-        """Send telemetry; return the batch size the reply carries."""
-        ...
-
-    def started(self, service: str, gpu: int, t: float, *, free_mb: float, total_mb: float) -> Start | None:
-        """The service's process (re)starts at ``t`` with ``free_mb`` of the GPU's ``total_mb`` free.
-
-        What the process kept in memory is gone. ``None``: nothing besides polling.
-        """
-        ...
-
-
-@dataclass
-class ServiceRun:
-    """One service in the world: its process, its measures, and what it last reported."""
-
-    spec: SimService
-    batch: int
-    epoch: int = 0
-    fragmentation: float = 0.0
-    next_poll: float = 0.0
-    items: float = 0.0
-    oracle_items: float = 0.0
-    safe_oracle_items: float = 0.0
-    ooms: int = 0
-    restarts: int = 0  # process restarts (crash mode, or a start-up that failed)
-    cleanups: int = 0  # cleanups acted on
-    seconds_down: float = 0.0  # time without items: OOM recovery, cleanup stalls, restarts
-    seconds_above_critical: float = 0.0
-    # What the service reports, as a PyTorch service measures it (torch.cuda.*): the weights still
-    # allocated after a batch, the memory its allocator holds, the part of it lost to fragmentation
-    # (inactive split blocks), and the highest allocation during the batches since the last report.
-    allocated_mb: float = 0.0
-    reserved_mb: float = 0.0
-    waste_mb: float = 0.0
-    peak_mb: float = 0.0
-    batches: list[tuple[float, int]] = field(default_factory=list)  # (t, batch) at every change
-    # The process.
-    alive: bool = False
-    start_at: float | None = 0.0  # when the process (re)starts; None while it runs
-    loaded_at: float = 0.0  # its weights are in from then on (they load over load_s from the start)
-    busy_until: float = float("-inf")  # no items before this (OOM recovery, a cleanup stall)
-    failures: int = 0  # consecutive failures, for the back-off
-    up_since: float = 0.0
-    leak_mb: float = 0.0
-    pool_mb: float | None = None
-    held_base_mb: float = 0.0  # memory held in the step before: weights (or the static pool) ...
-    held_act_mb: float = 0.0  # ... and batch
-
-
-@dataclass
-class BackgroundRun:
-    """A co-tenant in the world: its arrivals, the ones that failed, and the memory it holds."""
-
-    spec: Background
-    held_mb: float = 0.0
-    attempt_at: float | None = None  # the start of the current attempt to arrive (its ramp starts there)
-    blocked_until: float = float("-inf")  # after a failure: back off until then
-    failures: int = 0
-    stay: float | None = None  # start of the stay the attempt belongs to
-    up_since: float = 0.0
-
-    def wants(self, t: float) -> float:
-        """The memory it asks for at ``t`` (MiB): 0 outside its stays and while it backs off."""
-        occurrence = self.spec.occurrence(t)
-        if occurrence is None:
-            return 0.0
-        start, end = occurrence
-        if self.stay != start:  # a new stay: a fresh arrival
-            self.stay, self.attempt_at, self.blocked_until, self.failures = start, start, float("-inf"), 0
-        if t < self.blocked_until:
-            return 0.0
-        origin = self.attempt_at if self.attempt_at is not None else start
-        return ramped(t, origin, None if end is None else end - origin, self.spec.ramp_s, self.spec.mb)
-
-    def failed(self, t: float, dt: float) -> None:
-        if self.held_mb > 0 and t - self.up_since >= BACKOFF_RESET_S:
-            self.failures = 0
-        self.failures += 1
-        self.blocked_until = t + dt + backoff_s(self.failures)
-        self.attempt_at = self.blocked_until
-
-
-@dataclass
-class Trace:
-    """What a run looked like over time, for plots (recorded only when asked: ``World.record()``).
-
-    ``used_mb`` holds, per GPU index, ``(t, used)`` after every step: scenario seconds and MiB.
-    ``ooms`` holds ``(t, gpu, service)`` for every batch lost to an OOM, ``cotenant_failures``
-    ``(t, gpu)`` for every co-tenant arrival that did not fit.
-    """
-
-    used_mb: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
-    ooms: list[tuple[float, int, str]] = field(default_factory=list)
-    cotenant_failures: list[tuple[float, int]] = field(default_factory=list)
-
-
-@dataclass
-class GpuRun:
-    """Per GPU measures: co-tenant arrivals that failed, time throttled by heat and above the safety bound (s)."""
-
-    cotenant_failures: int = 0
-    seconds_throttled: float = 0.0
-    seconds_above_bound: float = 0.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the oracle measures need from the settings.
-
-    ``service_max`` holds the services' own ``max_batch_size`` where their profile sets one.
-    """
-
-    max_batch_size: int = 16
-    safe_fraction: float = 0.95
-    reserve_mb: float = 1024.0
-    critical_fraction: float = 0.9
-    service_max: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-    def max_batch(self, service: str) -> int:
-        return self.service_max.get(service, self.max_batch_size)
-
-    def safe_bound_mb(self, total_mb: float) -> float:
-        """The safety bound of a GPU of ``total_mb`` (MiB): ``total * memory_threshold_oom - memory_reserve_mb``."""
-        return total_mb * self.safe_fraction - self.reserve_mb
-
-
-class World:
+class World(OracleView, NvmlView):
     def __init__(self, scenario: Scenario, *, initial_batch: int = 1, limits: Limits | None = None,
                  poll_interval: float = 5.0) -> None:
         self.scenario = scenario
@@ -217,68 +68,6 @@ class World:
         """Start recording memory used per GPU and OOMs at every step (unbounded: for finite runs only)."""
         self.trace = Trace(used_mb={g.index: [] for g in self.scenario.gpus})
         return self.trace
-
-    # ------------------------------------------------------------------ what the oracle measures see
-
-    def _thermal(self, gpu: int, t: float) -> float:
-        return sum(x.level(t) for x in self.scenario.thermal if x.gpu == gpu)
-
-    def _base(self, r: ServiceRun) -> float:
-        return r.spec.base_mb + r.leak_mb
-
-    def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float, t: float,
-                fragmentation: float | None = None) -> dict[str, int]:
-        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
-
-        A service whose share does not hold one item still runs one where it fits (a service cannot
-        run at batch 0): that item comes out of the memory first and the rest is shared among the
-        others, so the ceilings never credit more than fits together. ``fragmentation`` (a
-        fraction) replaces every service's own when given.
-        """
-        avail = total_mb - background - sum(self._base(r) for r in runs)
-        worst: dict[str, float] = {}
-        for r in runs:
-            frag = (0.0 if r.pool_mb is not None else r.fragmentation) if fragmentation is None else fragmentation
-            worst[r.spec.name] = r.spec.per_item_at(t) * (1 + r.spec.noise) / (1 - frag)
-        out: dict[str, int] = {}
-        sharing = list(runs)
-        while sharing:
-            weights = sum(r.spec.weight for r in sharing)
-            short = [r for r in sharing if avail * r.spec.weight / weights < worst[r.spec.name]]
-            if not short:
-                break
-            for r in sorted(short, key=lambda r: -r.spec.weight):
-                out[r.spec.name] = 1 if avail >= worst[r.spec.name] else 0
-                avail -= out[r.spec.name] * worst[r.spec.name]
-            sharing = [r for r in sharing if r.spec.name not in out]
-        weights = sum(r.spec.weight for r in sharing)
-        for r in sharing:
-            out[r.spec.name] = fits(avail * r.spec.weight / weights, worst[r.spec.name],
-                                    self.limits.max_batch(r.spec.name))
-        return out
-
-    def _started(self, gpu: int, t: float) -> list[ServiceRun]:
-        """The services the ceilings count at ``t``: those whose first start and load are done."""
-        return [r for r in self.runs if r.spec.gpu == gpu and t >= r.spec.start_s + r.spec.load_s]
-
-    def oracle_batch(self, service: str, gpu: int, t: float, *, fragmentation: float | None = None) -> int:
-        """The batch the ``oracle_items`` measure credits ``service`` with in the step starting at ``t``.
-
-        The same computation as the measure (the GPU's total memory, the co-tenants' memory at
-        ``t``, the services started by ``t``); ``fragmentation`` as in :meth:`_oracle`.
-        """
-        g = self.scenario.gpu(gpu)
-        background = self._scheduled(gpu, t) + self._loading(gpu, t)
-        return self._oracle(self._started(gpu, t), g.total_mb, background, t, fragmentation).get(service, 0)
-
-    def _scheduled(self, gpu: int, t: float) -> float:
-        """What the co-tenants ask for at ``t`` (MiB): the ceilings leave them that, whether or not a run let them in."""
-        return sum(b.spec.level(t) for b in self.backgrounds if b.spec.gpu == gpu)
-
-    def _loading(self, gpu: int, t: float) -> float:
-        """The weights of services loading for the first time (MiB): not yet credited, but coming, whole."""
-        return sum(self._base(r) for r in self.runs
-                   if r.spec.gpu == gpu and r.alive and t < r.spec.start_s + r.spec.load_s)
 
     # ------------------------------------------------------------------ the world's physics
 
@@ -505,87 +294,3 @@ class World:
                         r.alive, r.start_at, r.up_since, r.loaded_at = True, None, self.t, self.t + r.spec.load_s
             self._step(self.t, dt, link)
             self.t = round(self.t + dt, 9)
-
-    # ------------------------------------------------------------------ what NVML would read
-
-    def _health(self, gpu_index: int, timestamp: float) -> dict[str, Any]:
-        """The GPU's health as NVML would read it: the scenario's health events up to now, no page
-        retired, no row remapped (``timestamp`` is the sampler's clock at world time ``self.t``)."""
-        xids: dict[int, int] = {}
-        last: HealthEvent | None = None
-        corrected = uncorrected = 0
-        for h in self.scenario.health:
-            if h.gpu != gpu_index or h.at_s > self.t:
-                continue
-            corrected += h.ecc_corrected
-            uncorrected += h.ecc_uncorrected
-            if h.xid is not None:
-                xids[h.xid] = xids.get(h.xid, 0) + 1
-                if last is None or h.at_s >= last.at_s:
-                    last = h
-        return {"xid_errors": tuple(sorted(xids.items())), "last_xid": None if last is None else last.xid,
-                "last_xid_at": None if last is None else timestamp - self.t + last.at_s,
-                "ecc_corrected_volatile": corrected, "ecc_uncorrected_volatile": uncorrected,
-                "ecc_corrected_aggregate": corrected, "ecc_uncorrected_aggregate": uncorrected,
-                "retired_pages_sbe": 0, "retired_pages_dbe": 0, "retired_pages_pending": False,
-                "remapped_rows_correctable": 0, "remapped_rows_uncorrectable": 0, "remapped_rows_pending": False,
-                "remapped_rows_failure": False}
-
-    def _fatal_xid(self, gpu_index: int) -> int | None:
-        for h in self.scenario.health:
-            if h.gpu == gpu_index and h.at_s <= self.t and h.xid in FATAL_XIDS:
-                return h.xid
-        return None
-
-    def sample(self, timestamp: float) -> list[GpuSample]:
-        out = []
-        for gpu in self.scenario.gpus:
-            uuid = gpu.uuid or self._uuid(gpu)
-            mig = gpu.parent_index is not None
-            name = f"{gpu.name} MIG {gpu.mig_profile}" if mig else gpu.name
-            identity: dict[str, Any] = {} if not mig else {
-                "parent_index": gpu.parent_index,
-                "parent_uuid": gpu.parent_uuid or f"GPU-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}",
-                "gpu_instance_id": gpu.gpu_instance_id, "compute_instance_id": 0, "mig_profile": gpu.mig_profile}
-            fatal = self._fatal_xid(gpu.index)
-            if fatal is not None:  # as the NVML backend: failed, no readings, the Xid counts kept
-                health = self._health(gpu.index, timestamp)
-                out.append(GpuSample(index=gpu.index, uuid=uuid, name=name, timestamp=timestamp, failed=True,
-                                     error=f"fatal Xid {fatal} (simulated): the GPU needs a reset",
-                                     xid_errors=health["xid_errors"], last_xid=health["last_xid"],
-                                     last_xid_at=health["last_xid_at"], **identity))
-                continue
-            total = int(gpu.total_mb * MIB)
-            used = min(total, int(self.used_mb[gpu.index] * MIB))
-            util = self.util[gpu.index]
-            clock = self.clock[gpu.index]
-            procs = tuple(
-                GpuProcess(pid=10_000 + i, used_memory_bytes=int((r.held_base_mb + r.held_act_mb) * MIB))
-                for i, r in enumerate(self.runs) if r.spec.gpu == gpu.index and r.alive
-            )
-            out.append(GpuSample(
-                index=gpu.index,
-                uuid=uuid,
-                name=name,
-                timestamp=timestamp,
-                memory_total_bytes=total,
-                memory_used_bytes=used,
-                memory_free_bytes=total - used,
-                memory_reserved_bytes=0,
-                temperature_celsius=round(self.temperature[gpu.index], 1),
-                power_usage_watts=round(gpu.power_limit_w * (0.2 + 0.8 * clock * util / 100), 1),
-                power_limit_watts=gpu.power_limit_w,
-                utilization_percent=round(util, 1),
-                processes=procs,
-                throttle_reasons=frozenset({"sw_thermal_slowdown"}) if clock < 1.0 else frozenset(),
-                **self._health(gpu.index, timestamp),
-                **identity,
-            ))
-        return out
-
-    def _uuid(self, gpu: SimGpu) -> str:
-        """A stable made-up UUID: ``GPU-sim-<seed>-<index>``, ``MIG-sim-<seed>-<parent>-<instance>`` on MIG."""
-        if gpu.parent_index is not None:
-            return f"MIG-sim-{self.scenario.seed:04d}-{gpu.parent_index:04d}-{gpu.gpu_instance_id:02d}"
-        return f"GPU-sim-{self.scenario.seed:04d}-{gpu.index:04d}"
-

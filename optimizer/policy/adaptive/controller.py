@@ -12,7 +12,7 @@ For one GPU (all figures bytes):
 The memory for batches, ``bound - other - sum(fixed)``, is divided by weight; a service capped by
 its ``max_batch_size`` leaves the rest of its share to the others (one held back by its trust region
 keeps its part while it grows into it). Each service's
-target is the largest batch whose worst footprint fits its part (:func:`plan`).
+target is the largest batch whose worst footprint fits its part (:func:`.plan.plan`, in :mod:`.plan`).
 
 Timing (:func:`step`): a target below the batch is published on the sample that shows it; a target
 above it only when the samples are settled (no change still being adopted), the other tenants'
@@ -35,10 +35,15 @@ from dataclasses import dataclass
 
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
-from optimizer.policy.adaptive.memory import FLOOR_TTL, Fit, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.memory import FLOOR_TTL, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.plan import NEWCOMER_S as NEWCOMER_S
+from optimizer.policy.adaptive.plan import Member as Member
+from optimizer.policy.adaptive.plan import Plan, growth_room, in_force, planning_other
+from optimizer.policy.adaptive.plan import members as members
+from optimizer.policy.adaptive.plan import plan as plan
+from optimizer.policy.adaptive.plan import volatility_reserve as volatility_reserve
 from optimizer.policy.adaptive.tenants import Tenants, assume_at_least, update
 from optimizer.policy.model import (
-    ADOPTION_INTERVALS,
     active_ceiling,
     clamp,
     gpu_view,
@@ -50,7 +55,6 @@ from optimizer.policy.model import (
 )
 from optimizer.policy.types import MIB, Event, GpuState, Pending, Roster, ServiceState
 
-HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
 GROWTH_MARGIN = 0.02  # items beyond one more item a service's part must hold before it grows ...
 REGROWTH_MARGIN = 0.25  # ... and to grow back to a batch it was lowered from within REGROWTH_S (no flapping)
 REGROWTH_S = 600.0
@@ -63,149 +67,7 @@ TOLERANCE_BYTES = 64 * MIB  # changes of the other tenants' memory smaller than 
 TOLERANCE_SPREAD = 0.1  # ... this fraction of the range one sample leaves them in, are noise
 FLOOR_MARGIN = 1.02  # an unexplained OOM's floor: 2 % above the per-item memory that just fills the GPU ...
 FLOOR_STEP = 1.1  # ... and at most 10 % above the worst the model knew (a wrong blame costs little)
-NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
 SETTLED_REPORTS = 24  # a model this many reports old (2 minutes at 5 s) is past learning: its drops may flap
-
-
-@dataclass(frozen=True)
-class Member:
-    """One service on the GPU as the plan sees it."""
-
-    svc: ServiceState
-    fit: Fit
-    cur: int  # the batch it runs
-    lo: int
-    hi: int
-    share: float  # its share of the batch memory (0: it holds its batch)
-    assumed_fixed: float = 0.0  # a newcomer's weights, before its reports measure them (bytes)
-    ceiling: int | None = None  # an unexplained OOM's size: not published again under the same conditions
-
-    @property
-    def name(self) -> str:
-        return self.svc.service
-
-    @property
-    def cost(self) -> float:
-        """Bytes of worst footprint per item."""
-        return self.fit.worst_per_item * (1 + self.fit.waste_fraction)
-
-    @property
-    def fixed(self) -> float:
-        return (self.fit.fixed + self.assumed_fixed) if self.share > 0 else self.fit.worst(self.cur)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Targets per service, and what they came from (bytes)."""
-
-    targets: dict[str, int]
-    bound: float
-    other: float
-    fits: dict[str, float]  # items of worst footprint each service's part holds, before any cap
-    capped: dict[str, str]  # why a service's target is below its part ("max_batch_size", "trust region")
-
-
-def members(services: Sequence[ServiceState], shares: dict[str, float], s: Settings, now: float,
-            in_force: dict[str, int]) -> list[Member]:
-    """The services of one GPU with their models; a newcomer not measured yet, next to measured
-    services, is assumed to be loading weights as large as theirs (their mean) for :data:`NEWCOMER_S`
-    seconds, so that they make room for it: a service that never reports holds memory the samples
-    show."""
-    out = []
-    for svc in services:
-        profile = s.profile(svc.service)
-        lo, hi = s.batch_limits(profile)
-        cur = in_force[svc.service]
-        f = fit(svc.memory, profile.per_item_mb * MIB, now, cur)
-        out.append(Member(svc=svc, fit=f, cur=cur, lo=lo, hi=hi, share=shares.get(svc.service, 0.0),
-                          ceiling=active_ceiling(svc, now)))
-    measured = [m.fit.fixed for m in out if m.fit.measured]
-    if not measured:  # a cold start: what loads is in the samples; there is nobody to make room
-        return out
-    guess = sum(measured) / len(measured)
-    return [dataclasses.replace(m, assumed_fixed=guess)
-            if not m.fit.measured and now - m.svc.registered_at <= NEWCOMER_S else m for m in out]
-
-
-def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
-    """The largest batches whose worst footprints fit ``bound`` next to ``other``, divided by weight."""
-    pool = bound - other - sum(m.fixed for m in ms)
-    active = [m for m in ms if m.share > 0]
-    parts = {m.name: max(0.0, pool) * m.share for m in active}
-    targets = {m.name: m.cur for m in ms if m.share <= 0}
-    capped: dict[str, str] = {}
-    fits_items: dict[str, float] = {}
-    free = list(active)
-    while free:
-        spare = 0.0
-        still = []
-        for m in free:
-            fits_items[m.name] = parts[m.name] / m.cost if m.cost > 0 else float(m.hi)
-            fits = math.floor(fits_items[m.name] + 1e-9)
-            barred = m.ceiling - 1 if m.ceiling is not None else m.hi
-            top = min(m.hi, m.fit.trust_cap, barred)
-            if fits >= top:
-                targets[m.name] = max(m.lo, top)
-                if top == barred < m.hi:
-                    capped[m.name] = f"the OOM at batch {m.ceiling}"
-                    spare += parts[m.name] - top * m.cost
-                    parts[m.name] = top * m.cost
-                elif top == m.hi:  # for good: what its part holds beyond it goes to the others
-                    capped[m.name] = "max_batch_size"
-                    spare += parts[m.name] - top * m.cost
-                    parts[m.name] = top * m.cost
-                else:  # for now: its part stays its own while it grows into it
-                    capped[m.name] = "trust region"
-            else:
-                targets[m.name] = max(m.lo, fits)
-                still.append(m)
-        if spare <= 0 or not still or len(still) == len(free):
-            break
-        weight = sum(m.share for m in still)
-        for m in still:
-            parts[m.name] += spare * m.share / weight
-        free = still
-    return Plan(targets=targets, bound=bound, other=other, fits=fits_items, capped=capped)
-
-
-def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
-                       s: Settings) -> float:
-    """Memory to keep for a tenant that left and is likely to return (bytes), weighed against ``oom_cost_s``.
-
-    For each level the tenants' arrivals reached lately: riding the memory it would take costs, per
-    second, the rate of arrivals reaching it (:meth:`Tenants.arrival_rate`) times ``oom_cost_s`` of
-    every service's throughput; holding it costs the batches it takes (counted linearly in items,
-    which overstates the loss for services whose throughput saturates). Hold the level where that
-    pays most, if any does.
-    """
-    smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
-    ride = sum(plan(ms, bound, level).targets[m.name] for m in ms if m.share > 0)
-    if smallest <= 0 or ride <= 0:
-        return 0.0
-    best, reserve = 0.0, 0.0
-    for peak in tenants.peaks(now):  # every level arrivals reached: hold the one that pays best
-        extra = peak - level
-        if extra < smallest:
-            continue
-        hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
-        gain = tenants.arrival_rate(now, reaching=peak) * s.oom_cost_s - (1 - hold / ride)
-        if gain > best:
-            best, reserve = gain, extra
-    return reserve
-
-
-def planning_other(tenants: Tenants, ms: Sequence[Member], bound: float, now: float, s: Settings) -> float:
-    """The other tenants' memory to plan for: the level, its trend over the horizon, the volatility reserve."""
-    level = tenants.planned() + tenants.trend * HORIZON_INTERVALS * s.monitoring_interval
-    return level + volatility_reserve(tenants, ms, bound, level, now, s)
-
-
-def in_force(svc: ServiceState, now: float, s: Settings) -> int:
-    """The batch the service runs: the one it reported after its last change was adopted, else the published one."""
-    if (svc.reported_batch is not None and svc.reported_at is not None and is_fresh(svc.reported_at, now, s)
-            and svc.reported_at >= svc.changed_at + ADOPTION_INTERVALS * s.monitoring_interval):
-        return svc.reported_batch
-    return svc.batch_size
 
 
 @dataclass(frozen=True)
@@ -309,11 +171,6 @@ def oom_cut(ms: Sequence[Member], failing: Member, cut: int, total: int, bound: 
     tenants = assume_at_least(tenants, total - worst, now)
     p = plan(ms, bound, planning_other(tenants, ms, bound, now, s))
     return max(failing.lo, min(p.targets.get(failing.name, failing.lo), cut)), tenants
-
-
-def growth_room(ms: Sequence[Member], bound: float, other: float) -> float:
-    """Memory free now if every service held its worst footprint at the batch it runs (bytes)."""
-    return bound - other - sum(m.fit.worst(m.cur) if m.fit.measured else m.cur * m.cost for m in ms)
 
 
 def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Settings,

@@ -15,7 +15,7 @@ A sample whose lower bound is above ``level`` shows an arrival; one whose upper 
 
 Arrivals and departures of the last :data:`VOLATILITY_WINDOW` seconds are kept, so that a tenant that
 comes and goes can be weighed against ``oom_cost_s``
-(:func:`optimizer.policy.adaptive.controller.volatility_reserve`).
+(:func:`optimizer.policy.adaptive.plan.volatility_reserve`).
 """
 
 from __future__ import annotations
