@@ -1,8 +1,13 @@
 """Prometheus metrics. The only module that touches prometheus_client.
 
-A custom collector builds every family afresh from the engine's latest snapshot and counters at
-scrape time, so series of GPUs or services that went away disappear with them. The registry is
-passed in; nothing is registered on the global one.
+A custom collector builds every family afresh from the engine's latest snapshot and counters, so
+series of GPUs or services that went away disappear with them. The registry is passed in; nothing
+is registered on the global one.
+
+``GET /metrics`` serves :meth:`MetricsRegistry.exposition`: the text rendered once and kept as bytes,
+rendered again only at the first scrape after something it shows changed (the collector's
+:meth:`OptimizerCollector.change_key`: a handful of identities and counts, no walk over the GPUs or
+services). A burst of changes costs one render; scrapes with nothing changed in between cost none.
 """
 
 from __future__ import annotations
@@ -22,9 +27,6 @@ from optimizer.sampler import DURATION_BUCKETS, Sampler
 if TYPE_CHECKING:
     from optimizer.persistence import Persister
 
-#: The registry's type, for a module that holds one (``optimizer.api.keys``) without importing
-#: prometheus_client itself: only this module does (the "prometheus" import contract).
-Registry = CollectorRegistry
 
 #: Every GPU series' identity. On a MIG device (as dcgm-exporter and nvidia_gpu_exporter label them)
 #: ``uuid`` is the parent's UUID and ``mig_uuid``, ``gpu_instance_id``, ``profile`` name the instance;
@@ -97,6 +99,27 @@ class OptimizerCollector(Collector):
         self.kube = kube
         self.persister = persister
         self.tasks = tasks
+
+    def change_key(self) -> ChangeKey:
+        """What :meth:`collect` depends on, cheaply: equal keys, equal output (see :class:`MetricsRegistry`).
+
+        The engine's snapshot and state are frozen and replaced on every change, so their identities
+        stand for them; its revision covers what moves with them (the totals, counted as the policy's
+        events are applied; the pods, each new view of which is a revision). Refusals and OOM outcomes
+        (counted without a revision), the sampler's counts, discovery's, the state file's save errors
+        and the tasks' are read as they are: a few numbers each, nothing per GPU or service.
+        """
+        e = self.engine
+        values: list[object] = [e.revision, tuple(e.refused.items()), tuple(e.oom_reports.items())]
+        if self.sampler is not None:
+            st = self.sampler.stats
+            values += [st.attempts, st.samples, st.errors, self.sampler.running, self.sampler.interval]
+        if self.kube is not None:
+            values.append(self.kube())
+        values.append(self.persister.errors if self.persister is not None else 0)
+        if self.tasks is not None:
+            values.append(tuple(self.tasks()))
+        return ChangeKey((e.snapshot, e.state), tuple(values))
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()
@@ -328,11 +351,79 @@ class OptimizerCollector(Collector):
                                 value=sampler.interval)
 
 
+@dataclass(frozen=True, eq=False)
+class ChangeKey:
+    """A collector's inputs: ``objects`` compared by identity (frozen values replaced when they change;
+    comparing them by value would walk them), ``values`` by equality."""
+
+    objects: tuple[object, ...]
+    values: tuple[object, ...]
+
+    def same(self, other: ChangeKey | None) -> bool:
+        return (other is not None and len(self.objects) == len(other.objects)
+                and all(a is b for a, b in zip(self.objects, other.objects)) and self.values == other.values)
+
+
+class MetricsRegistry(CollectorRegistry):
+    """A registry that keeps its last text exposition and renders again only when an input changed.
+
+    Every collector with a ``change_key()`` (:class:`OptimizerCollector`) says what it depends on; one
+    without makes every exposition a fresh render. ``collect()`` and ``get_sample_value()`` still walk
+    the collectors each call (what the tests read); only :meth:`exposition` is cached. Rendering is
+    synchronous, on the event loop like every change of the engine, so concurrent scrapes share one
+    render and none sees a half-updated engine.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=False)
+        self._collectors: list[Collector] = []
+        self._key: tuple[ChangeKey | None, ...] | None = None
+        self._payload = b""
+        self.renders = 0  # how many times the exposition was rendered (for tests and benchmarks)
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self._collectors.append(collector)
+        self._key = None
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self._collectors.remove(collector)
+        self._key = None
+
+    def _change_key(self) -> tuple[ChangeKey | None, ...]:
+        keys: list[ChangeKey | None] = []
+        for c in self._collectors:
+            change_key = getattr(c, "change_key", None)
+            keys.append(change_key() if callable(change_key) else None)
+        return tuple(keys)
+
+    def _unchanged(self, key: tuple[ChangeKey | None, ...]) -> bool:
+        old = self._key
+        return (old is not None and len(old) == len(key)
+                and all(a is not None and a.same(b) for a, b in zip(key, old)))
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition and its content type, as :func:`render` gives them: rendered again only
+        when a collector's inputs changed since the last one."""
+        key = self._change_key()
+        if not self._unchanged(key):
+            self._payload = generate_latest(self)
+            self.renders += 1
+            self._key = key
+        return self._payload, CONTENT_TYPE_LATEST
+
+
+#: The registry's type, for a module that holds one (``optimizer.api.keys``) without importing
+#: prometheus_client itself: only this module does (the "prometheus" import contract).
+Registry = MetricsRegistry
+
+
 def build_registry(engine: Engine, sampler: Sampler | None = None,
                    kube: Callable[[], KubeCounts] | None = None, *,
                    persister: Persister | None = None,
-                   tasks: Callable[[], Iterable[TaskCounts]] | None = None) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
+                   tasks: Callable[[], Iterable[TaskCounts]] | None = None) -> MetricsRegistry:
+    registry = MetricsRegistry()
     registry.register(OptimizerCollector(engine, sampler, kube, persister=persister, tasks=tasks))
     return registry
 

@@ -28,7 +28,6 @@ from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, Refused, UnknownGpu
-from optimizer.metrics import render
 from optimizer.sampler import Sampler
 from optimizer.workers import default_cores, plan_workers
 
@@ -233,7 +232,8 @@ async def ready(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    payload, content_type = render(request.app[REGISTRY])
+    """The text exposition, rendered once per change of what it shows (``optimizer.metrics.MetricsRegistry``)."""
+    payload, content_type = request.app[REGISTRY].exposition()
     resp = web.Response(body=payload)
     resp.headers["Content-Type"] = content_type
     return resp
