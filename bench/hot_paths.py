@@ -98,7 +98,7 @@ def machine() -> dict[str, Any]:
     import aiohttp
     import importlib.util
     loop = "uvloop installed, not used" if importlib.util.find_spec("uvloop") else "no uvloop"
-    return {"cpu": model, "cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+    return {"cpu": model, "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2), "affinity": sorted(os.sched_getaffinity(0)),
             "kernel": platform.release(), "python": platform.python_version(), "aiohttp": aiohttp.__version__,
             "event_loop": loop}
 
@@ -248,41 +248,33 @@ def bare_app(spec: dict[str, Any]) -> Any:
     ``spec["polls"]``: per service, the ``/batch-size`` body, its headers, and the ``304``'s headers;
     with one service the handler does not read the query (as the bare handler of issue 15), with
     several it picks the service's answer from ``?service=``. A matching ``If-None-Match`` gets the
-    ``304``. With ``spec["rotate_s"]`` every answer's ETag alternates between its own and a variant
-    each ``rotate_s`` seconds, as the optimizer's change once a sample: the same mix of ``200`` and
-    ``304`` for a following client. ``spec["reports"]``: per service, the ``POST /reports`` reply
+    ``304``. ``spec["reports"]``: per service, the ``POST /reports`` reply
     (the body is read and parsed for its ``service``). ``spec["metrics"]``: the ``/metrics`` answer.
     """
     from aiohttp import web
 
-    def variants(a: dict[str, Any]) -> list[tuple[bytes, dict[str, str], str, dict[str, str]]]:
+    def answers(a: dict[str, Any]) -> tuple[bytes, dict[str, str], str, dict[str, str]]:
         headers = dict(a["headers"])
-        nm = dict(a["not_modified"])
-        out = [(a["body"].encode(), headers, headers.get("ETag", ""), nm)]
-        if spec.get("rotate_s"):
-            other = headers["ETag"][:-1] + "r" + headers["ETag"][-1:]
-            out.append((a["body"].encode(), {**headers, "ETag": other}, other, {**nm, "ETag": other}))
-        return out
+        return a["body"].encode(), headers, headers.get("ETag", ""), dict(a["not_modified"])
 
-    polls = {svc: variants(a) for svc, a in spec.get("polls", {}).items()}
-    current = [0]
+    polls = {svc: answers(a) for svc, a in spec.get("polls", {}).items()}
     app = web.Application()
 
     if len(polls) == 1:
         (only,) = polls.values()
 
         async def poll(request: web.Request) -> web.Response:
-            body, headers, etag, not_modified = only[current[0]]
+            body, headers, etag, not_modified = only
             if request.headers.get("If-None-Match") == etag:
                 return web.Response(status=304, headers=not_modified)
             return web.Response(body=body, headers=headers)
         app.router.add_get("/batch-size", poll)
     elif polls:
         async def poll_by_service(request: web.Request) -> web.Response:
-            answers = polls.get(request.query.get("service", ""))
-            if answers is None:
+            found = polls.get(request.query.get("service", ""))
+            if found is None:
                 return web.Response(status=404)
-            body, headers, etag, not_modified = answers[current[0]]
+            body, headers, etag, not_modified = found
             if request.headers.get("If-None-Match") == etag:
                 return web.Response(status=304, headers=not_modified)
             return web.Response(body=body, headers=headers)
@@ -303,17 +295,6 @@ def bare_app(spec: dict[str, Any]) -> Any:
             return web.Response(body=m_body, headers=m_headers)
         app.router.add_get("/metrics", metrics)
 
-    rotate_s = float(spec.get("rotate_s") or 0)
-    if rotate_s:
-        async def rotate(app: web.Application) -> Any:
-            async def flip() -> None:
-                while True:
-                    await asyncio.sleep(rotate_s)
-                    current[0] ^= 1
-            task = asyncio.get_running_loop().create_task(flip())
-            yield
-            task.cancel()
-        app.cleanup_ctx.append(rotate)
     return app
 
 
@@ -775,7 +756,7 @@ def measure_load(args: argparse.Namespace, tmp: str, cpus: tuple[int | None, int
     server_cpu, gen_cpu = cpus
     sc = write_scenario(tmp, scenario(8, 0, "hot-paths-8gpus"))
     with running(lambda: start_optimizer(sc, server_cpu)) as (opt,):
-        spec: dict[str, Any] = {"polls": {}, "reports": {}, "rotate_s": 5.0}  # the optimizer's sample interval
+        spec: dict[str, Any] = {"polls": {}, "reports": {}}
         expected: Expected = []
         for i in range(args.services):  # registers the names as the clients will, and takes their answers
             svc = f"load-{i}"
@@ -790,7 +771,7 @@ def measure_load(args: argparse.Namespace, tmp: str, cpus: tuple[int | None, int
         progress(f"load: {args.services} services against the optimizer for {args.load_duration:g} s")
         opt_run = load_run(opt, args, gen_cpu)
     with running(lambda: start_bare(spec, tmp, server_cpu, "/batch-size?service=load-0")) as (bare,):
-        check_same(bare, expected[:3 * 4])  # within the first rotation: the first services' polls and reports
+        check_same(bare, expected)
         progress(f"load: the same clients against the bare app for {args.load_duration:g} s")
         bare_run = load_run(bare, args, gen_cpu)
     ratio = round(opt_run["cpu_s"] / bare_run["cpu_s"], 2) if bare_run["cpu_s"] else None
@@ -831,6 +812,8 @@ def report(doc: dict[str, Any]) -> str:
                          statuses(b["statuses"]) + (f" err:{b['errors']}" if b["errors"] else "")])
         out.append(table(["kind", "round", "opt req/s", "bare req/s", "rps ratio", "opt us/req", "bare us/req",
                           "cpu ratio", "opt busy", "bare busy", "gen busy", "opt statuses", "bare statuses"], rows))
+        out.append("(us/req: the server's CPU per answer; busy: its CPU over the run's wall time, 1.00 = a whole core; "
+                   "gen busy: the generator's)")
         out.append("")
         out.append(table(["medians", "rounds", "rps ratio", "(range)", "cpu ratio", "(range)", "opt us/req",
                           "bare us/req", "errors", "issue 15 asks"],
@@ -855,7 +838,8 @@ def report(doc: dict[str, Any]) -> str:
         out.append(table(["server", "requests", "req/s", "polls", "reports", "% of a core", "us/req",
                           "RSS start", "RSS end", "RSS peak", "MiB/h", "2nd half MiB/h"], rows))
         out.append(f"optimizer/bare CPU: {ld['cpu_ratio']} (issue 15 asks: {ld['target']})")
-    out.append(f"total wall time {doc['wall_s']:.0f} s")
+    out.append(f"total wall time {doc['wall_s']:.0f} s; load average (1 min) {m['load_average_1min']} at the start, "
+               f"{doc['load_average_1min_at_end']} at the end")
     return "\n".join(out)
 
 
@@ -936,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "load" in args.only:
             doc["load"] = measure_load(args, tmp, (server_cpu, gen_cpu), progress)
     doc["wall_s"] = round(time.monotonic() - started, 1)
+    doc["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(doc, indent=2) if args.json else report(doc))
     return 0
 
