@@ -60,6 +60,7 @@ KEEPALIVE_S = 75.0  # optimizer.api.timeouts.KEEPALIVE_S: the bare app keeps idl
 UNCOMPARED = {"date"}  # the only header allowed to differ between the two servers
 GENERATED = {"date", "server", "content-length"}  # aiohttp writes these itself
 SECTIONS = ("polls", "metrics", "load")
+MAX_SERVICES = 256  # optimizer.config.Settings().max_services: the load's names register within it
 TARGETS = {"batch-size 200": "rps >= 0.85, cpu <= 1.2", "batch-size 304": "rps >= 0.85, cpu <= 1.2",
            "metrics": "cpu <= 2.0"}
 
@@ -854,7 +855,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--load-duration", type=float, default=60.0,
                     help="seconds of the production-shaped load per server (default: 60; the issue's 20 minutes: 1200)")
     ap.add_argument("--load-warmup", type=float, default=3.0, help="seconds of that load before measuring (default: 3)")
-    ap.add_argument("--services", type=int, default=50, help="services of the production-shaped load (default: 50)")
+    ap.add_argument("--services", type=int, default=50, help=f"services of the production-shaped load, 1 to {MAX_SERVICES} (default: 50)")
     ap.add_argument("--report-interval", type=float, default=5.0,
                     help="the reporters' interval, seconds (default: 5, the client's default)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: polls, metrics, load (default: all)")
@@ -872,6 +873,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("rounds", "connections", "services"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}: must be an integer >= 1, got {getattr(args, name)}")
+    if args.services > MAX_SERVICES:
+        ap.error(f"--services: must be at most {MAX_SERVICES} (the optimizer's default max_services), "
+                 f"got {args.services}")
     for name in ("duration", "load_duration", "report_interval"):
         if not getattr(args, name) > 0:
             ap.error(f"--{name.replace('_', '-')}: must be a number of seconds > 0, got {getattr(args, name)}")
