@@ -151,7 +151,7 @@ def _load_aiohttp() -> ModuleType | None:
 class AsyncReporter(_CoreView):
     """:class:`Reporter` for asyncio services: the same arguments and behaviour, sending from a task.
 
-    HTTP goes through aiohttp when it is installed, else through urllib in a worker thread.
+    HTTP goes through aiohttp when it is installed, else through the standard library (one kept connection) in a worker thread.
     :meth:`report` stays a plain method: call it from the event loop or from any thread.
     """
 
