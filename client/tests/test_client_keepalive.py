@@ -27,6 +27,7 @@ from pytest_aiohttp import AiohttpServer
 
 from vlm_optimizer_client import AsyncBatchSizeClient, AsyncReporter, BatchSizeClient, Reporter, telemetry
 from vlm_optimizer_client._http import IDLE_MAX_S, KeepAlive
+from vlm_optimizer_client.follow import _fetch_sync
 
 N = 5
 
@@ -382,3 +383,25 @@ async def test_an_unreachable_optimizer_async(counting: Counting) -> None:
     assert [await client.poll_once() for _ in range(3)] == [1.0, 2.0, 4.0]
     assert client.batch_size == 1
     await client.aclose()
+
+
+async def test_close_during_a_request_in_flight_does_not_wait_for_it(aiohttp_server: AiohttpServer) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def stalled(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response(decision(4))
+
+    app = web.Application()
+    app.router.add_get("/batch-size", stalled)
+    server = await aiohttp_server(app)
+    client = AsyncBatchSizeClient("svc", url=f"http://{server.host}:{server.port}", clock=FakeClock(0.0))
+    http = client._http
+    in_flight = asyncio.ensure_future(asyncio.to_thread(_fetch_sync, http, client.url, None))
+    await asyncio.wait_for(arrived.wait(), 10)
+    http.close()  # on the event loop, while the worker thread holds the connection: returns at once
+    assert http._conn is not None  # still the request's
+    release.set()
+    status, _, _ = await asyncio.wait_for(in_flight, 10)
+    assert status == 200 and http._conn is None  # closed by the request as it ended

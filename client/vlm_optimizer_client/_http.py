@@ -71,6 +71,7 @@ class KeepAlive:
         self._conn: http.client.HTTPConnection | None = None
         self._idle_since = 0.0
         self._pid = os.getpid()
+        self._close_after = False  # close() came while a request was in flight
         self.opened = 0
 
     def request(self, method: str, url: str, *, body: bytes | None = None, headers: Mapping[str, str],
@@ -84,38 +85,54 @@ class KeepAlive:
         parts = urllib.parse.urlsplit(url)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         with self._lock:
-            conn, reused = self._take()
             try:
-                return self._exchange(conn, method, target, body, headers, limit)
-            except _Unsent as unsent:
-                self._drop()
-                if not (reused and isinstance(unsent.error, ConnectionError)):
-                    raise unsent.error from None
-                log.debug("the kept connection to %s was closed before %s %s went out (%s); again on a new one",
-                          self._host, method, parts.path, unsent.error)
-            except ConnectionError as exc:  # RemoteDisconnected, ConnectionResetError while reading
-                self._drop()
-                if not (reused and idempotent):
-                    raise
-                log.debug("the kept connection to %s was closed during %s %s (%s); again on a new one",
-                          self._host, method, parts.path, exc)
-            except BaseException:
-                self._drop()
-                raise
-            conn, _ = self._take()
-            try:
-                return self._exchange(conn, method, target, body, headers, limit)
-            except _Unsent as unsent:
-                self._drop()
+                return self._request(method, target, parts.path, body, headers, limit, idempotent)
+            finally:
+                if self._close_after:
+                    self._close_after = False
+                    self._drop()
+
+    def _request(self, method: str, target: str, path: str, body: bytes | None, headers: Mapping[str, str],
+                 limit: int, idempotent: bool) -> tuple[int, dict[str, str], bytes, bool]:
+        """One exchange, and at most one retry on a fresh connection (the module's rule)."""
+        conn, reused = self._take()
+        try:
+            return self._exchange(conn, method, target, body, headers, limit)
+        except _Unsent as unsent:
+            self._drop()
+            if not (reused and isinstance(unsent.error, ConnectionError)):
                 raise unsent.error from None
-            except BaseException:
-                self._drop()
+            log.debug("the kept connection to %s was closed before %s %s went out (%s); again on a new one",
+                      self._host, method, path, unsent.error)
+        except ConnectionError as exc:  # RemoteDisconnected, ConnectionResetError while reading
+            self._drop()
+            if not (reused and idempotent):
                 raise
+            log.debug("the kept connection to %s was closed during %s %s (%s); again on a new one",
+                      self._host, method, path, exc)
+        except BaseException:
+            self._drop()
+            raise
+        conn, _ = self._take()
+        try:
+            return self._exchange(conn, method, target, body, headers, limit)
+        except _Unsent as unsent:
+            self._drop()
+            raise unsent.error from None
+        except BaseException:
+            self._drop()
+            raise
 
     def close(self) -> None:
-        """Close the kept connection, if any. The next request opens a new one."""
-        with self._lock:
-            self._drop()
+        """Close the kept connection, if any; the next request opens a new one. Never waits: with a
+        request in flight (a stop that did not wait for it), that request closes it when it ends."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
+        else:
+            self._close_after = True
 
     def __del__(self) -> None:  # an object dropped without close(): no socket left to the garbage collector
         conn = self.__dict__.get("_conn")

@@ -225,7 +225,7 @@ class BatchSizeClient(_Base):
         Returns the seconds to wait before the next poll. Never raises for the optimizer's sake."""
         try:
             status, headers, body = _fetch_sync(self._http, self.url, self._core.etag)
-        except Exception as exc:  # URLError, timeouts, resets, HTTPException, BadAnswer...
+        except Exception as exc:  # refused, timeouts, resets, HTTPException, BadAnswer...
             return self._core.on_failure(exc, self._clock())
         return self._core.on_answer(status, headers, body, self._clock())
 
