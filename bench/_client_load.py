@@ -169,9 +169,9 @@ async def _run_async(url: str, seconds: float, services: int, gpus: int, poll_in
     sockets = _open_sockets()
     feeder.cancel()
     for c in clients:
-        await c.aclose()
+        await c.stop()
     for r in reporters:
-        await r.aclose()
+        await r.stop()
     return _result("async", services, gpus, loop.time() - t0, [c.polls for c in clients],
                    [c.failures for c in clients], reporters, None, sockets)
 
