@@ -1,7 +1,7 @@
 """The client library VLM services use to follow the optimizer (distribution ``vlm-gpu-optimizer-client``).
 
 It depends on nothing but the standard library: aiohttp only for the async faces when it is installed
-(the ``[async]`` extra), urllib in a thread otherwise; PyTorch only when the service has already
+(the ``[async]`` extra), http.client in a thread otherwise; PyTorch only when the service has already
 imported it. It imports nothing of the optimizer's server. Every public name is importable from here
 (``from vlm_optimizer_client import BatchSizeClient, Reporter``); the modules, one idea each:
 

@@ -2,7 +2,8 @@
 
 Both faces (:mod:`vlm_optimizer_client.telemetry`) drive one :class:`_Core`, so the aggregation, retry
 and logging rules are written once. Its :meth:`_Core.cycle` yields each report body to send and takes
-its outcome; :meth:`_Core.post` is the blocking transport (urllib).
+its outcome; :meth:`_Core.post` is the blocking transport (the reporter's one kept connection,
+:class:`~vlm_optimizer_client._http.KeepAlive`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import json
 import logging
 import operator
 import threading
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from vlm_optimizer_client import validate
+from vlm_optimizer_client._http import KeepAlive
 from vlm_optimizer_client._torch import gpu_identity
 from vlm_optimizer_client.identity import pod_from_env
 
@@ -28,9 +28,8 @@ log = logging.getLogger("vlm_optimizer_client")
 DEFAULT_MAX_PENDING = 1024
 MAX_REPLY_BYTES = 1 << 20
 USER_AGENT = "vlm-gpu-optimizer-client"
-# The optimizer is a neighbour (a cluster Service, localhost): no proxy from the environment, as aiohttp by
-# default and as vlm_optimizer_client.follow.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The optimizer is a neighbour (a cluster Service, localhost): no proxy from the environment, as
+# vlm_optimizer_client.follow (KeepAlive connects directly; the aiohttp sessions have trust_env=False).
 
 
 class DecisionSink(Protocol):
@@ -147,6 +146,7 @@ class _Core:
         self.timeout = float(timeout)
         self.sink = sink
         self.max_pending = max_pending
+        self.http = KeepAlive(base, self.timeout)  # the sync reporter's connection (the async one's without aiohttp)
         self._lock = threading.Lock()
         self._buffer: deque[Measurement] = deque()
         self._stats = ReporterStats()
@@ -320,20 +320,16 @@ class _Core:
     # ------------------------------------------------------------------ blocking transport
 
     def post(self, body: dict[str, Any]) -> _Outcome:
-        """POST one report with urllib (blocks up to ``timeout``); never raises."""
-        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json",
-                                              "User-Agent": USER_AGENT})
+        """POST one report over the kept connection (blocks up to ``timeout`` per socket operation); never
+        raises. Retried on a new connection only when the kept one failed while sending it (``KeepAlive``):
+        a report the optimizer may have taken is not sent twice at once."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
         try:
-            with _OPENER.open(req, timeout=self.timeout) as resp:
-                return _Reply(resp.status, _parse(resp.read(MAX_REPLY_BYTES)))
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return _Reply(exc.code, _parse(exc.read(MAX_REPLY_BYTES)))
-        except urllib.error.URLError as exc:
-            return _Failure(f"{type(exc.reason).__name__}: {exc.reason}")
+            status, _, raw, _ = self.http.request("POST", self.endpoint, body=json.dumps(body).encode(),
+                                                  headers=headers, limit=MAX_REPLY_BYTES, idempotent=False)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return _Failure(f"{type(exc).__name__}: {exc}")
+        return _Reply(status, _parse(raw))
 
 
 def _parse(raw: bytes) -> Any:

@@ -2,9 +2,13 @@
 
 Two faces over one state machine (:class:`_Follower`):
 
-- :class:`BatchSizeClient` polls from a daemon thread with :mod:`urllib` (no dependency);
+- :class:`BatchSizeClient` polls from a daemon thread with :mod:`http.client` (no dependency);
 - :class:`AsyncBatchSizeClient` polls from an asyncio task, with :mod:`aiohttp` when it is
-  installed and with :mod:`urllib` in a worker thread (:func:`asyncio.to_thread`) when it is not.
+  installed and with :mod:`http.client` in a worker thread (:func:`asyncio.to_thread`) when it is not.
+
+Each client object keeps one keep-alive connection for its polls (:class:`~vlm_optimizer_client._http.KeepAlive`,
+or one ``aiohttp.ClientSession``), closed by ``stop()``; a connection the server closed is replaced
+transparently, and a poll on one found dropped is retried once on a new one.
 
 Both expose ``batch_size``: the last batch size the optimizer published while that answer is fresh
 (younger than ``max_staleness`` seconds), else ``safe_batch_size``. Reading it does no I/O and never
@@ -27,14 +31,13 @@ import logging
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
 from vlm_optimizer_client import validate
+from vlm_optimizer_client._http import IDLE_MAX_S, KeepAlive
 from vlm_optimizer_client._follower import BACKOFF_BASE_S, BACKOFF_MAX_S, OnChange, OnCleanup, _Follower
 from vlm_optimizer_client._torch import default_cleanup
 from vlm_optimizer_client.decision import BadAnswer, parse_decision
@@ -66,16 +69,6 @@ Clock = Callable[[], float]
 # --------------------------------------------------------------------------- transport
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # like aiohttp: no proxy from env
-
-
-def _read_capped(read: Callable[[int], bytes]) -> bytes:
-    body = read(MAX_BODY_BYTES + 1)
-    if len(body) > MAX_BODY_BYTES:
-        raise BadAnswer(f"answer over {MAX_BODY_BYTES} bytes")
-    return body
-
-
 def _request_headers(etag: str | None, transport: str) -> dict[str, str]:
     headers = {"Accept": "application/json", "User-Agent": f"{USER_AGENT} ({transport})"}
     if etag:
@@ -83,24 +76,30 @@ def _request_headers(etag: str | None, transport: str) -> dict[str, str]:
     return headers
 
 
-def _fetch_sync(url: str, etag: str | None, timeout: float) -> tuple[int, dict[str, str], bytes]:
-    """One GET with urllib: (status, headers, body). HTTP error statuses are returned, not raised.
+def _fetch_sync(http: KeepAlive, url: str, etag: str | None) -> tuple[int, dict[str, str], bytes]:
+    """One GET over the object's kept connection: (status, headers, body). HTTP error statuses are
+    returned, not raised.
 
-    ``timeout`` (seconds) bounds the connection and each read. Raises :class:`OSError` (URLError,
-    timeouts, resets), :class:`http.client.HTTPException` or :class:`BadAnswer` (body too large).
+    The connection's ``timeout`` (seconds) bounds the connection and each read. Raises :class:`OSError`
+    (refused, timeouts, resets), :class:`http.client.HTTPException` or :class:`BadAnswer` (body too large).
+    The user agent still says ``urllib``: the standard library's transport, as before.
     """
-    request = urllib.request.Request(url, headers=_request_headers(etag, "urllib"), method="GET")
-    try:
-        with _OPENER.open(request, timeout=timeout) as resp:
-            return int(resp.status), dict(resp.headers.items()), _read_capped(resp.read)
-    except urllib.error.HTTPError as exc:  # 304, 4xx, 5xx: an answer all the same
-        with exc:
-            headers = dict(exc.headers.items()) if exc.headers is not None else {}
-            try:
-                body = _read_capped(exc.read)
-            except (OSError, ValueError, AttributeError):
-                body = b""
-            return int(exc.code), headers, body
+    status, headers, body, over = http.request("GET", url, headers=_request_headers(etag, "urllib"),
+                                               limit=MAX_BODY_BYTES, idempotent=True)
+    if over:
+        raise BadAnswer(f"answer over {MAX_BODY_BYTES} bytes")
+    return status, headers, body
+
+
+def _new_session(aiohttp_mod: Any, timeout: float) -> Any:
+    """One client object's session: its requests come one at a time, so its connector keeps one
+    connection, idle for up to :data:`IDLE_MAX_S` (aiohttp's default is 15 s; the optimizer keeps one
+    75 s). No proxy from the environment (``trust_env=False``, as before), and ``timeout`` seconds for
+    each request in all. aiohttp retries an idempotent request (a poll) once when a reused connection
+    turns out closed, never a POST."""
+    connector = aiohttp_mod.TCPConnector(keepalive_timeout=IDLE_MAX_S)
+    return aiohttp_mod.ClientSession(connector=connector, timeout=aiohttp_mod.ClientTimeout(total=timeout),
+                                     trust_env=False)
 
 
 def _load_aiohttp() -> Any:
@@ -138,6 +137,7 @@ class _Base:
             query["pod"] = pod
         self.url = f"{self.base_url}/batch-size?{urllib.parse.urlencode(query)}"
         self._clock = clock
+        self._http = KeepAlive(self.base_url, self._timeout)  # the sync face's, and the async one's without aiohttp
         self._core = _Follower(target=self.url, interval=self._interval, safe_batch_size=safe_batch_size,
                                max_staleness=self._max_staleness, on_change=on_change, on_cleanup=on_cleanup,
                                rng=rng if rng is not None else random.Random())
@@ -194,7 +194,8 @@ class _Base:
 
 
 class BatchSizeClient(_Base):
-    """Follow the optimizer from a daemon thread (urllib; no dependency).
+    """Follow the optimizer from a daemon thread (the standard library; no dependency), over one
+    keep-alive connection that :meth:`stop` closes.
 
     ``service``: the name the optimizer knows the service by. ``url``: the optimizer's read API
     (default: ``$VLM_OPTIMIZER_URL``, else ``http://127.0.0.1:8080``). ``gpu``: an index or UUID, or
@@ -223,8 +224,8 @@ class BatchSizeClient(_Base):
         """One ``GET /batch-size`` (blocking, at most about ``timeout`` seconds per socket operation).
         Returns the seconds to wait before the next poll. Never raises for the optimizer's sake."""
         try:
-            status, headers, body = _fetch_sync(self.url, self._core.etag, self._timeout)
-        except Exception as exc:  # URLError, timeouts, resets, HTTPException, BadAnswer...
+            status, headers, body = _fetch_sync(self._http, self.url, self._core.etag)
+        except Exception as exc:  # refused, timeouts, resets, HTTPException, BadAnswer...
             return self._core.on_failure(exc, self._clock())
         return self._core.on_answer(status, headers, body, self._clock())
 
@@ -242,12 +243,18 @@ class BatchSizeClient(_Base):
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop polling. Returns at once when the thread waits between polls; a poll in flight is
-        waited for (bounded by ``timeout`` per socket operation)."""
+        """Stop polling and close the kept connection. Returns at once when the thread waits between
+        polls; a poll in flight is waited for (bounded by ``timeout`` per socket operation)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=self._timeout * 3 + 1.0)
+        self._http.close()
+
+    def close(self) -> None:
+        """:meth:`stop`: no more polls, no connection kept. A later :meth:`poll_once` or :meth:`start`
+        opens a new one."""
+        self.stop()
 
     def _loop(self) -> None:
         delay = 0.0
@@ -268,7 +275,9 @@ class BatchSizeClient(_Base):
 
 
 class AsyncBatchSizeClient(_Base):
-    """Follow the optimizer from an asyncio task (aiohttp if installed, else urllib in a thread).
+    """Follow the optimizer from an asyncio task (aiohttp if installed, else the standard library in a
+    thread), over one session made at the first poll and closed by :meth:`stop` / :meth:`aclose` / the
+    ``async with`` exit.
 
     The same arguments, validation and reading as :class:`BatchSizeClient`. Callbacks run on the
     event loop's thread: keep them short.
@@ -281,6 +290,8 @@ class AsyncBatchSizeClient(_Base):
         super().__init__(service, url, gpu, interval, safe_batch_size, max_staleness, timeout, on_change,
                          on_cleanup, clock, rng)
         self._task: asyncio.Task[None] | None = None
+        self._session: Any = None  # aiohttp.ClientSession, made at the first poll (aiohttp is optional)
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
     async def poll_once(self) -> float:
         """One ``GET /batch-size``. Returns the seconds to wait before the next poll. Never raises for
@@ -296,17 +307,42 @@ class AsyncBatchSizeClient(_Base):
     async def _fetch(self) -> tuple[int, dict[str, str], bytes]:
         aiohttp_mod = _load_aiohttp()
         if aiohttp_mod is None:
-            return await asyncio.to_thread(_fetch_sync, self.url, self._core.etag, self._timeout)
-        # A session per poll: no connection outlives it, nothing to close at exit, and no session bound
-        # to an event loop that has ended (a service may poll from successive asyncio.run calls). One
-        # connection per interval costs nothing next to the interval.
-        async with aiohttp_mod.ClientSession(timeout=aiohttp_mod.ClientTimeout(total=self._timeout),
-                                             trust_env=False) as session:
-            async with session.get(self.url, headers=_request_headers(self._core.etag, "aiohttp")) as resp:
-                body = await resp.content.read(MAX_BODY_BYTES + 1)
-                if len(body) > MAX_BODY_BYTES:
-                    raise BadAnswer(f"answer over {MAX_BODY_BYTES} bytes")
-                return int(resp.status), dict(resp.headers.items()), body
+            return await asyncio.to_thread(_fetch_sync, self._http, self.url, self._core.etag)
+        session = self._session_for(aiohttp_mod)
+        async with session.get(self.url, headers=_request_headers(self._core.etag, "aiohttp")) as resp:
+            body = await resp.content.read(MAX_BODY_BYTES + 1)
+            if len(body) > MAX_BODY_BYTES:
+                resp.close()  # the rest unread: not a connection to reuse
+                raise BadAnswer(f"answer over {MAX_BODY_BYTES} bytes")
+            return int(resp.status), dict(resp.headers.items()), body
+
+    def _session_for(self, aiohttp_mod: Any) -> Any:
+        """The object's one session (made at the first poll), on the running loop.
+
+        A service may poll from one ``asyncio.run``, then another: a session is bound to its loop, so one
+        left by a loop that has gone is dropped (detached: its loop can no longer close its socket) and a
+        new one made on this loop.
+        """
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and (session.closed or self._session_loop is not loop):
+            if not session.closed:
+                session.detach()
+            session = None
+        if session is None:
+            session = _new_session(aiohttp_mod, self._timeout)
+            self._session, self._session_loop = session, loop
+        return session
+
+    async def _close_session(self) -> None:
+        session, loop = self._session, self._session_loop
+        self._session, self._session_loop = None, None
+        if session is None or session.closed:
+            return
+        if loop is asyncio.get_running_loop():
+            await session.close()
+        else:  # made on a loop that has gone: nothing can close its socket now
+            session.detach()
 
     @property
     def running(self) -> bool:
@@ -321,17 +357,26 @@ class AsyncBatchSizeClient(_Base):
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"optimizer-follow-{self.service}")
 
     async def stop(self) -> None:
-        """Stop polling: cancels the task, at once (a poll in flight is abandoned)."""
+        """Stop polling: cancels the task, at once (a poll in flight is abandoned), and closes the
+        session and its kept connection (a later poll makes a new one)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            current = asyncio.current_task()
-            if task is not current:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if current is not None and current.cancelling():
-                        raise  # the caller was cancelled too: let that through
+        try:
+            if task is not None:
+                task.cancel()
+                current = asyncio.current_task()
+                if task is not current:
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        if current is not None and current.cancelling():
+                            raise  # the caller was cancelled too: let that through
+        finally:
+            await self._close_session()
+            self._http.close()
+
+    async def aclose(self) -> None:
+        """:meth:`stop`: no more polls, no session or connection kept."""
+        await self.stop()
 
     async def _loop(self) -> None:
         while True:

@@ -14,7 +14,12 @@ lowered) is handed to ``sink.apply_decision``, so the smaller batch applies befo
 it reports an OOM (re-raising it).
 
 PyTorch and aiohttp are optional: PyTorch is used only when the application has imported it, aiohttp
-only by :class:`AsyncReporter`, which falls back to a thread around urllib without it.
+only by :class:`AsyncReporter`, which falls back to the standard library in a thread without it.
+
+Each reporter keeps one keep-alive connection for its reports (:class:`~vlm_optimizer_client._http.KeepAlive`,
+or one ``aiohttp.ClientSession``), closed by ``stop()``. A report is sent again on a new connection at
+once only when the kept one failed while sending it; otherwise a failed send waits for the next cycle,
+as before (see :mod:`vlm_optimizer_client._http` for why).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 from vlm_optimizer_client._reporting import (DEFAULT_MAX_PENDING, USER_AGENT, DecisionSink, Measurement, ReporterStats,
                                              _Core, _CoreView, _Cycle, _drive, _drive_async, _Failure, _Outcome,
                                              _parse, _Reply)
+from vlm_optimizer_client._http import IDLE_MAX_S
 from vlm_optimizer_client._torch import gpu_identity
 from vlm_optimizer_client.measuring import ReportTarget, measure
 from vlm_optimizer_client.validate import DEFAULT_URL, URL_ENV
@@ -98,6 +104,7 @@ class Reporter(_CoreView):
         request timeout plus one second; a flush stops at its first failed send). Never raises."""
         thread = self._thread
         if thread is None:
+            self._core.http.close()
             return
         self._stopping = True
         self._wake.set()
@@ -105,6 +112,11 @@ class Reporter(_CoreView):
             thread.join(timeout if timeout is not None else self._core.timeout * 2 + 1.0)
         if not thread.is_alive():
             self._thread = None
+            self._core.http.close()  # after the last flush; a later flush() opens a new connection
+
+    def close(self) -> None:
+        """:meth:`stop` (its last flush included), then no connection kept. Never raises."""
+        self.stop()
 
     def _run(self) -> None:
         next_at = time.monotonic() + self._core.interval
@@ -139,7 +151,7 @@ def _load_aiohttp() -> ModuleType | None:
 class AsyncReporter(_CoreView):
     """:class:`Reporter` for asyncio services: the same arguments and behaviour, sending from a task.
 
-    HTTP goes through aiohttp when it is installed, else through urllib in a worker thread.
+    HTTP goes through aiohttp when it is installed, else through the standard library (one kept connection) in a worker thread.
     :meth:`report` stays a plain method: call it from the event loop or from any thread.
     """
 
@@ -152,6 +164,8 @@ class AsyncReporter(_CoreView):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._session: Any = None  # aiohttp.ClientSession, made at the first send (aiohttp is optional)
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def running(self) -> bool:
@@ -193,22 +207,43 @@ class AsyncReporter(_CoreView):
         if aiohttp is None:
             await _drive_async(cycle, lambda body: asyncio.to_thread(self._core.post, body))
             return
-        timeout = aiohttp.ClientTimeout(total=self._core.timeout)
-        async with contextlib.AsyncExitStack() as stack:
-            session: Any = None
 
-            async def post(body: dict[str, Any]) -> _Outcome:
-                nonlocal session
-                try:
-                    if session is None:  # opened only when there is something to send
-                        session = await stack.enter_async_context(
-                            aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT}, trust_env=False))
-                    async with session.post(self._core.endpoint, json=body) as resp:
-                        return _Reply(resp.status, _parse(await resp.read()))
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                    return _Failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        async def post(body: dict[str, Any]) -> _Outcome:
+            try:
+                session = self._session_for(aiohttp)  # made only when there is something to send
+                async with session.post(self._core.endpoint, json=body) as resp:
+                    return _Reply(resp.status, _parse(await resp.read()))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                return _Failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
-            await _drive_async(cycle, post)
+        await _drive_async(cycle, post)
+
+    def _session_for(self, aiohttp: ModuleType) -> Any:
+        """The reporter's one session, on the running loop (one left by a loop that has gone is dropped)."""
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and (session.closed or self._session_loop is not loop):
+            if not session.closed:
+                session.detach()  # its loop has gone: nothing can close its socket now
+            session = None
+        if session is None:
+            # One connection kept while idle up to IDLE_MAX_S (aiohttp's default: 15 s; the optimizer: 75 s);
+            # aiohttp never retries a POST on a reused connection that turns out closed.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=IDLE_MAX_S),
+                                            timeout=aiohttp.ClientTimeout(total=self._core.timeout),
+                                            headers={"User-Agent": USER_AGENT}, trust_env=False)
+            self._session, self._session_loop = session, loop
+        return session
+
+    async def _close_session(self) -> None:
+        session, loop = self._session, self._session_loop
+        self._session, self._session_loop = None, None
+        if session is None or session.closed:
+            return
+        if loop is asyncio.get_running_loop():
+            await session.close()
+        else:
+            session.detach()
 
     async def start(self) -> AsyncReporter:
         """Send from a task of the running loop: every ``interval``, and at once after an OOM. Idempotent."""
@@ -226,6 +261,7 @@ class AsyncReporter(_CoreView):
         """Stop the task after a last flush. Never raises (unless cancelled)."""
         task = self._task
         if task is None:
+            await self._close_transports()
             return
         self._stopping = True
         if self._wake is not None:
@@ -236,6 +272,18 @@ class AsyncReporter(_CoreView):
             log.exception("the telemetry task failed")
         finally:
             self._task = None
+            await self._close_transports()  # after the last flush; a later flush() makes a new session
+
+    async def aclose(self) -> None:
+        """:meth:`stop` (its last flush included), then no session or connection kept."""
+        await self.stop()
+
+    async def _close_transports(self) -> None:
+        try:
+            await self._close_session()
+        except Exception:
+            log.exception("closing the telemetry session failed")
+        self._core.http.close()
 
     async def _run(self) -> None:
         loop, wake = asyncio.get_running_loop(), self._wake
