@@ -6,8 +6,9 @@ connection, and a handler, for as long as it likes (slowloris). Two bounds close
 
 - **headers**: a request's line and headers must arrive within ``header_s`` of its first byte (of
   the connection's opening, for its first request). :class:`ConnectionTracker` wraps each
-  connection's protocol (aiohttp's ``RequestHandler``) to see the bytes arrive, and a middleware
-  tells it when a request's headers are in (its handler starts) and when its answer is made. On
+  connection's protocol (aiohttp's ``RequestHandler``) to see the bytes arrive, and wraps the
+  listener's request handler (:meth:`ConnectionTracker.track`, below the application: no middleware)
+  to know when a request's headers are in (its handling starts) and when its answer is made. On
   expiry the connection is answered ``408`` (when part of a request came) and closed. A connection
   idle between requests is left to ``keepalive_timeout`` (:data:`KEEPALIVE_S`), so the client
   library's pooled connections keep working.
@@ -97,7 +98,7 @@ class _Connection(asyncio.Protocol):
             transport.write(_timeout_answer(self._tracker.header_s))
         transport.close()
 
-    # -- the middleware's calls -----------------------------------------------------------------
+    # -- the tracked request handler's calls -----------------------------------------------------------------
 
     def request_started(self) -> None:
         self._cancel_timer()
@@ -156,8 +157,31 @@ class ConnectionTracker:
 
         return factory
 
+    def track(self, server: web.Server) -> None:
+        """Wrap ``server``'s request handler (the runner's, after ``runner.setup()``, before it serves) to tell a
+        request's connection when its headers are in and when its answer is made.
+
+        Below the application rather than a middleware: the read API's hot routes run no middleware
+        (aiohttp runs an application's middlewares on every route), yet keep the header clock.
+        """
+        inner = server.request_handler
+        connections = self.connections
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            conn = connections.get(request.protocol)
+            if conn is None:  # not a connection of ours
+                return await inner(request)
+            conn.request_started()
+            try:
+                return await inner(request)
+            finally:
+                conn.request_finished()
+
+        server.request_handler = tracked
+
     def middleware(self) -> Middleware:
-        """Tells a request's connection when its headers are in and when its answer is made."""
+        """Tells a request's connection when its headers are in and when its answer is made (as :meth:`track`
+        does, for an application served some other way)."""
 
         @web.middleware
         async def track_request(request: web.Request, handler: Handler) -> web.StreamResponse:
