@@ -29,7 +29,6 @@ from tests.api_harness import Api
 from tests.fakes import ScriptedBackend
 
 GIB = 1024**3
-MANY = dict(max_services=512, max_services_per_gpu=512)
 
 
 def snapshot(t: float, gpus: int = 1, used: int = 20 * GIB) -> Snapshot:
@@ -38,7 +37,7 @@ def snapshot(t: float, gpus: int = 1, used: int = 20 * GIB) -> Snapshot:
 
 def engine_with(n: int) -> Engine:
     """An engine with ``n`` services registered on GPU 0, sampled once after they registered."""
-    engine = Engine(Settings(**MANY))
+    engine = Engine(Settings(max_services=512, max_services_per_gpu=512))
     engine.observe(snapshot(1.0))
     for i in range(n):
         engine.poll(f"svc-{i}", 0, 2.0)
@@ -156,7 +155,7 @@ class Reference:
 
 
 def test_liveness_expires_services_exactly_as_before() -> None:
-    settings = Settings(service_expiry=30.0, **MANY)
+    settings = Settings(service_expiry=30.0)
     engine, ref = Engine(settings), Reference(settings)
     # (time, what): polls and reports of three services; samples every 5 s of virtual time
     script: list[tuple[float, str, str]] = [
