@@ -286,3 +286,32 @@ async def test_what_no_route_takes_answers_as_the_router_did(api: Api, method: s
     if method != "HEAD":
         assert resp.content_type == "application/json"
     assert isinstance(api.client.app, web.Application)
+
+
+async def test_a_polls_query_is_checked_once_per_query_string(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimizer.api import routes, schemas
+
+    calls: list[Any] = []
+    real = schemas.parse_service
+
+    def counted(value: Any, *args: Any, **kwargs: Any) -> str:
+        calls.append(value)
+        return real(value, *args, **kwargs)
+
+    monkeypatch.setattr(routes, "parse_service", counted)
+    monkeypatch.setattr(routes, "_QUERIES", {})
+    for _ in range(3):
+        assert (await api.get("/batch-size?service=svc-q&gpu=0"))["service"] == "svc-q"
+    assert calls == ["svc-q"]
+    for _ in range(2):  # a bad one is checked (and refused) every time: it is not kept
+        body = await api.get("/batch-size?service=bad%20name", status=400)
+        assert body["parameter"] == "service"
+    assert calls == ["svc-q", "bad name", "bad name"]
+    # the raw string is the key: an encoded '&' is part of the name, not a separator
+    assert (await api.get("/batch-size?service=a%3Ab"))["service"] == "a:b"
+    body = await api.get("/batch-size?service=a%26b", status=400)
+    assert body["parameter"] == "service"
+    monkeypatch.setattr(routes, "MAX_QUERIES", 2)
+    for name in ("x1", "x2", "x3"):
+        await api.get(f"/batch-size?service={name}")
+    assert len(routes._QUERIES) <= 2

@@ -44,7 +44,7 @@ from optimizer.workers import default_cores, plan_workers
 hot_routes = web.RouteTableDef()  # GET /batch-size, POST /reports: each answers its own errors
 routes = web.RouteTableDef()  # every other route: each answers its errors through json_errors
 
-log = structlog.get_logger("optimizer.api.app")  # the events keep the name they were logged under
+log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -126,12 +126,31 @@ async def batch_size(request: web.Request) -> web.StreamResponse:
         return await error_answer(request, exc)
 
 
+#: A poll's parameters by its raw query string (a service sends the same one every time): parsing and
+#: checking them is a pure function of that string, so it is done once. Only valid ones are kept, at
+#: most :data:`MAX_QUERIES` (then the table starts over: made-up queries cannot grow it).
+_QUERIES: dict[str, tuple[str, int | str | None, str | None]] = {}
+MAX_QUERIES = 4096
+
+
+def poll_query(request: web.Request) -> tuple[str, int | str | None, str | None]:
+    """``service``, ``gpu`` and ``pod`` of a poll, checked (raises :class:`InvalidInput`)."""
+    raw = request.rel_url.raw_query_string
+    kept = _QUERIES.get(raw)
+    if kept is not None:
+        return kept
+    query = request.query
+    parsed = (parse_service(query.get("service")), parse_gpu(query.get("gpu")), parse_pod(query.get("pod")))
+    if len(_QUERIES) >= MAX_QUERIES:
+        _QUERIES.clear()
+    _QUERIES[raw] = parsed
+    return parsed
+
+
 def _poll(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
-        service = parse_service(request.query.get("service"))
-        gpu = parse_gpu(request.query.get("gpu"))
-        pod = parse_pod(request.query.get("pod"))
+        service, gpu, pod = poll_query(request)
         d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)

@@ -32,7 +32,6 @@ from enum import Enum
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware  # the handler type optimizer.api.app uses too
 from aiohttp.web_protocol import RequestHandler
 
 from optimizer.api.keys import BODY_TIMEOUT
@@ -178,23 +177,6 @@ class ConnectionTracker:
                 conn.request_finished()
 
         server.request_handler = tracked
-
-    def middleware(self) -> Middleware:
-        """Tells a request's connection when its headers are in and when its answer is made (as :meth:`track`
-        does, for an application served some other way)."""
-
-        @web.middleware
-        async def track_request(request: web.Request, handler: Handler) -> web.StreamResponse:
-            conn = self.connections.get(request.protocol)
-            if conn is None:  # not a connection of ours (the test client's server)
-                return await handler(request)
-            conn.request_started()
-            try:
-                return await handler(request)
-            finally:
-                conn.request_finished()
-
-        return track_request
 
 
 def body_timeout(app: web.Application) -> float:
