@@ -315,3 +315,50 @@ async def test_a_polls_query_is_checked_once_per_query_string(api: Api, monkeypa
     for name in ("x1", "x2", "x3"):
         await api.get(f"/batch-size?service={name}")
     assert len(routes._QUERIES) <= 2
+
+
+# --------------------------------------------------------------------------- the header clock, per connection
+
+
+async def test_keep_alive_requests_move_one_timer_and_a_late_header_is_still_cut_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time
+
+    from optimizer.api.admin import build_admin_app
+    from optimizer.api.timeouts import ReadTimeouts, _Connection
+    from optimizer.server import Listener, listening
+
+    engine = Engine(Settings())
+    app = build_app(engine, Sampler(ScriptedBackend(1), engine), run_sampler=False)
+    admin = build_admin_app(app, b"tok")
+    loop = asyncio.get_running_loop()
+    armed = 0
+    real_call_at = loop.call_at
+
+    def call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal armed
+        if isinstance(getattr(callback, "__self__", None), _Connection):
+            armed += 1
+        return real_call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", call_at)
+    header_s = 0.5
+    async with listening(Listener("read API", app, "127.0.0.1", 0), Listener("admin API", admin, "127.0.0.1", 0),
+                         ReadTimeouts(header_s=header_s, body_s=0.5)) as addresses:
+        port = int(addresses["api"][0].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(50):
+            writer.write(b"GET /batch-size?service=svc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5.0)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        assert armed <= 3  # one timer for the connection (re-armed when it fired early), not one per request
+        started = time.monotonic()
+        writer.write(b"GET /batch-size?service=svc HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=5.0)  # cut off at the bound: 408, closed
+        assert data.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started >= header_s * 0.9
+        writer.close()

@@ -73,12 +73,17 @@ class _Connection(asyncio.Protocol):
         self._state = _State.AWAITING
         self._received = False  # bytes of the awaited request have come
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # the awaited request's line and headers are due by then (loop time)
 
     def _await_request(self, *, received: bool) -> None:
+        # One timer per connection, not one per request: a keep-alive connection's requests only move the
+        # deadline; the timer, when it fires early, sleeps on to the deadline in force.
         self._state = _State.AWAITING
         self._received = received
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(self._tracker.header_s, self._expired)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._tracker.header_s
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -89,6 +94,10 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         transport = self._transport
         if self._state is not _State.AWAITING or transport is None or transport.is_closing():
+            return  # the next awaited request arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:  # a later request moved the deadline
+            self._timer = loop.call_at(self._deadline, self._expired)
             return
         peer = transport.get_extra_info("peername")
         log.info("request_header_timeout", peer=str(peer), timeout_s=self._tracker.header_s,
@@ -100,8 +109,7 @@ class _Connection(asyncio.Protocol):
     # -- the tracked request handler's calls -----------------------------------------------------------------
 
     def request_started(self) -> None:
-        self._cancel_timer()
-        self._state = _State.IN_REQUEST
+        self._state = _State.IN_REQUEST  # the timer, if it fires meanwhile, does nothing
 
     def request_finished(self) -> None:
         self._state = _State.IDLE
