@@ -27,7 +27,7 @@ from optimizer.decision import Decision
 from optimizer.discovered import DiscoveredPods
 from optimizer.gpu.types import GpuSample
 from optimizer.pods import PodInfo
-from optimizer.policy.types import Event, PolicyState, ServiceReport, ServiceState, Snapshot
+from optimizer.policy.types import Event, GpuState, PolicyState, ServiceReport, ServiceState, Snapshot
 from optimizer.runtime_settings import SettingsChange
 from optimizer.gpu_lookup import UnknownGpu
 from optimizer.trust import REFUSAL_REASONS, Known, Refused
@@ -36,6 +36,9 @@ __all__ = ["EVENT_HISTORY", "OOM_OUTCOMES", "REFUSAL_REASONS", "Decision", "Engi
            "Refused", "SettingsChange", "UnknownGpu"]
 
 log = structlog.get_logger(__name__)
+
+#: A decision with what it was made from: the service's state, its GPU's state and sample, the strategy.
+_Decided = tuple[ServiceState, GpuState | None, GpuSample | None, str, Decision]
 
 
 class Engine:
@@ -50,13 +53,35 @@ class Engine:
         self._revision = 0  # rises on every change of state; the persister saves when it moved
         self._node = DiscoveredPods()  # Kubernetes discovery: the pods on this node (see optimizer.coordination)
         self._known: Known | None = None
+        # The poll path (docs/architecture.md, "The hot paths"): a known service's poll changes no state.
+        self._seen: dict[tuple[int, str], float] = {}  # last_seen of polls not yet folded into the state
+        self._decided: dict[tuple[int, str], _Decided] = {}  # each service's last decision, with its inputs
+        self._gpus = gpu_lookup.GpuIndex()  # the latest snapshot's GPUs by index and UUID
 
     # ------------------------------------------------------------------ read-only views
 
     @property
     def state(self) -> PolicyState:
         """The policy's state (frozen): the GPUs, the registered services, the roster."""
+        self._fold_seen()
         return self._state
+
+    def _fold_seen(self) -> None:
+        """Fold the polls' ``last_seen`` into the policy state, where the policy reads it (service expiry).
+
+        A poll of a known service only notes its time here (a dictionary entry, not a new state: the
+        poll path does no work proportional to the number of services); whatever reads the state or
+        hands it to the policy folds first, so the policy sees what it saw when each poll rebuilt it.
+        """
+        if not self._seen:
+            return
+        services = dict(self._state.services)
+        for key, seen in self._seen.items():
+            svc = services.get(key)
+            if svc is not None and svc.last_seen != seen:
+                services[key] = dataclasses.replace(svc, last_seen=seen)
+        self._seen.clear()
+        self._state = self._state.with_(services=services)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -173,6 +198,7 @@ class Engine:
 
     def restore_services(self, services: Mapping[tuple[int, str], ServiceState]) -> None:
         """Put saved services back over those known (at start); no new :attr:`revision`: nothing to save."""
+        self._fold_seen()
         self._state = self._state.with_(services={**self._state.services, **services})
 
     def update_settings(self, updates: dict[str, Any], now: float | None = None) -> dict[str, tuple[Any, Any]]:
@@ -187,6 +213,7 @@ class Engine:
         if change.changed or change.pinned or change.unpinned:
             self._revision += 1
         if "enabled" in change.changed:
+            self._fold_seen()
             if self._layers.settings.enabled:
                 self.optimize_now()
             else:
@@ -227,6 +254,7 @@ class Engine:
         if self._snapshot is None:
             self._revision += 1
             return ()
+        self._fold_seen()
         at = now if now is not None else self._snapshot.timestamp
         return self._apply(policy.rebalance(self._snapshot, self._state, self.policy_settings, at))
 
@@ -266,11 +294,15 @@ class Engine:
     def observe(self, snapshot: Snapshot) -> tuple[Event, ...]:
         """One sampler tick: keep the snapshot and its history, run the policy, account its events."""
         self._snapshot = snapshot
+        self._gpus = gpu_lookup.GpuIndex.of(snapshot)
         self._ledger.sampled(snapshot, self._layers.settings.history_size)
         if self._node.pods:
             self._update_roster()
+        self._fold_seen()
         events = self._apply(policy.decide(snapshot, self._state, self.policy_settings))
         self._ledger.forget(self._state.services)  # forgotten services' counts go with them
+        if len(self._decided) > len(self._state.services):  # expired services' decisions go with them
+            self._decided = {k: v for k, v in self._decided.items() if k in self._state.services}
         return events
 
     # ------------------------------------------------------------------ operator actions (admin API)
@@ -279,6 +311,7 @@ class Engine:
         """Run the periodic optimization on every GPU now, from the latest snapshot (none before the first)."""
         if self._snapshot is None:
             return ()
+        self._fold_seen()
         return self._apply(policy.optimize_now(self._snapshot, self._state, self.policy_settings))
 
     def deferred_optimizations(self) -> tuple[policy.Deferral, ...]:
@@ -293,6 +326,7 @@ class Engine:
         index = self.resolve_gpu(service, gpu)
         if index is None:
             raise UnknownGpu(gpu if gpu is not None else "any", [])
+        self._fold_seen()
         until = None if ttl_s is None else now + ttl_s
         self._apply(policy.set_override(self._state, service, index, batch, until, now, self.policy_settings,
                                         self.gpu_sample(index)))
@@ -303,6 +337,7 @@ class Engine:
         index = self.resolve_gpu(service, gpu)
         if index is None or (index, service) not in self._state.services:
             return None
+        self._fold_seen()
         self._apply(policy.clear_override(self._state, service, index, now))
         return self.decision_of(self._state.services[(index, service)])
 
@@ -318,19 +353,23 @@ class Engine:
         index = self.resolve_gpu(service, gpu)
         if index is None:
             return decision.cpu_only(service, now, self.policy_settings, self._layers.settings.strategy.value)
-        new = (index, service) not in self._state.services
-        if new:
-            why = self.admit(service, index, peer)
-            if why is not None:
-                return decision.unregistered(service, index, now, why, self.policy_settings,
-                                             self._layers.settings.strategy.value, self._state.gpus.get(index),
-                                             self.gpu_sample(index))
+        key = (index, service)
+        svc = self._state.services.get(key)
+        if svc is not None:  # the hot path: its liveness noted, its decision reused while unchanged
+            if self._node.note(pod, index, peer) and self._node.pods:
+                self._update_roster()
+            self._seen[key] = now
+            return self.decision_of(svc)
+        why = self.admit(service, index, peer)
+        if why is not None:
+            return decision.unregistered(service, index, now, why, self.policy_settings,
+                                         self._layers.settings.strategy.value, self._state.gpus.get(index),
+                                         self.gpu_sample(index))
         if self._node.note(pod, index, peer) and self._node.pods:
             self._update_roster()
         self._state, svc = policy.touch(self._state, service, index, now, self.policy_settings,
                                         self.gpu_sample(index))
-        if new:
-            self._revision += 1  # a new service is state worth saving
+        self._revision += 1  # a new service is state worth saving
         return self.decision_of(svc)
 
     def report(self, service: str, gpu: int | str | None, now: float, *, batch_size: int | None = None,
@@ -362,6 +401,7 @@ class Engine:
                                reserved_bytes=reserved_bytes, oom=oom,
                                inactive_split_bytes=inactive_split_bytes)
         sample = self.gpu_sample(index)
+        self._seen.pop((index, service), None)  # the report's own touch is later than any poll noted
         if oom:
             verdict = policy.oom_verdict(self._state.services.get((index, service)), report, self.policy_settings,
                                          sample)
@@ -374,15 +414,26 @@ class Engine:
     # ------------------------------------------------------------------ lookups (see gpu_lookup.py)
 
     def gpu_sample(self, index: int) -> GpuSample | None:
-        return gpu_lookup.gpu_sample(self._snapshot, index)
+        return self._gpus.by_index.get(index)
 
     def resolve_gpu(self, service: str, selector: int | str | None) -> int | None:
         """A GPU index from an index, a UUID, or nothing; ``None``: no GPU here (:func:`gpu_lookup.resolve_gpu`)."""
-        return gpu_lookup.resolve_gpu(self._snapshot, self._state.services, self._has_gpus, service, selector)
+        return self._gpus.resolve(self._state.services, self._has_gpus, service, selector)
 
     def decision_of(self, svc: ServiceState) -> Decision:
-        return decision.of_service(svc, self._layers.settings.strategy.value, self._state.gpus.get(svc.gpu),
-                                   self.gpu_sample(svc.gpu))
+        """``svc``'s decision; the one made last time while its inputs are the same values (frozen, by
+        identity: the service's state, its GPU's state and sample, the strategy), so a poll between two
+        changes builds nothing and the encoded answer it hits is found by identity."""
+        gs = self._state.gpus.get(svc.gpu)
+        sample = self._gpus.by_index.get(svc.gpu)
+        strategy = self._layers.settings.strategy.value
+        key = (svc.gpu, svc.service)
+        kept = self._decided.get(key)
+        if kept is not None and kept[0] is svc and kept[1] is gs and kept[2] is sample and kept[3] == strategy:
+            return kept[4]
+        made = decision.of_service(svc, strategy, gs, sample)
+        self._decided[key] = (svc, gs, sample, strategy, made)
+        return made
 
     def decisions(self) -> list[Decision]:
         return [self.decision_of(v) for _, v in sorted(self._state.services.items())]

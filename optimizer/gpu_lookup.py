@@ -6,7 +6,8 @@ Pure lookups over the latest :class:`Snapshot` (``None`` before the first sample
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 from optimizer.gpu.types import MIG_SELECTOR_RE, GpuSample
 from optimizer.policy.types import Snapshot
@@ -69,6 +70,57 @@ def resolve_gpu(snapshot: Snapshot | None, registered: Collection[tuple[int, str
     if found is not None:
         return found
     raise UnknownGpu(selector, indexes, gpu_selectors(snapshot))
+
+
+@dataclass(frozen=True, slots=True)
+class GpuIndex:
+    """One snapshot's GPUs by index and by UUID, built once per sample: what every poll and report looks up.
+
+    The same answers as :func:`gpu_sample`, :func:`gpu_indexes` and :func:`resolve_gpu` over ``snapshot``,
+    by dictionary instead of a scan of the snapshot (docs/architecture.md, "The hot paths").
+    """
+
+    snapshot: Snapshot | None = None
+    indexes: tuple[int, ...] = ()  # sorted
+    by_index: Mapping[int, GpuSample] = field(default_factory=dict)  # the first entry of each index
+    by_uuid: Mapping[str, int] = field(default_factory=dict)  # the first entry of each UUID
+    first_working: int | None = None  # the first entry (in the snapshot's order) that has not failed
+
+    @classmethod
+    def of(cls, snapshot: Snapshot | None) -> GpuIndex:
+        if snapshot is None:
+            return cls()
+        by_index: dict[int, GpuSample] = {}
+        by_uuid: dict[str, int] = {}
+        for g in snapshot.gpus:
+            by_index.setdefault(g.index, g)
+            by_uuid.setdefault(g.uuid, g.index)
+        working = next((g.index for g in snapshot.gpus if not g.failed), None)
+        return cls(snapshot, tuple(sorted(g.index for g in snapshot.gpus)), by_index, by_uuid, working)
+
+    def resolve(self, registered: Collection[tuple[int, str]], has_gpus: bool, service: str,
+                selector: int | str | None) -> int | None:
+        """:func:`resolve_gpu` over this index's snapshot: the same index, the same :class:`UnknownGpu`."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return resolve_gpu(None, registered, has_gpus, service, selector)
+        if selector is None:
+            for gi in self.indexes:  # a few dictionary lookups (one per GPU), not a scan of the services
+                if (gi, service) in registered:
+                    return gi
+            if not self.indexes:
+                return 0 if has_gpus else None
+            return self.first_working if self.first_working is not None else self.indexes[0]
+        if isinstance(selector, int):
+            if selector in self.by_index:
+                return selector
+            raise UnknownGpu(selector, list(self.indexes), gpu_selectors(snapshot))
+        found = self.by_uuid.get(selector)
+        if found is None:
+            found = gpu_by_name(snapshot, selector)  # a MIG parent:instance (or nothing)
+        if found is not None:
+            return found
+        raise UnknownGpu(selector, list(self.indexes), gpu_selectors(snapshot))
 
 
 def gpu_by_name(snapshot: Snapshot | None, selector: str) -> int | None:

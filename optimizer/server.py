@@ -99,12 +99,13 @@ async def listening(api: Listener, admin: Listener,
     try:
         for listener in (api, admin):
             listener.app[BODY_TIMEOUT] = timeouts.body_s
-            listener.app.middlewares.insert(0, tracker.middleware())
             runner = web.AppRunner(listener.app, access_log=None, keepalive_timeout=KEEPALIVE_S)
             servers.append(await _bind(listener, runner, tracker))
             runners.append(runner)
         for runner in runners:
             await runner.setup()  # the read API's starts the sampler (and the persister, discovery)
+            assert runner.server is not None
+            tracker.track(runner.server)  # the header clock, below the application (no middleware)
             set_up.append(runner)
         for listener, runner, server in zip((api, admin), runners, servers):
             await _BoundSite(runner, server, f"{listener.what} on {_where(listener.host, listener.port)}").start()

@@ -13,9 +13,8 @@ from aiohttp import web
 
 from optimizer.api.encoded import EncodedDecisions
 from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER, TASKS
-from optimizer.api.routes import routes
-from optimizer.api.schemas import MAX_REPORT_BYTES, BodyTimeout
-from optimizer.api.timeouts import close_after
+from optimizer.api.routes import error_answer, hot_routes, json_errors, routes, unrouted
+from optimizer.api.schemas import MAX_REPORT_BYTES
 from optimizer.engine import Engine
 from optimizer.metrics import TaskCounts, build_registry
 from optimizer.persistence import Persister
@@ -47,25 +46,15 @@ TASK_POLICIES: dict[str, Policy] = {
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """HTTP errors answer JSON; an unexpected exception is logged and answers 500, the server goes on.
 
-    A body that did not arrive in time answers 408 and closes the connection.
+    A body that did not arrive in time answers 408 and closes the connection (:func:`routes.error_answer`).
+    The admin API's middleware; the read API runs none (its routes answer their errors themselves).
     """
     try:
         return await handler(request)
-    except BodyTimeout as exc:
-        log.info("request_body_timeout", client=request.remote, method=request.method, path=request.path)
-        return await close_after(request, web.json_response({"error": str(exc), "field": "body"}, status=408))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.content_type == "application/json" and exc.text:  # a handler's own JSON error: kept
-            return web.json_response(text=exc.text, status=exc.status)
-        return web.json_response({"error": exc.reason}, status=exc.status, headers={
-            k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - never let one request take the server down
-        log.exception("request_failed", method=request.method, path=request.path)
-        return web.json_response({"error": "internal error"}, status=500)
+    except Exception as exc:  # noqa: BLE001 - never let one request take the server down
+        return await error_answer(request, exc)
 
 
 def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
@@ -76,7 +65,9 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     with ``discovery`` the Kubernetes pod watcher (and publisher) run for the application's lifetime.
     Each runs under ``supervisor`` (by default one on the sampler's clock and sleep), restarted if it dies.
     """
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_REPORT_BYTES)
+    # No middleware: aiohttp's middleware chain (and the one it adds to set request.app) would run on every
+    # poll. The hot routes answer their own errors, the others through json_errors, the rest: unrouted.
+    app = web.Application(client_max_size=MAX_REPORT_BYTES)
     app[ENGINE] = engine
     app[SAMPLER] = sampler
     tasks = app[TASKS] = supervisor if supervisor is not None else Supervisor(clock=sampler.clock,
@@ -86,7 +77,11 @@ def build_app(engine: Engine, sampler: Sampler, *, run_sampler: bool = True,
     app[PERSISTER] = persister
     app[DISCOVERY] = discovery
     app[ENCODED] = EncodedDecisions(lambda: engine.state.services.keys())
-    app.add_routes(routes)
+    app.add_routes(hot_routes)
+    for route in routes:
+        assert isinstance(route, web.RouteDef)
+        web.RouteDef(route.method, route.path, json_errors(route.handler), route.kwargs).register(app.router)
+    app.router.add_route("*", "/{path:.*}", unrouted)  # last: what no route takes answers 404 / 405 as JSON
 
     async def persist_loop() -> None:
         assert persister is not None

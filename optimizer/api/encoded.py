@@ -9,13 +9,18 @@ function of the :class:`~optimizer.engine.Decision` (a frozen value), so a reuse
 that would have been encoded, whatever changed the engine's state in between: a sample, a report,
 an override, a settings change, a restore at start-up. The price is one comparison of two small
 values per poll.
+
+The answers' headers are built with the bytes (per ``Cache-Control`` max-age, which follows the
+monitoring interval): a poll copies them, it does not format them.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from optimizer.api.decisions import decision_dict, decision_etag
 from optimizer.engine import Decision
@@ -40,11 +45,25 @@ class Encoded:
     body: bytes
     etag: str
     opaque_etag: str
+    # by max-age: the 200 answer's headers and the 304's, built at the first poll that needs them
+    _headers: dict[int, tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, d: Decision) -> Encoded:
         etag = decision_etag(d)
         return cls(d, json.dumps(decision_dict(d), separators=(",", ":")).encode("utf-8"), etag, _opaque(etag))
+
+    def headers(self, max_age: int) -> tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]:
+        """The headers of the 200 answer (``ETag``, ``Cache-Control``, ``Content-Type``, ``Content-Length``,
+        in the order aiohttp writes them for a JSON body) and of the 304 (``ETag``, ``Cache-Control``)."""
+        kept = self._headers.get(max_age)
+        if kept is None:
+            not_modified = CIMultiDict([("ETag", self.etag), ("Cache-Control", f"max-age={max_age}")])
+            ok = not_modified.copy()
+            ok.extend([("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(self.body)))])
+            kept = self._headers[max_age] = (CIMultiDictProxy(ok), CIMultiDictProxy(not_modified))
+        return kept
 
     def matches(self, if_none_match: str) -> bool:
         """Whether an ``If-None-Match`` header value names this entity (weak comparison, ``*``, lists)."""
@@ -80,7 +99,7 @@ class EncodedDecisions:
         """``d`` encoded: the kept bytes when ``d`` equals the decision they came from, else fresh ones."""
         key = (d.gpu_index, d.service)
         kept = self._by_key.get(key)
-        if kept is not None and kept.decision == d:
+        if kept is not None and (kept.decision is d or kept.decision == d):  # the engine reuses its decisions
             self.hits += 1
             return kept
         self.misses += 1

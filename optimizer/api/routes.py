@@ -1,16 +1,25 @@
-"""Handlers of the read API. Each validates its input, asks the engine, and answers JSON."""
+"""Handlers of the read API. Each validates its input, asks the engine, and answers JSON.
+
+The application runs no middleware (docs/architecture.md, "The hot paths"): the hot routes (``GET
+/batch-size``, ``POST /reports``) answer their own errors (:func:`error_answer`, what the other routes
+get from :func:`json_errors`), and :func:`unrouted` answers the requests no route takes.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER, TASKS
 from optimizer.api.schemas import (
     MAX_REPORT_BYTES,
+    BodyTimeout,
     InvalidInput,
     event_dict,
     parse_gpu,
@@ -25,13 +34,64 @@ from optimizer.api.schemas import (
 from optimizer.api.decisions import decision_dict
 from optimizer.api.encoded import Encoded
 from optimizer.api.services import services_body
-from optimizer.api.timeouts import body_timeout
+from optimizer.api.timeouts import body_timeout, close_after
 from optimizer.config import settings_to_dict
 from optimizer.engine import Decision, Engine, Refused, UnknownGpu
 from optimizer.sampler import Sampler
 from optimizer.workers import default_cores, plan_workers
 
-routes = web.RouteTableDef()
+hot_routes = web.RouteTableDef()  # GET /batch-size, POST /reports: each answers its own errors
+routes = web.RouteTableDef()  # every other route: each answers its errors through json_errors
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The answer to a handler's exception: HTTP errors answer JSON; an unexpected exception is logged and
+    answers 500, the server goes on. A body that did not arrive in time answers 408 and closes the
+    connection. An HTTP exception below 400 (a redirect) is raised again."""
+    if isinstance(exc, BodyTimeout):
+        log.info("request_body_timeout", client=request.remote, method=request.method, path=request.path)
+        return await close_after(request, web.json_response({"error": str(exc), "field": "body"}, status=408))
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        if exc.content_type == "application/json" and exc.text:  # a handler's own JSON error: kept
+            return web.json_response(text=exc.text, status=exc.status)
+        return web.json_response({"error": exc.reason}, status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    log.exception("request_failed", method=request.method, path=request.path, exc_info=exc)
+    return web.json_response({"error": "internal error"}, status=500)
+
+
+def json_errors(handler: Handler) -> Handler:
+    """``handler`` answering its errors as :func:`error_answer` says (what a middleware did for every route)."""
+
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never let one request take the server down
+            return await error_answer(request, exc)
+
+    answered.__name__ = getattr(handler, "__name__", "handler")
+    answered.__doc__ = handler.__doc__
+    return answered
+
+
+async def unrouted(request: web.Request) -> web.StreamResponse:
+    """The requests no route takes (the last route, on every path and method): 405 naming the methods the
+    path takes (``Allow``), else 404, both JSON, as the router's own errors answered through a middleware."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    exc = web.HTTPMethodNotAllowed(request.method, allowed) if allowed else web.HTTPNotFound()
+    return await error_answer(request, exc)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -44,24 +104,52 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
 
 
 def _decision_response(request: web.Request, d: Decision) -> web.Response:
-    """The decision's body and ETag, encoded once per change of the decision (not once per poll)."""
+    """The decision's body, ETag and headers, encoded once per change of the decision (not once per poll)."""
     # An unknown name's answer is not kept: made-up names must not fill the store of the registered ones.
     encoded = request.app[ENCODED].get(d) if d.registered else Encoded.of(d)
-    interval = request.app[ENGINE].settings.monitoring_interval
-    headers = {"ETag": encoded.etag, "Cache-Control": f"max-age={max(1, math.floor(interval))}"}
+    ok, not_modified = encoded.headers(max(1, math.floor(request.app[ENGINE].settings.monitoring_interval)))
     inm = request.headers.get("If-None-Match")
     if inm is not None and encoded.matches(inm):
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=encoded.body, headers=headers, content_type="application/json", charset="utf-8")
+        return web.Response(status=304, headers=not_modified)
+    return web.Response(body=encoded.body, headers=ok)
 
 
-@routes.get("/batch-size")
-async def batch_size(request: web.Request) -> web.Response:
+@hot_routes.get("/batch-size")
+async def batch_size(request: web.Request) -> web.StreamResponse:
+    """``GET /batch-size``, a hot route: no middleware, its own errors answered (:func:`error_answer`)."""
+    try:
+        return _poll(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - never let one request take the server down
+        return await error_answer(request, exc)
+
+
+#: A poll's parameters by its raw query string (a service sends the same one every time): parsing and
+#: checking them is a pure function of that string, so it is done once. Only valid ones are kept, at
+#: most :data:`MAX_QUERIES` (then the table starts over: made-up queries cannot grow it).
+_QUERIES: dict[str, tuple[str, int | str | None, str | None]] = {}
+MAX_QUERIES = 4096
+
+
+def poll_query(request: web.Request) -> tuple[str, int | str | None, str | None]:
+    """``service``, ``gpu`` and ``pod`` of a poll, checked (raises :class:`InvalidInput`)."""
+    raw = request.rel_url.raw_query_string
+    kept = _QUERIES.get(raw)
+    if kept is not None:
+        return kept
+    query = request.query
+    parsed = (parse_service(query.get("service")), parse_gpu(query.get("gpu")), parse_pod(query.get("pod")))
+    if len(_QUERIES) >= MAX_QUERIES:
+        _QUERIES.clear()
+    _QUERIES[raw] = parsed
+    return parsed
+
+
+def _poll(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
-        service = parse_service(request.query.get("service"))
-        gpu = parse_gpu(request.query.get("gpu"))
-        pod = parse_pod(request.query.get("pod"))
+        service, gpu, pod = poll_query(request)
         d = engine.poll(service, gpu, request.app[SAMPLER].clock(), pod=pod, peer=request.remote or "")
     except InvalidInput as exc:
         return _json(exc.body(), status=400)
@@ -72,8 +160,18 @@ async def batch_size(request: web.Request) -> web.Response:
     return _decision_response(request, d)
 
 
-@routes.post("/reports")
-async def reports(request: web.Request) -> web.Response:
+@hot_routes.post("/reports")
+async def reports(request: web.Request) -> web.StreamResponse:
+    """``POST /reports``, a hot route: no middleware, its own errors answered (:func:`error_answer`)."""
+    try:
+        return await _report(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - never let one request take the server down
+        return await error_answer(request, exc)
+
+
+async def _report(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
         return _json({"error": f"body over {MAX_REPORT_BYTES} bytes"}, status=413)
     raw = await read_limited(request.content, timeout=body_timeout(request.app))

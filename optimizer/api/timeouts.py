@@ -6,8 +6,9 @@ connection, and a handler, for as long as it likes (slowloris). Two bounds close
 
 - **headers**: a request's line and headers must arrive within ``header_s`` of its first byte (of
   the connection's opening, for its first request). :class:`ConnectionTracker` wraps each
-  connection's protocol (aiohttp's ``RequestHandler``) to see the bytes arrive, and a middleware
-  tells it when a request's headers are in (its handler starts) and when its answer is made. On
+  connection's protocol (aiohttp's ``RequestHandler``) to see the bytes arrive, and wraps the
+  listener's request handler (:meth:`ConnectionTracker.track`, below the application: no middleware)
+  to know when a request's headers are in (its handling starts) and when its answer is made. On
   expiry the connection is answered ``408`` (when part of a request came) and closed. A connection
   idle between requests is left to ``keepalive_timeout`` (:data:`KEEPALIVE_S`), so the client
   library's pooled connections keep working.
@@ -31,7 +32,6 @@ from enum import Enum
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware  # the handler type optimizer.api.app uses too
 from aiohttp.web_protocol import RequestHandler
 
 from optimizer.api.keys import BODY_TIMEOUT
@@ -73,12 +73,17 @@ class _Connection(asyncio.Protocol):
         self._state = _State.AWAITING
         self._received = False  # bytes of the awaited request have come
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # the awaited request's line and headers are due by then (loop time)
 
     def _await_request(self, *, received: bool) -> None:
+        # One timer per connection, not one per request: a keep-alive connection's requests only move the
+        # deadline; the timer, when it fires early, sleeps on to the deadline in force.
         self._state = _State.AWAITING
         self._received = received
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(self._tracker.header_s, self._expired)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._tracker.header_s
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -89,6 +94,10 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         transport = self._transport
         if self._state is not _State.AWAITING or transport is None or transport.is_closing():
+            return  # the next awaited request arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:  # a later request moved the deadline
+            self._timer = loop.call_at(self._deadline, self._expired)
             return
         peer = transport.get_extra_info("peername")
         log.info("request_header_timeout", peer=str(peer), timeout_s=self._tracker.header_s,
@@ -97,11 +106,10 @@ class _Connection(asyncio.Protocol):
             transport.write(_timeout_answer(self._tracker.header_s))
         transport.close()
 
-    # -- the middleware's calls -----------------------------------------------------------------
+    # -- the tracked request handler's calls -----------------------------------------------------------------
 
     def request_started(self) -> None:
-        self._cancel_timer()
-        self._state = _State.IN_REQUEST
+        self._state = _State.IN_REQUEST  # the timer, if it fires meanwhile, does nothing
 
     def request_finished(self) -> None:
         self._state = _State.IDLE
@@ -156,21 +164,27 @@ class ConnectionTracker:
 
         return factory
 
-    def middleware(self) -> Middleware:
-        """Tells a request's connection when its headers are in and when its answer is made."""
+    def track(self, server: web.Server) -> None:
+        """Wrap ``server``'s request handler (the runner's, after ``runner.setup()``, before it serves) to tell a
+        request's connection when its headers are in and when its answer is made.
 
-        @web.middleware
-        async def track_request(request: web.Request, handler: Handler) -> web.StreamResponse:
-            conn = self.connections.get(request.protocol)
-            if conn is None:  # not a connection of ours (the test client's server)
-                return await handler(request)
+        Below the application rather than a middleware: the read API's hot routes run no middleware
+        (aiohttp runs an application's middlewares on every route), yet keep the header clock.
+        """
+        inner = server.request_handler
+        connections = self.connections
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            conn = connections.get(request.protocol)
+            if conn is None:  # not a connection of ours
+                return await inner(request)
             conn.request_started()
             try:
-                return await handler(request)
+                return await inner(request)
             finally:
                 conn.request_finished()
 
-        return track_request
+        server.request_handler = tracked
 
 
 def body_timeout(app: web.Application) -> float:
