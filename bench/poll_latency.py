@@ -1,6 +1,6 @@
 """Measure ``GET /batch-size`` under many concurrent pollers against a bare aiohttp handler (the ceiling).
 
-Starts ``vlm-gpu-optimizer serve --backend simulated`` (the production handler, middleware and
+Starts ``vlm-gpu-optimizer serve --backend simulated`` (the production handler and
 sampler, default 5 s interval) and, in the same run, a bare aiohttp app that answers the same bytes
 with the same headers (Content-Type, ETag, Cache-Control) from a constant. Both are loaded in turn,
 ``--rounds`` times each, by one load generator process, for two kinds of poll:
@@ -246,7 +246,7 @@ def summarise(runs: list[Run], kinds: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def handler_timing(calls: int) -> dict[str, float]:
-    """Microseconds per call of the batch-size handler (through the app's middleware), no HTTP.
+    """Microseconds per call of the batch-size handler (through the app's dispatch), no HTTP.
 
     The median of five batches of ``calls / 5`` requests, each after a garbage collection.
     """
@@ -279,7 +279,7 @@ def handler_timing(calls: int) -> dict[str, float]:
 
     async def run() -> None:
         await sampler.tick()
-        handler = app._handle  # the app's dispatch: router, middleware, handler
+        handler = app._handle  # the app's dispatch: router and handler (the read API runs no middleware)
         req = make_mocked_request("GET", f"/batch-size?service={SERVICE}", app=app)
         first = await handler(req)
         etag = first.headers["ETag"]
