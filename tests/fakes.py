@@ -1,32 +1,18 @@
-"""Test doubles shared by the API, metrics and sampler tests: a virtual clock and a scripted backend."""
+"""Test doubles shared by the API, metrics and sampler tests: a virtual clock and a scripted backend.
+
+The clock, the GPU UUIDs and the decision sink are the client's test doubles (client/tests/client_fakes.py,
+on the path by pyproject's pytest ``pythonpath``), re-exported here."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from dataclasses import dataclass, field
-from typing import Any
 
+from client_fakes import FakeClock, Sink, uuid_of
 from optimizer.gpu.types import GpuSample
 
+__all__ = ["GIB", "FakeClock", "ScriptedBackend", "Sink", "no_sleep", "uuid_of"]
+
 GIB = 1024**3
-
-
-def uuid_of(i: int) -> str:
-    return f"GPU-{i:08d}-0000-4000-8000-000000000000"
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, t: float = 1_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 class ScriptedBackend:
@@ -79,18 +65,3 @@ class ScriptedBackend:
 
 async def no_sleep(delay: float) -> None:
     raise AssertionError("the tests drive ticks explicitly")
-
-
-@dataclass
-class Sink:
-    """A DecisionSink that records the decisions it gets."""
-
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    received: threading.Event = field(default_factory=threading.Event)
-
-    def apply_decision(self, decision: dict[str, Any]) -> None:
-        self.decisions.append(decision)
-        self.received.set()
-
-    async def wait(self) -> bool:
-        return await asyncio.to_thread(self.received.wait, 10)

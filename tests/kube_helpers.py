@@ -8,8 +8,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from optimizer.pods import PodInfo
 from optimizer.config.kube import KubeSettings
+from optimizer.engine import Engine
+from optimizer.pods import PodInfo
 from optimizer.kube.watcher import PodWatcher
 
 Pods = Mapping[str, PodInfo]
@@ -22,6 +23,25 @@ def kube_settings(kubeconfig: str, **overrides: Any) -> KubeSettings:
                                 pod_resources_socket="")  # tests/test_podresources.py mounts a fake kubelet
     base.update(overrides)
     return KubeSettings(**base)
+
+
+
+def notify_pod_changes(engine: Engine) -> asyncio.Condition:
+    """A condition notified after every ``engine.set_pods`` (wrapped in place), for tests to await."""
+    changed = asyncio.Condition()
+    set_pods = engine.set_pods
+
+    def recording(pods: dict[str, PodInfo], now: float | None = None) -> Any:
+        out = set_pods(pods, now)
+
+        async def notify() -> None:
+            async with changed:
+                changed.notify_all()
+        asyncio.get_running_loop().create_task(notify())
+        return out
+
+    engine.set_pods = recording  # type: ignore[method-assign]
+    return changed
 
 
 class Changes:

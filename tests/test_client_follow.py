@@ -11,18 +11,11 @@ the server answers on the test's event loop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import os
-import random
-import socket
-import subprocess
 import sys
-import textwrap
 import threading
 import time
-import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,24 +26,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from client_fakes import Calls, MaxRandom, poll, records, sync_client
 from optimizer.api import build_app
 from optimizer.config import Settings
 from optimizer.engine import Engine
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
-from vlm_optimizer_client import (
-    DEFAULT_URL,
-    URL_ENV,
-    AsyncBatchSizeClient,
-    BadAnswer,
-    BatchSizeClient,
-    default_cleanup,
-    follow,
-    parse_decision,
-)
+from vlm_optimizer_client import AsyncBatchSizeClient, BatchSizeClient, follow
 from vlm_optimizer_client import _follower
-from vlm_optimizer_client._follower import _Follower
-from vlm_optimizer_client.follow import BACKOFF_MAX_S
 
 GIB = 1024**3
 INTERVAL = Settings().monitoring_interval  # 5 s
@@ -130,54 +113,6 @@ def make_optimizer(aiohttp_server: AiohttpServer) -> MakeOptimizer:
 @pytest.fixture
 async def opt(make_optimizer: MakeOptimizer) -> Optimizer:
     return await make_optimizer()
-
-
-@dataclass
-class Calls:
-    """What the callbacks saw, from whichever thread ran them."""
-
-    changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    cleanups: list[int] = field(default_factory=list)
-
-    def on_change(self, batch: int, decision: dict[str, Any]) -> None:
-        self.changes.append((batch, decision))
-
-    def on_cleanup(self, epoch: int) -> None:
-        self.cleanups.append(epoch)
-
-    @property
-    def values(self) -> list[int]:
-        return [b for b, _ in self.changes]
-
-
-def sync_client(url: str, calls: Calls | None = None, **kwargs: Any) -> BatchSizeClient:
-    calls = calls or Calls()
-    kwargs.setdefault("clock", FakeClock(0.0))
-    kwargs.setdefault("rng", random.Random(7))
-    return BatchSizeClient("svc-a", url=url, on_change=calls.on_change, on_cleanup=calls.on_cleanup, **kwargs)
-
-
-async def poll(client: BatchSizeClient) -> float:
-    return await asyncio.to_thread(client.poll_once)
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def records(caplog: pytest.LogCaptureFixture, level: int, text: str = "") -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level and text in r.getMessage()]
-
-
-class MaxRandom(random.Random):
-    """Full jitter at its upper bound, so that the bound itself shows."""
-
-    def random(self) -> float:
-        return 1.0
 
 
 # --------------------------------------------------------------------------- following the value

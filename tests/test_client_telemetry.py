@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import sys
-import types
-import uuid as pyuuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,14 +23,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from client_fakes import OOM_ERROR, CUuuid, FakeCuda, closed_port, install_fake_cuda, oom
 from optimizer.api import build_app
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.policy.types import ServiceState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep, uuid_of
-from tests.oom_fakes import OOM_ERROR, oom
-from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, gpu_identity, measure, recover_oom, telemetry
+from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, measure, recover_oom, telemetry
 
 GIB = 1024**3
 HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
@@ -143,14 +140,6 @@ async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
     app.router.add_post("/reports", up.handle)
     up.server = await aiohttp_server(app)
     return up
-
-
-def closed_port() -> int:
-    """A local port with nothing listening on it (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
@@ -440,79 +429,10 @@ async def test_measure_reports_an_oom_and_reraises_it(optimizer: Optimizer) -> N
 # --------------------------------------------------------------------------- with PyTorch (a stand-in)
 
 
-class CUuuid:
-    """What ``torch.cuda.get_device_properties(i).uuid`` is: it prints without the ``GPU-`` prefix."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class RawCUuuid(CUuuid):
-    """A ``_CUuuid`` that prints its bytes undecoded (PyTorch 2.4), with the ``bytes`` of later versions."""
-
-    def __init__(self, uuid: str) -> None:
-        super().__init__("\x8f\xfe")
-        self.bytes = pyuuid.UUID(uuid.removeprefix("GPU-")).bytes
-
-
-class FakeCuda:
-    """The part of ``torch.cuda`` the library reads, recording each call.
-
-    A stand-in for a PyTorch *with CUDA* (a device, its UUID, allocator figures): those paths cannot run
-    on the CPU build the suite installs. What the real module does without CUDA is in test_client_torch.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.initialized = True
-        self.uuid: CUuuid | None = CUuuid(uuid_of(0).removeprefix("GPU-"))
-        self.peak = self.allocated = self.reserved = self.inactive = 0
-
-    def is_available(self) -> bool:
-        return True
-
-    def is_initialized(self) -> bool:
-        return self.initialized
-
-    def current_device(self) -> int:
-        return 0
-
-    def get_device_properties(self, index: int) -> types.SimpleNamespace:
-        return types.SimpleNamespace(name="Test GPU") if self.uuid is None else types.SimpleNamespace(uuid=self.uuid)
-
-    def reset_peak_memory_stats(self, device: Any = None) -> None:
-        self.calls.append(f"reset {device}")
-
-    def max_memory_allocated(self, device: Any = None) -> int:
-        self.calls.append(f"max {device}")
-        return self.peak
-
-    def memory_allocated(self, device: Any = None) -> int:
-        self.calls.append(f"allocated {device}")
-        return self.allocated
-
-    def memory_reserved(self, device: Any = None) -> int:
-        self.calls.append(f"reserved {device}")
-        return self.reserved
-
-    def memory_stats(self, device: Any = None) -> dict[str, int]:
-        self.calls.append(f"stats {device}")
-        return {"inactive_split_bytes.all.current": self.inactive, "num_ooms": 0}
-
-    def empty_cache(self) -> None:
-        self.calls.append("empty_cache")
-
-
 @pytest.fixture
 def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
-    fake = FakeCuda()
-    torch = types.ModuleType("torch")
-    setattr(torch, "cuda", fake)
-    monkeypatch.setitem(sys.modules, "torch", torch)
-    return fake
+    """A stand-in PyTorch *with CUDA* (client/tests/client_fakes.py): those paths cannot run on the CPU build."""
+    return install_fake_cuda(monkeypatch)
 
 
 async def test_the_reporter_sends_the_uuid_of_the_current_device(cuda: FakeCuda, optimizer: Optimizer) -> None:

@@ -29,7 +29,7 @@ from optimizer.pods import BATCH_SIZE_ANNOTATION, CLEANUP_EPOCH_ANNOTATION, PodI
 from optimizer.sampler import Sampler
 from tests.fake_kube import FakeKube, make_pod
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep
-from tests.kube_helpers import kube_settings
+from tests.kube_helpers import kube_settings, notify_pod_changes
 from tests.policy_helpers import ROOT
 
 Client = TestClient[web.Request, web.Application]
@@ -85,19 +85,7 @@ def make_node(kube: FakeKube, tmp_path: Path, aiohttp_client: AiohttpClient) -> 
         engine = Engine(Settings())
         sampler = Sampler(ScriptedBackend(1), engine, clock=clock, sleep=no_sleep)
         await sampler.tick()
-        changed = asyncio.Condition()
-        set_pods = engine.set_pods
-
-        def recording(pods: dict[str, PodInfo], now: float | None = None) -> Any:
-            out = set_pods(pods, now)
-
-            async def notify() -> None:
-                async with changed:
-                    changed.notify_all()
-            asyncio.get_running_loop().create_task(notify())
-            return out
-
-        engine.set_pods = recording  # type: ignore[method-assign]
+        changed = notify_pod_changes(engine)
         settings = kube_settings(kube.write_kubeconfig(str(tmp_path / "kubeconfig")), **kube_overrides)
         discovery = Discovery(engine, settings, clock=clock, sleep=never)
         client = await aiohttp_client(build_app(engine, sampler, run_sampler=False, discovery=discovery))

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from client_fakes import wait_until_ready
 from optimizer.api.app import build_app
 from vlm_optimizer_client import VRAMProfiles
 from optimizer.config import Settings
@@ -46,19 +46,10 @@ def optimizer_process() -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
                              "127.0.0.1", "--port", str(port), "--admin-port", str(admin), "--monitoring-interval",
                              "0.5", "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
     try:
-        while True:  # bounded poll until it serves
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the optimizer did not start"
-            time.sleep(0.05)
+        wait_until_ready(proc, url, 30)
         yield url
     finally:
         proc.terminate()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pytest_aiohttp import AiohttpClient
@@ -37,7 +36,7 @@ from optimizer.sampler import Sampler
 from tests.fake_kube import FakeKube, make_pod
 from tests.fake_kubelet import FakeKubelet, GarbageSocket, answer, short_dir
 from tests.fakes import FakeClock, ScriptedBackend, no_sleep, uuid_of
-from tests.kube_helpers import kube_settings, kube_threads
+from tests.kube_helpers import kube_settings, kube_threads, notify_pod_changes
 from tests.policy_helpers import ROOT, gpu
 
 PKG = ROOT / "optimizer" / "kube" / "podresources"
@@ -316,19 +315,7 @@ async def test_discovery_maps_pods_to_gpus_by_the_kubelets_devices_and_services_
             clock = FakeClock()
             sampler = Sampler(ScriptedBackend(2), engine, clock=clock, sleep=no_sleep)
             await sampler.tick()
-            changed = asyncio.Condition()
-            set_pods = engine.set_pods
-
-            def recording(pods: dict[str, PodInfo], now: float | None = None) -> Any:
-                out = set_pods(pods, now)
-
-                async def notify() -> None:
-                    async with changed:
-                        changed.notify_all()
-                asyncio.get_running_loop().create_task(notify())
-                return out
-
-            engine.set_pods = recording  # type: ignore[method-assign]
+            changed = notify_pod_changes(engine)
             settings = kube_settings(kube.write_kubeconfig(str(tmp_path / "kubeconfig")),
                                      pod_resources_socket=kubelet.socket)
             discovery = Discovery(engine, settings, clock=clock, sleep=never)

@@ -10,20 +10,19 @@ import gc
 import logging
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from client_fakes import FakeClock, uuid_of
+from client_fakes import LOGGER, Calls, FakeClock, MaxRandom, closed_port, poll, records, sync_client, uuid_of
 from pytest_aiohttp import AiohttpServer
 
 from vlm_optimizer_client import (
@@ -38,56 +37,7 @@ from vlm_optimizer_client import (
 from vlm_optimizer_client._follower import _Follower
 from vlm_optimizer_client.follow import BACKOFF_MAX_S
 
-LOGGER = "vlm_optimizer_client"
 ROOT = Path(__file__).resolve().parent
-
-
-@dataclass
-class Calls:
-    """What the callbacks saw, from whichever thread ran them."""
-
-    changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    cleanups: list[int] = field(default_factory=list)
-
-    def on_change(self, batch: int, decision: dict[str, Any]) -> None:
-        self.changes.append((batch, decision))
-
-    def on_cleanup(self, epoch: int) -> None:
-        self.cleanups.append(epoch)
-
-    @property
-    def values(self) -> list[int]:
-        return [b for b, _ in self.changes]
-
-
-def sync_client(url: str, calls: Calls | None = None, **kwargs: Any) -> BatchSizeClient:
-    calls = calls or Calls()
-    kwargs.setdefault("clock", FakeClock(0.0))
-    kwargs.setdefault("rng", random.Random(7))
-    return BatchSizeClient("svc-a", url=url, on_change=calls.on_change, on_cleanup=calls.on_cleanup, **kwargs)
-
-
-async def poll(client: BatchSizeClient) -> float:
-    return await asyncio.to_thread(client.poll_once)
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def records(caplog: pytest.LogCaptureFixture, level: int, text: str = "") -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level and text in r.getMessage()]
-
-
-class MaxRandom(random.Random):
-    """Full jitter at its upper bound, so that the bound itself shows."""
-
-    def random(self) -> float:
-        return 1.0
 
 
 def test_backoff_doubles_from_1_s_and_caps_at_60_s() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from client_fakes import HOUR, FakeClock, decision
+from client_fakes import HOUR, FakeClock, closed_port, decision
 from pytest_aiohttp import AiohttpServer
 
 from vlm_optimizer_client import AsyncBatchSizeClient, AsyncReporter, BatchSizeClient, Reporter, telemetry
@@ -345,13 +345,6 @@ async def test_a_failed_send_on_a_new_connection_is_not_retried(counting: Counti
 
 
 # --------------------------------------------------------------------------- unreachable: fallback and backoff
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_a_kept_connection_to_an_optimizer_that_went_away_falls_back_and_backs_off(

@@ -9,18 +9,17 @@ as the library sees it without PyTorch.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import os
 import sys
 import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
+from client_fakes import OOM_ERROR, OOM_TEXT, FakeReporter, OutOfMemoryError, oom
 from vlm_optimizer_client import (
     OOM_MESSAGES,
     RecoveryPolicy,
@@ -30,45 +29,6 @@ from vlm_optimizer_client import (
     oom_attempts,
     recover_oom,
 )
-
-
-def in_ci() -> bool:
-    """``CI`` is set to anything but empty, ``0`` or ``false`` (as the server's tests/tools.py)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
-
-
-OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB"
-
-
-class OutOfMemoryError(RuntimeError):
-    """What the library sees of ``torch.cuda.OutOfMemoryError`` when PyTorch is not installed."""
-
-
-def _oom_class() -> type[Exception]:
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        if in_ci():  # make test installs PyTorch (the dev extras): without it these tests test less
-            raise
-        return OutOfMemoryError
-    return cast(type[Exception], torch.cuda.OutOfMemoryError)
-
-
-OOM_ERROR = _oom_class()
-
-
-def oom(note: str = "") -> Exception:
-    return OOM_ERROR(OOM_TEXT + note)
-
-
-@dataclass
-class FakeReporter:
-    """Records what recovery reports."""
-
-    calls: list[tuple[int, bool]] = field(default_factory=list)
-
-    def report(self, batch_size: int, *, oom: bool = False) -> None:
-        self.calls.append((batch_size, oom))
 
 
 @dataclass

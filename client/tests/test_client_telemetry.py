@@ -7,30 +7,16 @@ server's tests/test_client_telemetry.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import socket
 import sys
-import types
-import uuid as pyuuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from client_fakes import HOUR, Sink, Upstream, decision, uuid_of
-from test_client_oom import OOM_ERROR, oom
+from client_fakes import HOUR, OOM_ERROR, CUuuid, FakeCuda, RawCUuuid, Sink, Upstream, closed_port, decision, oom, uuid_of
 
 from vlm_optimizer_client import AsyncReporter, Reporter, gpu_identity, measure, telemetry
 
 GIB = 1024**3
-
-
-def closed_port() -> int:
-    """A local port with nothing listening on it (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
@@ -122,81 +108,6 @@ def test_measure_needs_a_batch_size() -> None:
         measure(reporter)(no_batch)
     assert measure(reporter, batch_size=4)(no_batch)(["a"]) == 1
     assert reporter.stats.queued == 1
-
-
-class CUuuid:
-    """What ``torch.cuda.get_device_properties(i).uuid`` is: it prints without the ``GPU-`` prefix."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class RawCUuuid(CUuuid):
-    """A ``_CUuuid`` that prints its bytes undecoded (PyTorch 2.4), with the ``bytes`` of later versions."""
-
-    def __init__(self, uuid: str) -> None:
-        super().__init__("\x8f\xfe")
-        self.bytes = pyuuid.UUID(uuid.removeprefix("GPU-")).bytes
-
-
-class FakeCuda:
-    """The part of ``torch.cuda`` the library reads, recording each call.
-
-    A stand-in for a PyTorch *with CUDA* (a device, its UUID, allocator figures): those paths cannot run
-    on the CPU build the suite installs. What the real module does without CUDA is in test_client_torch.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.initialized = True
-        self.uuid: CUuuid | None = CUuuid(uuid_of(0).removeprefix("GPU-"))
-        self.peak = self.allocated = self.reserved = self.inactive = 0
-
-    def is_available(self) -> bool:
-        return True
-
-    def is_initialized(self) -> bool:
-        return self.initialized
-
-    def current_device(self) -> int:
-        return 0
-
-    def get_device_properties(self, index: int) -> types.SimpleNamespace:
-        return types.SimpleNamespace(name="Test GPU") if self.uuid is None else types.SimpleNamespace(uuid=self.uuid)
-
-    def reset_peak_memory_stats(self, device: Any = None) -> None:
-        self.calls.append(f"reset {device}")
-
-    def max_memory_allocated(self, device: Any = None) -> int:
-        self.calls.append(f"max {device}")
-        return self.peak
-
-    def memory_allocated(self, device: Any = None) -> int:
-        self.calls.append(f"allocated {device}")
-        return self.allocated
-
-    def memory_reserved(self, device: Any = None) -> int:
-        self.calls.append(f"reserved {device}")
-        return self.reserved
-
-    def memory_stats(self, device: Any = None) -> dict[str, int]:
-        self.calls.append(f"stats {device}")
-        return {"inactive_split_bytes.all.current": self.inactive, "num_ooms": 0}
-
-    def empty_cache(self) -> None:
-        self.calls.append("empty_cache")
-
-
-@pytest.fixture
-def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
-    fake = FakeCuda()
-    torch = types.ModuleType("torch")
-    setattr(torch, "cuda", fake)
-    monkeypatch.setitem(sys.modules, "torch", torch)
-    return fake
 
 
 async def test_measure_with_cuda_reads_the_allocator_around_the_batch(cuda: FakeCuda, upstream: Upstream) -> None:

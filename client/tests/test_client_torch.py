@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from client_fakes import HOUR, Upstream, require_module
-from test_client_oom import OOM_TEXT, FakeReporter
+from client_fakes import OOM_TEXT, FakeReporter
 
 from vlm_optimizer_client import (
     Admission,

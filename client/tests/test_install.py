@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from client_fakes import wait_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -116,18 +116,8 @@ def optimizer_url() -> Iterator[str]:
                              "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
     try:
-        while True:  # bounded poll until it serves
-            assert proc.poll() is None, f"the optimizer exited: {proc.stderr.read() if proc.stderr else ''}"
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the optimizer did not become ready"
-            time.sleep(0.05)
+        wait_until_ready(proc, url, 60)
         yield url
     finally:
         proc.terminate()
