@@ -25,6 +25,7 @@ from optimizer.admin_access import (
     GeneratedToken,
     generated_token_path,
     read_token_file,
+    token_name,
 )
 from optimizer.cli_parser import build_parser
 from optimizer.config import BackendName, Config, ConfigError, ServerSettings, load_config
@@ -126,9 +127,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "directory only this user can write)", file=sys.stderr)
             return EXIT_CONFIG
         admin_host = "127.0.0.1"
+        where = ({"token_file": str(generated.path)} if cfg.server.admin_port else  # 0: named once bound
+                 {"token_dir": str(generated.path.parent)})
         log.warning("admin_api_loopback_only", reason="no admin token configured (--admin-token-file or "
-                    "VLM_OPTIMIZER_ADMIN_TOKEN): a generated one is used", token_file=str(generated.path),
-                    admin_port=cfg.server.admin_port)
+                    "VLM_OPTIMIZER_ADMIN_TOKEN): a generated one is used", admin_port=cfg.server.admin_port, **where)
         on_listening = _publisher(generated)
 
         async def discard(_: Any) -> None:
@@ -182,9 +184,13 @@ def _admin_token(server: ServerSettings,
     return (value.encode(), None) if generated is None else (generated.token.encode(), generated)
 
 
-def _publisher(generated: GeneratedToken) -> Callable[[], None]:
-    """Put the generated token's file in place once the admin API listens; log where (never the token)."""
-    def publish() -> None:
+def _publisher(generated: GeneratedToken) -> Callable[[int], None]:
+    """Put the generated token's file in place once the admin API listens; log where (never the token).
+
+    The file is named for the port the admin API bound, where the management commands look for it: with
+    ``--admin-port 0`` that port is known only now."""
+    def publish(admin_port: int) -> None:
+        generated.path = generated.path.with_name(token_name(admin_port))
         try:
             generated.publish()
         except OSError as exc:

@@ -119,10 +119,11 @@ async def listening(api: Listener, admin: Listener,
 
 async def serve_until_signalled(app: web.Application, host: str, port: int, admin: web.Application,
                                 admin_host: str, admin_port: int, timeouts: ReadTimeouts = ReadTimeouts(),
-                                on_listening: Callable[[], None] | None = None) -> None:
+                                on_listening: Callable[[int], None] | None = None) -> None:
     """Serve both APIs until SIGTERM or SIGINT, then shut down gracefully. Raises :class:`StartupError`.
 
-    ``on_listening`` runs once both listen (``serve`` publishes a generated admin token's file there).
+    ``on_listening`` runs once both listen, with the port the admin API bound (``admin_port`` 0 picks a
+    free one): ``serve`` publishes a generated admin token's file, named for that port, there.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,6 +134,6 @@ async def serve_until_signalled(app: web.Application, host: str, port: int, admi
         log.info("listening", api=_where(host, port), admin=_where(admin_host, admin_port), bound=addresses,
                  header_timeout_s=timeouts.header_s, body_timeout_s=timeouts.body_s)
         if on_listening is not None:
-            on_listening()
+            on_listening(int(addresses["admin"][0].rsplit(":", 1)[1]))
         await stop.wait()
         log.info("shutting_down")

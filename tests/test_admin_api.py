@@ -1513,6 +1513,51 @@ def test_with_a_state_path_the_generated_token_is_kept_next_to_it(tmp_path: Path
         assert _http("GET", served.admin + "/admin/config", token=token_file.read_text().strip())[1]["enabled"] is False
 
 
+
+def _logged(proc: subprocess.Popen[bytes], log_path: Path, event: str) -> dict[str, Any]:
+    """The first JSON log line of ``event`` the process writes (a bounded poll of its log file: there is
+    nothing to await across processes)."""
+    deadline = time.monotonic() + 30
+    while True:
+        for line in log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                if isinstance(item, dict) and item.get("event") == event:
+                    return item
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {event}; log:\n{log_path.read_text()}"
+        time.sleep(0.05)
+
+
+def test_with_admin_port_0_the_generated_token_is_named_for_the_port_bound(tmp_path: Path) -> None:
+    run = _runtime_dir(tmp_path)
+    env = _env(XDG_RUNTIME_DIR=str(run))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "optimizer", "serve", "--backend", "simulated", "--host",
+                                 "127.0.0.1", "--port", "0", "--admin-port", "0", "--log-format", "json"],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        written = _logged(proc, log_path, "admin_token_written")
+        admin = _logged(proc, log_path, "listening")["bound"]["admin"][0]
+        port = int(admin.rsplit(":", 1)[1])
+        assert port != 0
+        token_file = _token_file(run / "vlm-gpu-optimizer", port)
+        assert written["path"] == str(token_file)
+        assert sorted(p.name for p in token_file.parent.iterdir()) == [token_file.name]
+        loopback = _logged(proc, log_path, "admin_api_loopback_only")
+        assert "token_file" not in loopback and loopback["token_dir"] == str(token_file.parent)
+        done = subprocess.run([sys.executable, "-m", "optimizer", "status", "--json", "--url",
+                               f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60, env=env,
+                              cwd=ROOT)  # the CLI finds the token by the port in its URL
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["backend"] == "simulated"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert proc.returncode in (0, -15), log_path.read_text()
+    assert not token_file.exists()  # removed at exit, by its real name
+
+
 def test_a_second_serve_that_cannot_bind_the_admin_port_leaves_the_first_ones_token(tmp_path: Path) -> None:
     run = _runtime_dir(tmp_path)
     env = _env(XDG_RUNTIME_DIR=str(run))
