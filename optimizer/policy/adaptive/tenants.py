@@ -40,6 +40,7 @@ class Tenants:
     changes: tuple[tuple[float, float, float], ...] = ()  # (t, change, level after) of the last VOLATILITY_WINDOW
     since: float = float("-inf")  # when the window last restarted (an arrival, a departure)
     assumed: float = 0.0  # at least this much, as an OOM proved, until the next settled sample
+    unrecorded: tuple[float, float, float] | None = None  # an arrival seen while it could be a service's own
 
     def planned(self) -> float:
         """What the plan counts now (bytes): the level, or what an OOM since the last sample proved."""
@@ -81,7 +82,9 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     sign within two intervals are one arrival (a ramp) or one departure. A change is kept for the
     volatility judgement only if ``record`` (False: the sample also saw a service of the GPU come or
     go) and it is larger than ``significant`` bytes (what the services' own memory may still grow by
-    unseen: a change within it may be theirs).
+    unseen: a change within it may be theirs). An arrival seen without ``record`` is kept aside: if
+    the memory leaves again while ``record`` is still off, both are recorded (a burst while a service
+    restarted, which would otherwise go uncounted, so that its rate is not underestimated).
     """
     upper = max(upper, lower)
     sample = (now, lower, upper)
@@ -98,13 +101,30 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     floor = min(level, max(0.0, max(lo for _, lo, _ in window)))
     changes = tuple(c for c in tenants.changes if now - c[0] <= VOLATILITY_WINDOW)
     delta = level - tenants.level
-    if record and (arrived or departed) and abs(delta) > max(tolerance, significant):
-        if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
-            changes = (*changes[:-1], (now, changes[-1][1] + delta, level))  # one ramp, one departure
-        else:
-            changes = (*changes, (now, delta, level))[-MAX_CHANGES:]
+    unrecorded = tenants.unrecorded if not record else None
+    big = abs(delta) > max(tolerance, significant)
+    if record and (arrived or departed) and big:
+        changes = _add(changes, (now, delta, level), interval)
+    elif not record and arrived and big:
+        unrecorded = (now, delta, level)
+    elif not record and departed and big and unrecorded is not None and -delta >= unrecorded[1] / 2:
+        # Up and down again while a service of the GPU was silent: a service loading its weights
+        # stays up (its memory leaves the tenants' only when it reports again, which records
+        # nothing): this was a tenant's burst.
+        changes = _add(_add(changes, unrecorded, interval), (now, delta, level), interval)
+        unrecorded = None
     return dataclasses.replace(tenants, window=window, level=level, floor=floor, trend=trend, changes=changes,
-                               since=since, assumed=0.0)
+                               since=since, assumed=0.0, unrecorded=unrecorded)
+
+
+def _add(changes: tuple[tuple[float, float, float], ...], change: tuple[float, float, float],
+         interval: float) -> tuple[tuple[float, float, float], ...]:
+    """``changes`` with ``change`` (t, delta, level after): changes of one sign within two intervals are one
+    (a ramp, a departure)."""
+    now, delta, level = change
+    if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
+        return (*changes[:-1], (now, changes[-1][1] + delta, level))
+    return (*changes, change)[-MAX_CHANGES:]
 
 
 def _slope(window: tuple[tuple[float, float, float], ...]) -> float:
@@ -129,3 +149,11 @@ def assume_at_least(tenants: Tenants, level: float, now: float) -> Tenants:
     if level > tenants.level:
         changes = (*tuple(c for c in changes if now - c[0] <= VOLATILITY_WINDOW), (now, level - tenants.level, level))
     return dataclasses.replace(tenants, assumed=max(tenants.assumed, level), changes=changes[-MAX_CHANGES:])
+
+
+def confirm_arrival(tenants: Tenants, at: float, level: float) -> Tenants:
+    """The arrival recorded at ``at`` (an OOM's, as what it proved) reached ``level`` bytes, as a settled
+    sample since showed: so that the volatility judgement weighs what came, not the free memory it took."""
+    changes = tuple((t, delta + level - after, level) if t == at and delta > 0 and level > after else (t, delta, after)
+                    for t, delta, after in tenants.changes)
+    return dataclasses.replace(tenants, changes=changes)
