@@ -195,23 +195,6 @@ def test_what_an_oom_proves_is_planned_for_until_the_next_settled_sample() -> No
     assert settle(t, [(15.0, 9 * GIB, 10 * GIB)]).planned() == pytest.approx(10 * GIB)
 
 
-def test_a_burst_seen_while_a_service_restarts_is_recorded_once_it_leaves_again() -> None:
-    """While a service is silent (restarting), an arrival may be its own weights loading: kept aside.
-    If the memory leaves again while it is still silent, it was a tenant's burst: both are recorded,
-    so that the bursts' rate is not underestimated after every crash."""
-    quiet = [(5.0, 0.0, 0.1 * GIB), (10.0, 0.0, 0.1 * GIB)]
-    t = settle(Tenants(), quiet)
-    t = update(t, 15.0, 9.6 * GIB, 9.7 * GIB, 64 * MIB, 5.0, record=False)
-    assert t.changes == () and t.unrecorded is not None
-    burst = update(update(t, 20.0, 9.6 * GIB, 9.7 * GIB, 64 * MIB, 5.0, record=False),
-                   25.0, 0.0, 0.1 * GIB, 64 * MIB, 5.0, record=False)
-    assert [(at, round(after / GIB, 1)) for at, _, after in burst.changes] == [(15.0, 9.7), (25.0, 0.1)]
-    assert burst.peaks(30.0) == [pytest.approx(9.7 * GIB)]
-    # Weights that load and stay, then leave the tenants' memory when the service reports again: nothing.
-    loaded = update(t, 20.0, 0.0, 0.1 * GIB, 64 * MIB, 5.0, record=True)
-    assert loaded.peaks(30.0) == [] and loaded.unrecorded is None
-
-
 def test_an_arrival_an_oom_recorded_is_raised_to_the_level_a_settled_sample_confirms() -> None:
     t = settle(Tenants(), [(5.0, 0.0, 0.1 * GIB), (10.0, 0.0, 0.1 * GIB)])
     t = assume_at_least(t, 3 * GIB, 12.0)  # the OOM proved 3 GiB: the free memory it took

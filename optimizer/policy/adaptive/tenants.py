@@ -40,7 +40,6 @@ class Tenants:
     changes: tuple[tuple[float, float, float], ...] = ()  # (t, change, level after) of the last VOLATILITY_WINDOW
     since: float = float("-inf")  # when the window last restarted (an arrival, a departure)
     assumed: float = 0.0  # at least this much, as an OOM proved, until the next settled sample
-    unrecorded: tuple[float, float, float] | None = None  # an arrival seen while it could be a service's own
 
     def planned(self) -> float:
         """What the plan counts now (bytes): the level, or what an OOM since the last sample proved."""
@@ -82,9 +81,7 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     sign within two intervals are one arrival (a ramp) or one departure. A change is kept for the
     volatility judgement only if ``record`` (False: the sample also saw a service of the GPU come or
     go) and it is larger than ``significant`` bytes (what the services' own memory may still grow by
-    unseen: a change within it may be theirs). An arrival seen without ``record`` is kept aside: if
-    the memory leaves again while ``record`` is still off, both are recorded (a burst while a service
-    restarted, which would otherwise go uncounted, so that its rate is not underestimated).
+    unseen: a change within it may be theirs).
     """
     upper = max(upper, lower)
     sample = (now, lower, upper)
@@ -101,30 +98,13 @@ def update(tenants: Tenants, now: float, lower: float, upper: float, tolerance: 
     floor = min(level, max(0.0, max(lo for _, lo, _ in window)))
     changes = tuple(c for c in tenants.changes if now - c[0] <= VOLATILITY_WINDOW)
     delta = level - tenants.level
-    unrecorded = tenants.unrecorded if not record else None
-    big = abs(delta) > max(tolerance, significant)
-    if record and (arrived or departed) and big:
-        changes = _add(changes, (now, delta, level), interval)
-    elif not record and arrived and big:
-        unrecorded = (now, delta, level)
-    elif not record and departed and big and unrecorded is not None and -delta >= unrecorded[1] / 2:
-        # Up and down again while a service of the GPU was silent: a service loading its weights
-        # stays up (its memory leaves the tenants' only when it reports again, which records
-        # nothing): this was a tenant's burst.
-        changes = _add(_add(changes, unrecorded, interval), (now, delta, level), interval)
-        unrecorded = None
+    if record and (arrived or departed) and abs(delta) > max(tolerance, significant):
+        if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
+            changes = (*changes[:-1], (now, changes[-1][1] + delta, level))  # one ramp, one departure
+        else:
+            changes = (*changes, (now, delta, level))[-MAX_CHANGES:]
     return dataclasses.replace(tenants, window=window, level=level, floor=floor, trend=trend, changes=changes,
-                               since=since, assumed=0.0, unrecorded=unrecorded)
-
-
-def _add(changes: tuple[tuple[float, float, float], ...], change: tuple[float, float, float],
-         interval: float) -> tuple[tuple[float, float, float], ...]:
-    """``changes`` with ``change`` (t, delta, level after): changes of one sign within two intervals are one
-    (a ramp, a departure)."""
-    now, delta, level = change
-    if changes and now - changes[-1][0] <= 2 * interval and changes[-1][1] * delta > 0:
-        return (*changes[:-1], (now, changes[-1][1] + delta, level))
-    return (*changes, change)[-MAX_CHANGES:]
+                               since=since, assumed=0.0)
 
 
 def _slope(window: tuple[tuple[float, float, float], ...]) -> float:
