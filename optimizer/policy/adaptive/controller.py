@@ -20,10 +20,12 @@ level rests on two samples, the GPU is not hot, and no OOM of the service waits 
 explanation; and only as far as the memory free now allows (so that no order in which services
 adopt their batches overruns the bound) with :data:`GROWTH_MARGIN` items to spare.
 
-OOM reports (:func:`on_oom`): the batch is cut at once to what fits if all the memory the GPU has
-free was just taken, and by at least 10 %. At the next settled sample the OOM is explained (the
-other tenants' memory rose) or, if the model says the failed batch still fits, it raises the
-service's worst per-item memory to what the OOM proved (:func:`explain_ooms`).
+OOM reports (:func:`on_oom`): the batch is cut at once, by at least 10 %, to what fits if the memory
+that arrived since the last settled sample (at least all the GPU had free) goes on arriving at the
+pace it came at until a settled sample can act (:func:`oom_cut`). At the next settled sample the OOM
+is explained (the other tenants' memory rose: their arrival is recorded at the level it reached) or,
+if the model says the failed batch still fits, it raises the service's worst per-item memory to what
+the OOM proved (:func:`explain_ooms`).
 """
 
 from __future__ import annotations
