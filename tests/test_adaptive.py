@@ -37,7 +37,7 @@ from optimizer.policy.adaptive.memory import (
     observe,
     raise_floor,
 )
-from optimizer.policy.adaptive.tenants import VOLATILITY_WINDOW, Tenants, assume_at_least, update
+from optimizer.policy.adaptive.tenants import VOLATILITY_WINDOW, Tenants, assume_at_least, confirm_arrival, update
 from optimizer.policy.types import GpuState, ServiceState
 from optimizer.simulation.run import simulate
 from optimizer.simulation.scenario import Background, SimService, Thermal, load_scenario
@@ -195,6 +195,15 @@ def test_what_an_oom_proves_is_planned_for_until_the_next_settled_sample() -> No
     assert settle(t, [(15.0, 9 * GIB, 10 * GIB)]).planned() == pytest.approx(10 * GIB)
 
 
+def test_an_arrival_an_oom_recorded_is_raised_to_the_level_a_settled_sample_confirms() -> None:
+    t = settle(Tenants(), [(5.0, 0.0, 0.1 * GIB), (10.0, 0.0, 0.1 * GIB)])
+    t = assume_at_least(t, 3 * GIB, 12.0)  # the OOM proved 3 GiB: the free memory it took
+    t = confirm_arrival(t, 12.0, 9.6 * GIB)  # the next settled sample shows 9.6 GiB
+    at, delta, after = t.changes[-1]
+    assert at == 12.0 and delta == pytest.approx(9.5 * GIB) and after == pytest.approx(9.6 * GIB)
+    assert confirm_arrival(t, 11.0, 20 * GIB).changes == t.changes  # no arrival recorded then: nothing to raise
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -235,6 +244,15 @@ def test_a_tenant_that_keeps_coming_back_is_held_room_for_when_an_oom_costs_enou
     now = 450.0
     assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=600.0)) == 10 * GIB
     assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=0.0)) == 0.0
+
+
+def test_holding_a_lower_level_than_a_tenant_keeps_coming_back_to_saves_nothing_of_its_ooms() -> None:
+    """Arrivals to 10 GiB every 100 s, one to 3 GiB: holding 3 GiB is cheaper but every 10 GiB arrival
+    still OOMs beside it; 10 GiB is the level worth holding."""
+    ms = [member("a", GIB)]
+    tens = tuple((100.0 * k, 10 * GIB, 10 * GIB) for k in range(1, 5))
+    t = Tenants(level=0.0, changes=(*tens, (440.0, 3 * GIB, 3 * GIB)))
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 450.0, Settings(oom_cost_s=100.0)) == 10 * GIB
 
 
 def test_a_newcomer_that_has_not_reported_is_assumed_to_load_weights_like_the_others() -> None:
@@ -347,6 +365,31 @@ def test_an_oom_explained_by_an_arrival_leaves_the_model_alone() -> None:
     svc = h.engine.state.services[(0, "vlm")]
     assert svc.oom_pending is None and svc.memory.floor == 0.0
     assert "explained" in " ".join(e.detail or "" for e in h.engine.events if e.trigger == "oom_model")
+
+
+def oom_after(last_sample: float, now: float = 101.0) -> tuple[int, Tenants]:
+    """The batch after an OOM at ``now`` of a service at 65 items of 1 GiB (10 GiB fixed) on an 80 GiB
+    GPU whose tenants held nothing at the last settled sample, at ``last_sample``: it proves 5 GiB."""
+    a = member("a", GIB, cur=65)
+    t = settle(Tenants(), [(last_sample - 5.0, 0.0, 0.0), (last_sample, 0.0, 0.0)])
+    s = Settings(strategy=Strategy.ADAPTIVE, max_batch_size=128)
+    batch, t = controller.oom_cut([a], a, math.floor(65 * controller.OOM_CUT), 80 * GIB, 75 * GIB, t, s, now)
+    return batch, t
+
+
+def test_an_oom_plans_for_what_arrived_carried_on_at_its_pace_until_a_settled_sample_can_act() -> None:
+    """The OOM proves only the free memory taken (5 GiB). Right after a sample, that came within a
+    second: a sudden arrival, likely larger; four times it still fits after one cut (a cut to what
+    the OOM proves alone, 60 items, or of 10 %, 58, would OOM again at once). After a longer quiet
+    the pace is slower (a ramp), and the cut holds while it goes on over the horizon."""
+    sudden, t = oom_after(last_sample=100.0)
+    assert 10 * GIB + sudden * GIB + 4 * 5 * GIB <= 80 * GIB
+    assert t.changes[-1][2] == pytest.approx(5 * GIB)  # the volatility judgement records what it proved
+    ramp, _ = oom_after(last_sample=91.0)
+    pace = 5 * GIB / 10.0
+    horizon = controller.OOM_HORIZON_INTERVALS * 5.0
+    assert sudden < ramp < 58
+    assert 10 * GIB + ramp * GIB + 5 * GIB + pace * horizon <= 80 * GIB
 
 
 # ----------------------------------------------------------------------------- the guarantees, in the world

@@ -123,7 +123,8 @@ def apply_report(state: PolicyState, report: ServiceReport, settings: Settings,
         if gs is not None:
             gs = cut_gs
         if s.enabled:
-            reason = f"OOM reported at batch {failed}: lowered to what fits if the free memory was just taken"
+            reason = (f"OOM reported at batch {failed}: lowered to what fits if what arrived goes on arriving "
+                      "at its pace")
             svc = publish(svc, batch, min(svc.optimal, batch), reason, now, events, "oom_report")
     elif verdict == "counted":
         failed = report.batch_size if report.batch_size is not None else svc.batch_size

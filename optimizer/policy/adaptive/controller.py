@@ -20,10 +20,12 @@ level rests on two samples, the GPU is not hot, and no OOM of the service waits 
 explanation; and only as far as the memory free now allows (so that no order in which services
 adopt their batches overruns the bound) with :data:`GROWTH_MARGIN` items to spare.
 
-OOM reports (:func:`on_oom`): the batch is cut at once to what fits if all the memory the GPU has
-free was just taken, and by at least 10 %. At the next settled sample the OOM is explained (the
-other tenants' memory rose) or, if the model says the failed batch still fits, it raises the
-service's worst per-item memory to what the OOM proved (:func:`explain_ooms`).
+OOM reports (:func:`on_oom`): the batch is cut at once, by at least 10 %, to what fits if the memory
+that arrived since the last settled sample (at least all the GPU had free) goes on arriving at the
+pace it came at until a settled sample can act (:func:`oom_cut`). At the next settled sample the OOM
+is explained (the other tenants' memory rose: their arrival is recorded at the level it reached) or,
+if the model says the failed batch still fits, it raises the service's worst per-item memory to what
+the OOM proved (:func:`explain_ooms`).
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ from dataclasses import dataclass
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.adaptive.memory import FLOOR_TTL, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.plan import HORIZON_INTERVALS
 from optimizer.policy.adaptive.plan import NEWCOMER_S as NEWCOMER_S
 from optimizer.policy.adaptive.plan import Member as Member
 from optimizer.policy.adaptive.plan import Plan, growth_room, in_force, planning_other
 from optimizer.policy.adaptive.plan import members as members
 from optimizer.policy.adaptive.plan import plan as plan
 from optimizer.policy.adaptive.plan import volatility_reserve as volatility_reserve
-from optimizer.policy.adaptive.tenants import Tenants, assume_at_least, update
+from optimizer.policy.adaptive.tenants import Tenants, assume_at_least, confirm_arrival, update
 from optimizer.policy.model import (
+    ADOPTION_INTERVALS,
     active_ceiling,
     clamp,
     gpu_view,
@@ -59,6 +63,7 @@ GROWTH_MARGIN = 0.02  # items beyond one more item a service's part must hold be
 REGROWTH_MARGIN = 0.25  # ... and to grow back to a batch it was lowered from within REGROWTH_S (no flapping)
 REGROWTH_S = 600.0
 OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
+OOM_HORIZON_INTERVALS = ADOPTION_INTERVALS + HORIZON_INTERVALS  # an OOM cut holds until a settled sample acts
 CLEANUP_WASTE_ITEMS = 0.5  # fragmentation below half an item, costing no batch item, is left alone
 CLEANUP_COST_S = 1.0  # what a cleanup costs the services of its GPU (a stall, s) ...
 CLEANUP_MIN_INTERVALS = 6.0  # ... and at most one per this many monitoring intervals
@@ -120,10 +125,14 @@ def _last_sign(svc: ServiceState) -> float:
 
 
 def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
-                 events: list[Event], gpu: int) -> dict[str, ServiceState]:
+                 events: list[Event], gpu: int) -> tuple[dict[str, ServiceState], Tenants]:
     """Settle the OOMs waiting for a settled sample: explained by the other tenants, or raise the model.
 
-    Returns the services whose state changed, by name.
+    Returns the services whose state changed, by name, and the tenants: an OOM the other tenants
+    explain was their arrival, recorded at the OOM as no more than the OOM proved; it reached the
+    level this sample shows (:func:`.tenants.confirm_arrival`), which the sample itself may not
+    record (the service that ran out of memory may have died with it, and a sample that may not
+    count a service's own memory records no change).
     """
     out: dict[str, ServiceState] = {}
     for m in ms:
@@ -147,9 +156,10 @@ def explain_ooms(ms: Sequence[Member], total: int, tenants: Tenants, now: float,
                       f"{per_item / MIB:.0f} MiB, and {failed} not published again while they stay as they are")
         else:
             detail = f"OOM at batch {failed} explained: the other tenants hold {tenants.level / 2**30:.1f} GiB"
+            tenants = confirm_arrival(tenants, at, tenants.level)
         events.append(Event("optimization_succeeded", gpu, now, service=m.name, trigger="oom_model", detail=detail))
         out[m.name] = dataclasses.replace(m.svc, memory=memory, oom_pending=None, ceiling=ceiling, ceiling_until=until)
-    return out
+    return out, tenants
 
 
 def lift_ceilings(services: Sequence[ServiceState], tenants: Tenants, now: float) -> list[ServiceState]:
@@ -165,10 +175,22 @@ def oom_cut(ms: Sequence[Member], failing: Member, cut: int, total: int, bound: 
     """The batch after an OOM report, at most ``cut``, and the tenants as the OOM proves them.
 
     The OOM proves more memory in use than the models explain: at least the GPU's total beyond the
-    services' worst footprints at the batches they ran. Plan for that.
+    services' worst footprints at the batches they ran. That is a floor, not the size of what came:
+    the memory that arrived since the last settled sample is at least what the OOM proves beyond the
+    level that sample left, and it may still be rising (a ramp) or be larger than the free memory it
+    took (a sudden arrival). Plan for it carried on at the pace it came at (that excess over the time
+    since the sample, or one monitoring interval if less) until a settled sample can tell what is
+    there and a decision on it takes effect (:data:`OOM_HORIZON_INTERVALS`): so that the cut holds
+    until the samples can show the cause, instead of one OOM per cut of 10 %.
     """
     worst = sum(m.fit.worst(m.cur) for m in ms if m.fit.measured)
-    tenants = assume_at_least(tenants, total - worst, now)
+    proven = total - worst
+    tenants = assume_at_least(tenants, proven, now)
+    excess = proven - tenants.level
+    if excess > 0 and tenants.window:
+        pace = excess / max(now - tenants.window[-1][0], s.monitoring_interval)
+        tenants = dataclasses.replace(tenants, assumed=max(
+            tenants.assumed, proven + pace * OOM_HORIZON_INTERVALS * s.monitoring_interval))
     p = plan(ms, bound, planning_other(tenants, ms, bound, now, s))
     return max(failing.lo, min(p.targets.get(failing.name, failing.lo), cut)), tenants
 
@@ -261,7 +283,8 @@ def step(sample: GpuSample, gs: GpuState, services: list[ServiceState], s: Setti
     ms = members(services, v.shares, s, now, v.running)
     if settled and mode == "sample":
         gs = observe_tenants(gs, used, ms, now, s)
-        changed = explain_ooms(ms, v.total, gs.tenants, now, events, gs.index)
+        changed, tenants = explain_ooms(ms, v.total, gs.tenants, now, events, gs.index)
+        gs = dataclasses.replace(gs, tenants=tenants)
         lifted = lift_ceilings([changed.get(x.service, x) for x in services], gs.tenants, now)
         if any(new is not old for new, old in zip(lifted, services)):
             services = lifted

@@ -125,23 +125,27 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
                        s: Settings) -> float:
     """Memory to keep for a tenant that left and is likely to return (bytes), weighed against ``oom_cost_s``.
 
-    For each level the tenants' arrivals reached lately: riding the memory it would take costs, per
-    second, the rate of arrivals reaching it (:meth:`Tenants.arrival_rate`) times ``oom_cost_s`` of
-    every service's throughput; holding it costs the batches it takes (counted linearly in items,
-    which overstates the loss for services whose throughput saturates). Hold the level where that
-    pays most, if any does.
+    For each level the tenants' arrivals reached lately: holding it saves, per second, the OOMs of
+    the arrivals that would not fit the batches riding at the level now but fit beside it (the rate
+    of arrivals reaching an item above the level now, less the rate of those reaching an item above
+    the held one, :meth:`Tenants.arrival_rate`) times ``oom_cost_s`` of every service's throughput;
+    it costs the batches it takes (counted linearly in items, which overstates the loss for
+    services whose throughput saturates). Hold the level where that pays most, if any does. (A lower
+    level held saves only the arrivals that stay below it: the ones that go higher still OOM.)
     """
     smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
     ride = sum(plan(ms, bound, level).targets[m.name] for m in ms if m.share > 0)
     if smallest <= 0 or ride <= 0:
         return 0.0
     best, reserve = 0.0, 0.0
+    riding = tenants.arrival_rate(now, reaching=level + smallest)
     for peak in tenants.peaks(now):  # every level arrivals reached: hold the one that pays best
         extra = peak - level
         if extra < smallest:
             continue
         hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
-        gain = tenants.arrival_rate(now, reaching=peak) * s.oom_cost_s - (1 - hold / ride)
+        saved = max(0.0, riding - tenants.arrival_rate(now, reaching=peak + smallest))
+        gain = saved * s.oom_cost_s - (1 - hold / ride)
         if gain > best:
             best, reserve = gain, extra
     return reserve

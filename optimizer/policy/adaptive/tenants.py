@@ -129,3 +129,11 @@ def assume_at_least(tenants: Tenants, level: float, now: float) -> Tenants:
     if level > tenants.level:
         changes = (*tuple(c for c in changes if now - c[0] <= VOLATILITY_WINDOW), (now, level - tenants.level, level))
     return dataclasses.replace(tenants, assumed=max(tenants.assumed, level), changes=changes[-MAX_CHANGES:])
+
+
+def confirm_arrival(tenants: Tenants, at: float, level: float) -> Tenants:
+    """The arrival recorded at ``at`` (an OOM's, as what it proved) reached ``level`` bytes, as a settled
+    sample since showed: so that the volatility judgement weighs what came, not the free memory it took."""
+    changes = tuple((t, delta + level - after, level) if t == at and delta > 0 and level > after else (t, delta, after)
+                    for t, delta, after in tenants.changes)
+    return dataclasses.replace(tenants, changes=changes)
