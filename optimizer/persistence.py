@@ -8,8 +8,8 @@ moved aside as ``<path>.corrupt-<UTC timestamp>`` and the service starts from it
 Saved: the settings pinned at runtime (by key; re-applied key by key on top of the configuration at
 start, so a key nobody pinned follows the file, and a saved key that no longer fits is skipped), manual
 overrides, and per (GPU, service) the learned figures: its memory model (fixed memory, per-item
-observations, footprint, fragmentation and its history since the last cleanup, trust region, an OOM's floor), the OOM bar and strikes, the
-last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
+observations, footprint, fragmentation and its history since the last cleanup, trust region, an
+OOM's floor), the OOM bar and strikes, the last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
 read, and the peaks ignored.)
 
 Restored entries are checked field by field (a hand-edited file is input like any other): batch
