@@ -363,6 +363,21 @@ def test_a_small_batch_held_by_memory_pays_for_its_waste_before_it_costs_a_whole
     assert want_cleanup([capped], plan([capped], 10 * GIB + 3.9 * 4 * GIB, 0.0), gs, now, s, 60.0) is None
 
 
+def test_a_capped_batchs_waste_is_weighed_by_the_memory_it_takes_from_the_others() -> None:
+    """A batch at its max_batch_size loses nothing to its own waste; the services held by memory beside it
+    lose the memory it takes. Alone on its GPU, nobody does: no cleanup (but above the bound)."""
+    s = ADAPTIVE
+    now = 600.0
+    gs = GpuState(0, "u", "g", last_cleanup_at=0.0)
+    ramp = tuple((t, 1.0 * t / now) for t in range(5, 601, 5))  # its waste grew to its whole batch's memory
+    capped = wasting("c", cur=16, per_item=0.25 * GIB, history=ramp, hi=16, share=0.5)
+    assert want_cleanup([capped], plan([capped], 40 * GIB, 0.0), gs, now, s, utilization=60.0) is None
+    bound = member("b", 2 * GIB, fixed=2 * GIB, cur=4, share=0.5)
+    p = plan([capped, bound], 12 * GIB + 24 * GIB, 0.0)  # 12 GiB each; 4 of the capped one's go to the other
+    assert p.capped.get("c") == "max_batch_size" and "b" not in p.capped
+    assert want_cleanup([capped, bound], p, gs, now, s, utilization=60.0) is capped
+
+
 # ----------------------------------------------------------------------------- OOM reports
 
 

@@ -215,14 +215,18 @@ def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Set
         if top < 1:
             continue
         limit = min(m.hi, f.trust_cap)
-        gains.append((_cleanup_gain(f, clean_fits, top, limit, elasticity, now, since, horizon), m))
+        # A batch at its cap loses nothing to its waste, but the others held by memory lose the memory it takes.
+        others = sum(p.fits.get(o.name, 0.0) * o.cost for o in ms
+                     if o is not m and o.share > 0 and o.name not in p.capped and o.cost > 0)
+        spill = m.cur * f.mean_per_item / others if others > 0 and top >= limit else 0.0
+        gains.append((_cleanup_gain(f, clean_fits, top, limit, elasticity, now, since, horizon, spill), m))
     if not gains or sum(g for g, _ in gains) < CLEANUP_COST_S * len(ms):
         return None
     return max(gains, key=lambda x: x[0])[1]
 
 
 def _cleanup_gain(f: Fit, clean_fits: float, top: int, limit: int, elasticity: float, now: float, since: float,
-                  horizon: float) -> float:
+                  horizon: float, spill: float = 0.0) -> float:
     """``T * loss(T) - integral of loss over [0, T]`` for one service (s of its throughput), ``T`` the
     time since the last cleanup plus the delay a cleanup takes (``horizon - since``).
 
@@ -231,7 +235,9 @@ def _cleanup_gain(f: Fit, clean_fits: float, top: int, limit: int, elasticity: f
     paid); the loss at ``T`` from the latest waste, grown at the pace it grew, to the horizon. (A
     batch lowered for the waste leaves the memory it held reserved, as waste too: then the loss
     jumps, and a cleanup pays at once, though little was lost before.) Without two reports since the
-    last cleanup, the waste is taken to have grown evenly from none.
+    last cleanup, the waste is taken to have grown evenly from none. ``spill``: for a batch at its
+    cap (``limit``), the share of the other services' batch memory one unit of waste fraction takes
+    from them: they lose about that share of their items, grown evenly.
     """
     def loss(w: float) -> float:
         return elasticity * max(0, top - math.floor(clean_fits / (1 + w) + 1e-9)) / top
@@ -248,7 +254,9 @@ def _cleanup_gain(f: Fit, clean_fits: float, top: int, limit: int, elasticity: f
         ahead = w1 + rate * (start + horizon - t1)
         paid = sum(loss(w) * (t_next - t) for (t, w), (t_next, _) in zip(seen, [*seen[1:], (now, 0.0)]))
         steps = since * loss(ahead) - paid
-    if top > SMALL_BATCH or top >= limit:
+    if top >= limit:
+        return max(steps, elasticity * ahead * spill * since / 2)
+    if top > SMALL_BATCH:
         return steps
     # A small batch held by memory: its item's edge is known only within the estimates' errors (a few
     # hundred MiB of other tenants or jitter, a large part of an item), so the items the waste costs are
