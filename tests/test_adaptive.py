@@ -347,22 +347,6 @@ def test_a_cleanup_stalls_every_service_of_the_gpu_so_its_gain_must_pay_for_each
     assert want_cleanup([alone, *quiet], p, gs, now, s, utilization=60.0) is None
 
 
-def test_a_small_batch_held_by_memory_pays_for_its_waste_before_it_costs_a_whole_item() -> None:
-    """At 4 items or fewer an item is a quarter of the batch and its edge is known only within the
-    estimates' errors: the waste is weighed as the share of the batch memory it takes. A batch capped
-    by max_batch_size far below what fits loses nothing to the same waste."""
-    s = ADAPTIVE
-    now = 200.0
-    gs = GpuState(0, "u", "g", last_cleanup_at=0.0)
-    ramp = tuple((t, 0.08 * t / now) for t in range(5, 201, 5))
-    small = wasting("a", cur=3, per_item=4 * GIB, history=ramp)
-    p = plan([small], 10 * GIB + 3.9 * 4 * GIB, 0.0)  # 3.9 items clean: 8 % waste costs no item yet
-    assert p.targets["a"] == 3
-    assert want_cleanup([small], p, gs, now, s, utilization=60.0) is small
-    capped = dataclasses.replace(small, hi=3)
-    assert want_cleanup([capped], plan([capped], 10 * GIB + 3.9 * 4 * GIB, 0.0), gs, now, s, 60.0) is None
-
-
 def test_a_capped_batchs_waste_is_weighed_by_the_memory_it_takes_from_the_others() -> None:
     """A batch at its max_batch_size loses nothing to its own waste; the services held by memory beside it
     lose the memory it takes. Alone on its GPU, nobody does: no cleanup (but above the bound)."""

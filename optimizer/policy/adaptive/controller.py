@@ -61,7 +61,6 @@ REGROWTH_S = 600.0
 OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
 CLEANUP_COST_S = 1.0  # what a cleanup costs each service of its GPU (a stall, s) ...
 CLEANUP_MIN_INTERVALS = 6.0  # ... and at most one per this many monitoring intervals
-SMALL_BATCH = 4  # at this many items or fewer, one item is a quarter or more of the batch
 CLEANUP_DELAY_INTERVALS = 3.0  # a cleanup raised now clears the waste and shows in a settled sample this much later
 THROUGHPUT_ELASTICITY = 0.5  # the fraction of its items a service loses per fraction of its batch memory lost
 TOLERANCE_BYTES = 64 * MIB  # changes of the other tenants' memory smaller than this, or than ...
@@ -256,13 +255,7 @@ def _cleanup_gain(f: Fit, clean_fits: float, top: int, limit: int, elasticity: f
         steps = since * loss(ahead) - paid
     if top >= limit:
         return max(steps, elasticity * ahead * spill * since / 2)
-    if top > SMALL_BATCH:
-        return steps
-    # A small batch held by memory: its item's edge is known only within the estimates' errors (a few
-    # hundred MiB of other tenants or jitter, a large part of an item), so the items the waste costs are
-    # about the share of the batch's memory it takes, grown evenly (half of it, on average, since the
-    # last cleanup).
-    return max(steps, elasticity * ahead / (1 + ahead) * since / 2)
+    return steps
 
 
 def _lost_at(clean_fits: float, top: int, rate: float, horizon: float) -> list[float]:
