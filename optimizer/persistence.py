@@ -8,8 +8,8 @@ moved aside as ``<path>.corrupt-<UTC timestamp>`` and the service starts from it
 Saved: the settings pinned at runtime (by key; re-applied key by key on top of the configuration at
 start, so a key nobody pinned follows the file, and a saved key that no longer fits is skipped), manual
 overrides, and per (GPU, service) the learned figures: its memory model (fixed memory, per-item
-observations, footprint, fragmentation, trust region, an OOM's floor), the OOM bar and strikes, the
-last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
+observations, footprint, fragmentation and its history since the last cleanup, trust region, an
+OOM's floor), the OOM bar and strikes, the last published batch and optimum. (Files written before the memory model kept ``peaks``; they are
 read, and the peaks ignored.)
 
 Restored entries are checked field by field (a hand-edited file is input like any other): batch
@@ -110,7 +110,7 @@ def _memory_dump(m: MemoryModel) -> dict[str, Any]:
     return {"fixed": m.fixed, "observations": [list(o) for o in m.observations], "held": [list(h) for h in m.held],
             "waste": m.waste, "waste_fraction": m.waste_fraction, "largest_ok": m.largest_ok, "floor": m.floor,
             "floor_until": None if m.floor_until == float("-inf") else m.floor_until, "reports": m.reports,
-            "bare_peaks": [list(b) for b in m.bare_peaks]}
+            "bare_peaks": [list(b) for b in m.bare_peaks], "wastes": [list(w) for w in m.wastes]}
 
 
 MAX_BATCH = 4096  # the largest batch published or set by an operator (PUT /admin/batch-size)
@@ -182,7 +182,17 @@ def _memory_load(raw: Any) -> MemoryModel:
         reports=_count(raw.get("reports") or 0, "memory.reports"),
         bare_peaks=tuple((_count(b, "memory.bare_peaks", 1, MAX_REPORTED_BATCH), _bytes(p, "memory.bare_peaks"))
                          for b, p in _pairs(raw.get("bare_peaks"), "memory.bare_peaks")),
+        wastes=tuple((_finite(t, "memory.wastes"), _fraction(w, "memory.wastes"))
+                     for t, w in _pairs(raw.get("wastes"), "memory.wastes")),
     )
+
+
+def _fraction(value: Any, field: str) -> float:
+    """A waste fraction, in ``[0, MAX_WASTE_FRACTION]``; raises :class:`BadEntry` naming ``field`` otherwise."""
+    fraction = _finite(value, field)
+    if not 0 <= fraction <= MAX_WASTE_FRACTION:
+        raise BadEntry(field, f"must be in [0, {MAX_WASTE_FRACTION}], got {fraction!r}")
+    return fraction
 
 
 def _service_load(item: Any, now: float) -> ServiceState:

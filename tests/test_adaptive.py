@@ -313,6 +313,73 @@ def test_a_cleanup_is_raised_when_the_waste_costs_an_item_and_not_for_less_than_
     assert want_cleanup([dataclasses.replace(small, hi=20)], roomy, spaced, now, s, 60.0, over_bound=True) is None
 
 
+def wasting(name: str, *, cur: int, per_item: float = GIB, history: tuple[tuple[float, float], ...],
+            hi: int = 64, share: float = 1.0) -> Member:
+    """A measured member whose reports since the last cleanup showed the waste fractions ``history``."""
+    base = member(name, per_item, cur=cur, hi=hi, share=share)
+    t, w = history[-1]
+    activations = cur * per_item
+    return dataclasses.replace(base, fit=dataclasses.replace(base.fit, waste=w * activations, waste_fraction=w,
+                                                             wastes=history))
+
+
+def test_observe_keeps_the_waste_since_it_was_last_cleared() -> None:
+    m = MemoryModel()
+    for i, waste in enumerate((0.1 * GIB, 0.2 * GIB, 0.3 * GIB, 0.01 * GIB, 0.05 * GIB)):
+        m = observe(m, 5.0 * i, 4, peak=int(14 * GIB), allocated=int(10 * GIB), reserved=int(14 * GIB + waste),
+                    inactive_split=int(waste))
+    # The fourth report's waste fell to a thirtieth of the third's: cleared, so its history restarts there.
+    assert [t for t, _ in m.wastes] == [15.0, 20.0]
+    assert m.wastes[-1][1] == pytest.approx(0.05 / 4)
+    assert fit(m, 0.0, 20.0, 4).wastes == m.wastes
+
+
+def test_a_cleanup_pays_for_an_item_lost_late_in_the_cycle_and_not_for_one_lost_at_its_start() -> None:
+    """The renewal rule: cleaning every T s costs (what the waste cost over T + the stall) / T on average,
+    least where T * loss(T) - its integral reaches the stall. An item the waste took only just now
+    makes the cycle long and the cleanup worth it; one it took right after the last cleanup (and has
+    cost since) would be lost again at once: cleaning it back is not worth the stall."""
+    s = ADAPTIVE
+    now = 300.0
+    gs = GpuState(0, "u", "g", last_cleanup_at=0.0)
+    # 22.5 items' worth of memory at 1 GiB each: 22 items with no waste; 2.3 % waste costs one of them.
+    ramp = tuple((t, 0.03 * t / now) for t in range(5, 301, 5))  # the item lost at about 227 s
+    late = wasting("a", cur=21, history=ramp)
+    p = plan([late], 10 * GIB + 22.5 * GIB, 0.0)
+    assert p.targets["a"] == 21
+    assert want_cleanup([late], p, gs, now, s, utilization=60.0) is late
+    early = wasting("a", cur=21, history=tuple((t, 0.03) for t in range(5, 301, 5)))  # lost at 5 s, paid since
+    assert want_cleanup([early], p, gs, now, s, utilization=60.0) is None
+
+
+def test_a_cleanup_stalls_every_service_of_the_gpu_so_its_gain_must_pay_for_each() -> None:
+    s = ADAPTIVE
+    now = 120.0
+    gs = GpuState(0, "u", "g", last_cleanup_at=0.0)
+    ramp = tuple((t, 0.03 * t / now) for t in range(5, 121, 5))  # an item of 22 lost at about 91 s
+    alone = wasting("a", cur=21, history=ramp)
+    p = plan([alone], 10 * GIB + 22.5 * GIB, 0.0)
+    assert want_cleanup([alone], p, gs, now, s, utilization=60.0) is alone
+    # The same waste next to three services it costs nothing: four stalls are more than the item lost gains.
+    quiet = [member(f"q{i}", GIB, share=0.0) for i in range(3)]
+    assert want_cleanup([alone, *quiet], p, gs, now, s, utilization=60.0) is None
+
+
+def test_a_capped_batchs_waste_is_weighed_by_the_memory_it_takes_from_the_others() -> None:
+    """A batch at its max_batch_size loses nothing to its own waste; the services held by memory beside it
+    lose the memory it takes. Alone on its GPU, nobody does: no cleanup (but above the bound)."""
+    s = ADAPTIVE
+    now = 600.0
+    gs = GpuState(0, "u", "g", last_cleanup_at=0.0)
+    ramp = tuple((t, 1.0 * t / now) for t in range(5, 601, 5))  # its waste grew to its whole batch's memory
+    capped = wasting("c", cur=16, per_item=0.25 * GIB, history=ramp, hi=16, share=0.5)
+    assert want_cleanup([capped], plan([capped], 40 * GIB, 0.0), gs, now, s, utilization=60.0) is None
+    bound = member("b", 2 * GIB, fixed=2 * GIB, cur=4, share=0.5)
+    p = plan([capped, bound], 12 * GIB + 24 * GIB, 0.0)  # 12 GiB each; 4 of the capped one's go to the other
+    assert p.capped.get("c") == "max_batch_size" and "b" not in p.capped
+    assert want_cleanup([capped, bound], p, gs, now, s, utilization=60.0) is capped
+
+
 # ----------------------------------------------------------------------------- OOM reports
 
 

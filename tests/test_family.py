@@ -3,6 +3,7 @@ figures are known."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,7 @@ from optimizer.benchmark.family_report import dumps, render
 from optimizer.benchmark.run import STRATEGIES, Run, ScenarioBenchmark
 from optimizer.config import Settings
 from optimizer.simulation.run import GpuResult, ServiceResult
-from optimizer.simulation.scenario import Scenario, SimGpu
+from optimizer.simulation.scenario import Scenario, SimGpu, SimService
 from optimizer.simulation.world import Trace
 
 RECOVER = Family(n=2, seed=9, oom_mode="recover")
@@ -244,6 +245,28 @@ def test_in_crash_mode_a_baseline_that_kept_a_service_down_is_named_but_not_an_o
                   two("fixed-4", svc("a", 100.0), svc("b", 1100.0)),
                   run("accelerate", svc("a", 100.0)), run("lightning", svc("a", 100.0)))
     assert check(summarize([split, *more], {}, CRASH), "c.crash") == ("FAIL", [("s1", 0, None, "fixed-4")])
+
+
+def test_in_crash_mode_a_baseline_that_split_a_gpu_against_the_weights_is_named_but_not_an_offender() -> None:
+    """fixed-4 took 20 % more on the GPU by giving the weight-1 service "b" what adaptive gave the weight-2
+    service "a": not a better way to run the configured weights. With the weights the other way round
+    (or equal: the test above) the same figures are an offender."""
+    more = [bench(n, run("adaptive", svc("a", 1000.0)), run("fixed-4", svc("a", 900.0)),
+                  run("accelerate", svc("a", 900.0)), run("lightning", svc("a", 900.0))) for n in ("s2", "s3")]
+
+    def weighted(wa: float, wb: float) -> ScenarioBenchmark:
+        b = bench("s1", run("adaptive", svc("a", 700.0), svc("b", 300.0)),
+                  run("fixed-4", svc("a", 500.0), svc("b", 700.0)),
+                  run("accelerate", svc("a", 100.0)), run("lightning", svc("a", 100.0)))
+        services = tuple(SimService(name=n, gpu=0, base_mb=1000, per_item_mb=100, item_ms=10, overhead_ms=10,
+                                    weight=w) for n, w in (("a", wa), ("b", wb)))
+        return dataclasses.replace(b, scenario=dataclasses.replace(b.scenario, services=services))
+
+    summary = summarize([weighted(2.0, 1.0), *more], {}, CRASH)
+    (c,) = [c for c in summary.checks if c.key == "c.crash"]
+    assert (c.status, c.offenders) == ("pass", ())
+    assert "1 more where the baseline split the GPU against the weights (s1 GPU 0 fixed-4)" in c.figure
+    assert check(summarize([weighted(1.0, 2.0), *more], {}, CRASH), "c.crash") == ("FAIL", [("s1", 0, None, "fixed-4")])
 
 
 def test_without_adaptive_the_checks_do_not_apply() -> None:

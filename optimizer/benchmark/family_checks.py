@@ -96,6 +96,23 @@ def kept_out(run: Run, ref: Run, gpu: int) -> bool:
                for s in run.services if s.gpu == gpu and s.service in theirs)
 
 
+def against_weights(run: Run, ref: Run, gpu: int, weights: Mapping[str, float]) -> bool:
+    """Whether ``run`` split ``gpu`` against the configured weights where ``ref`` did not: a service of a
+    higher weight took more than 1 % fewer items than under ``ref`` while one of a lower weight took more.
+
+    The issue sizes every batch "divided by weight among the services on the GPU"; a baseline that
+    ignores the weights (fixed-4 gives every service the same batch) can sum more items on a GPU by
+    moving memory from a weightier service to a lighter one that computes more per byte. That sum
+    is not a better way to run the configuration, so such a GPU is named but not an offender.
+    Services absent from ``weights`` weigh 1 (the default).
+    """
+    ours = {s.service: s.items for s in ref.services if s.gpu == gpu}
+    theirs = {s.service: s.items for s in run.services if s.gpu == gpu and s.service in ours}
+    lost = [n for n in theirs if theirs[n] < ours[n] * (1 - CRASH_MARGIN)]
+    gained = [n for n in theirs if theirs[n] > ours[n]]
+    return any(weights.get(a, 1.0) > weights.get(b, 1.0) for a in lost for b in gained)
+
+
 #: The checks' titles, by key (docs/benchmarks.md, "Scenario families").
 TITLES: dict[str, str] = {
     "a.median": f"{REFERENCE}: median safe_ratio >= {MEDIAN_SAFE_RATIO:g}",
@@ -107,7 +124,8 @@ TITLES: dict[str, str] = {
                    f"(per service at no other's cost, and per GPU counting co-tenant failures; {ORACLE} excluded)",
     "b.oracle": f"the same for {ORACLE} (a ceiling, not a policy: reported, never failed)",
     "c.crash": f"crash mode: {REFERENCE}'s items per GPU >= those of {', '.join(CRASH_BASELINES)} within "
-               f"{CRASH_MARGIN:.0%} in every scenario (but where they kept co-tenants or a service out), and more in most",
+               f"{CRASH_MARGIN:.0%} in every scenario (but where they kept co-tenants or a service out, or split against "
+               f"the weights), and more in most",
 }
 
 
@@ -235,15 +253,18 @@ def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
 
     A GPU where the baseline kept others out is not an offender: its items came out of their memory.
     That is more co-tenant failures there than adaptive's, or a service of the GPU kept down (more
-    restarts than under adaptive, and more than 1 % fewer items). It is counted and named in the figure.
+    restarts than under adaptive, and more than 1 % fewer items). Nor is one where it split the GPU
+    against the configured weights (:func:`against_weights`). Both are counted and named in the figure.
     """
     if family.oom_mode != "crash":
         return Check("c.crash", TITLES["c.crash"], None, "applies to crash-mode families only")
     offenders: list[Offender] = []
     excused: list[str] = []
+    split: list[str] = []
     counts: dict[str, list[int]] = {}  # per baseline: [GPUs where adaptive took strictly more, GPUs compared]
     for bench in benches:
         ref = _find(bench, REFERENCE)
+        weights = {(x.gpu, x.name): x.weight for x in bench.scenario.services}
         for name in CRASH_BASELINES:
             run = _find(bench, name)
             if ref is None or run is None:
@@ -256,6 +277,9 @@ def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
                 c[1] += 1
                 if items < other * (1 - CRASH_MARGIN) and kept_out(run, ref, gpu):
                     excused.append(f"{bench.scenario.name} GPU {gpu} {name}")
+                elif items < other * (1 - CRASH_MARGIN) and against_weights(
+                        run, ref, gpu, {n: w for (g, n), w in weights.items() if g == gpu}):
+                    split.append(f"{bench.scenario.name} GPU {gpu} {name}")
                 elif items < other * (1 - CRASH_MARGIN):
                     offenders.append(Offender(bench.scenario.name, f"{REFERENCE} {items:.1f} items, {name} {other:.1f} "
                                                                    f"({items / other - 1:+.1%})", gpu=gpu, run=name))
@@ -265,6 +289,8 @@ def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
     figure = "strictly more on " + ", ".join(f"{shares[n]:.1%} of GPUs vs {n}" for n in counts) + (
         f"; {len(offenders)} case(s) more than {CRASH_MARGIN:.0%} below") + (
         f"; {len(excused)} more where the baseline kept others out ({', '.join(excused[:5])}"
-        f"{', ...' if len(excused) > 5 else ''})" if excused else "")
+        f"{', ...' if len(excused) > 5 else ''})" if excused else "") + (
+        f"; {len(split)} more where the baseline split the GPU against the weights ({', '.join(split[:5])}"
+        f"{', ...' if len(split) > 5 else ''})" if split else "")
     passed = not offenders and all(share > 0.5 for share in shares.values())
     return Check("c.crash", TITLES["c.crash"], passed, figure, tuple(offenders))

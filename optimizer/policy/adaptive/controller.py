@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from optimizer.config import Settings
 from optimizer.gpu.types import GpuSample
-from optimizer.policy.adaptive.memory import FLOOR_TTL, fit, forget_oom_region, raise_floor
+from optimizer.policy.adaptive.memory import FLOOR_TTL, Fit, fit, forget_oom_region, raise_floor
 from optimizer.policy.adaptive.plan import HORIZON_INTERVALS
 from optimizer.policy.adaptive.plan import NEWCOMER_S as NEWCOMER_S
 from optimizer.policy.adaptive.plan import Member as Member
@@ -64,9 +64,9 @@ REGROWTH_MARGIN = 0.25  # ... and to grow back to a batch it was lowered from wi
 REGROWTH_S = 600.0
 OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
 OOM_HORIZON_INTERVALS = ADOPTION_INTERVALS + HORIZON_INTERVALS  # an OOM cut holds until a settled sample acts
-CLEANUP_WASTE_ITEMS = 0.5  # fragmentation below half an item, costing no batch item, is left alone
-CLEANUP_COST_S = 1.0  # what a cleanup costs the services of its GPU (a stall, s) ...
+CLEANUP_COST_S = 1.0  # what a cleanup costs each service of its GPU (a stall, s) ...
 CLEANUP_MIN_INTERVALS = 6.0  # ... and at most one per this many monitoring intervals
+CLEANUP_DELAY_INTERVALS = 3.0  # a cleanup raised now clears the waste and shows in a settled sample this much later
 THROUGHPUT_ELASTICITY = 0.5  # the fraction of its items a service loses per fraction of its batch memory lost
 TOLERANCE_BYTES = 64 * MIB  # changes of the other tenants' memory smaller than this, or than ...
 TOLERANCE_SPREAD = 0.1  # ... this fraction of the range one sample leaves them in, are noise
@@ -199,16 +199,22 @@ def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Set
                  utilization: float | None, over_bound: bool = False) -> Member | None:
     """The service whose fragmentation makes a cleanup worth its cost now, if any (else ``None``).
 
-    A cleanup stalls every service on the GPU for about :data:`CLEANUP_COST_S`. What it gains: the
-    items the waste costs the service's batch now (its target with the waste cleared, less its
-    target), or, where the batch is large, the fraction ``f`` of its batch memory the waste takes.
-    One more item of ``b`` gains about ``elasticity / b`` of the items, where the elasticity is the
-    share of the time the GPU is not computing (``1 - utilization``; 0.5 when unknown). Waste grows
-    steadily between cleanups, so the gain lasts about as long as it took to build up: a cleanup is
-    due when ``gain * seconds since the last one`` reaches its cost (for the fraction, half of it:
-    the waste grew from none). ``over_bound`` (the GPU uses more than the safety bound): any waste is
-    worth clearing, the service holding the most. At most one per :data:`CLEANUP_MIN_INTERVALS`
-    monitoring intervals.
+    A cleanup stalls every service on the GPU for about :data:`CLEANUP_COST_S` (each one's epoch
+    poll empties its cache), so it costs ``n * CLEANUP_COST_S`` seconds of throughput over the
+    GPU's ``n`` services (each counted as a fraction of its own items). What waste costs a service
+    ``tau`` seconds after a cleanup, ``loss(tau)``, is the items its batch loses to it then (its
+    target with the waste cleared less what fits with the waste it will have built up, growing at
+    the pace it grew since the last cleanup) times ``elasticity / b``: one more item of ``b`` gains
+    about ``elasticity / b`` of the items, where the elasticity is the share of the time the GPU is
+    not computing (``1 - utilization``; 0.5 when unknown). Cleaning every ``T`` seconds loses
+    ``(integral of loss over [0, T] + cost) / T`` on average, least where
+    ``T * loss(T) - integral of loss over [0, T] = cost`` (the replacement rule of renewal theory):
+    a cleanup is due when, summed over the services, that reaches the cost at ``T`` = the time
+    since the last cleanup plus the :data:`CLEANUP_DELAY_INTERVALS` it takes to act (a poll, a
+    report, a settled sample). Cleaning sooner pays the stall more often than the waste costs;
+    later, the waste costs more than the stall. ``over_bound`` (the GPU uses more than the safety
+    bound): any waste is worth clearing, the service holding the most. At most one per
+    :data:`CLEANUP_MIN_INTERVALS` monitoring intervals.
     """
     since = now - gs.last_cleanup_at if gs.last_cleanup_at is not None else now - min(
         (m.svc.registered_at for m in ms), default=now)
@@ -219,26 +225,73 @@ def want_cleanup(ms: Sequence[Member], p: Plan, gs: GpuState, now: float, s: Set
         if wasting:
             return max(wasting, key=lambda m: m.fit.waste)
     elasticity = THROUGHPUT_ELASTICITY if utilization is None else min(1.0, max(0.1, 1 - utilization / 100))
-    best: tuple[float, Member] | None = None
+    horizon = since + CLEANUP_DELAY_INTERVALS * s.monitoring_interval
+    gains: list[tuple[float, Member]] = []
     for m in ms:
         f = m.fit
-        if not f.measured or f.worst_per_item <= 0 or f.waste <= 0:
+        if not f.measured or f.worst_per_item <= 0 or f.waste <= 0 or f.waste_fraction <= 0:
             continue
-        b = max(1, m.cur)
         clean_fits = p.fits.get(m.name, 0.0) * (1 + f.waste_fraction)
         top = min(math.floor(clean_fits + 1e-9), m.hi, f.trust_cap)
-        # The waste keeps growing at the pace it grew since the last cleanup: what it costs by the next
-        # sample's report (a report is up to an interval older than the sample, a cleanup takes a poll).
-        growth = (since + 3 * s.monitoring_interval) / since if since > 0 else 1.0
-        soon = clean_fits / (1 + f.waste_fraction * growth)
-        items = top - min(math.floor(soon + 1e-9), p.targets.get(m.name, m.cur))
-        gain = max(elasticity * max(0, items) / b,
-                   elasticity * f.waste / (b * f.worst_per_item * (1 + f.waste_fraction)) / 2)
-        if f.waste < CLEANUP_WASTE_ITEMS * f.worst_per_item and items <= 0:
-            continue  # less than half an item, costing no item of the batch
-        if gain * since >= CLEANUP_COST_S and (best is None or gain > best[0]):
-            best = (gain, m)
-    return None if best is None else best[1]
+        if top < 1:
+            continue
+        limit = min(m.hi, f.trust_cap)
+        # A batch at its cap loses nothing to its waste, but the others held by memory lose the memory it takes.
+        others = sum(p.fits.get(o.name, 0.0) * o.cost for o in ms
+                     if o is not m and o.share > 0 and o.name not in p.capped and o.cost > 0)
+        spill = m.cur * f.mean_per_item / others if others > 0 and top >= limit else 0.0
+        gains.append((_cleanup_gain(f, clean_fits, top, limit, elasticity, now, since, horizon, spill), m))
+    if not gains or sum(g for g, _ in gains) < CLEANUP_COST_S * len(ms):
+        return None
+    return max(gains, key=lambda x: x[0])[1]
+
+
+def _cleanup_gain(f: Fit, clean_fits: float, top: int, limit: int, elasticity: float, now: float, since: float,
+                  horizon: float, spill: float = 0.0) -> float:
+    """``T * loss(T) - integral of loss over [0, T]`` for one service (s of its throughput), ``T`` the
+    time since the last cleanup plus the delay a cleanup takes (``horizon - since``).
+
+    The loss at a waste fraction ``w`` is ``elasticity / top`` per item its batch loses to it. Its
+    integral since the last cleanup comes from the waste its reports showed (the loss that was
+    paid); the loss at ``T`` from the latest waste, grown at the pace it grew, to the horizon. (A
+    batch lowered for the waste leaves the memory it held reserved, as waste too: then the loss
+    jumps, and a cleanup pays at once, though little was lost before.) Without two reports since the
+    last cleanup, the waste is taken to have grown evenly from none. ``spill``: for a batch at its
+    cap (``limit``), the share of the other services' batch memory one unit of waste fraction takes
+    from them: they lose about that share of their items, grown evenly.
+    """
+    def loss(w: float) -> float:
+        return elasticity * max(0, top - math.floor(clean_fits / (1 + w) + 1e-9)) / top
+
+    start = now - since
+    seen = [(t, w) for t, w in f.wastes if start <= t <= now]
+    if len(seen) < 2:
+        rate = f.waste_fraction / since if since > 0 else 0.0
+        steps = elasticity / top * sum(_lost_at(clean_fits, top, rate, horizon)) if rate > 0 else 0.0
+        ahead = f.waste_fraction + rate * (horizon - since)
+    else:
+        (t0, w0), (t1, w1) = seen[0], seen[-1]
+        rate = max(0.0, (w1 - w0) / (t1 - t0)) if t1 > t0 else 0.0
+        ahead = w1 + rate * (start + horizon - t1)
+        paid = sum(loss(w) * (t_next - t) for (t, w), (t_next, _) in zip(seen, [*seen[1:], (now, 0.0)]))
+        steps = since * loss(ahead) - paid
+    if top >= limit:
+        return max(steps, elasticity * ahead * spill * since / 2)
+    return steps
+
+
+def _lost_at(clean_fits: float, top: int, rate: float, horizon: float) -> list[float]:
+    """When, after a cleanup, each item of the batch ``top`` was lost to a waste growing evenly at
+    ``rate`` from none, for those lost by ``horizon`` (s): the ``k``-th when ``clean_fits / (1 + rate
+    * tau)`` drops below ``top - k + 1``. ``T * loss(T) - integral of loss over [0, T]`` is then
+    ``elasticity / top`` times the sum of these times."""
+    out: list[float] = []
+    for k in range(1, top + 1):
+        tau = max(0.0, (clean_fits / (top - k + 1) - 1) / rate)
+        if tau >= horizon:
+            break
+        out.append(tau)
+    return out
 
 
 def describe(m: Member, p: Plan) -> str:

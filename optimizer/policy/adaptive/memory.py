@@ -20,7 +20,9 @@ these the model keeps, in bytes:
 
 Predictions at a batch ``b``: the worst footprint ``fixed + b * worst_per_item * (1 + waste)``, and
 the range one sample of the GPU can show it holding, ``fixed + b * held`` at the least and the most
-held seen (what separates the other tenants' memory from its own, :mod:`.tenants`). Until a report
+held seen (what separates the other tenants' memory from its own, :mod:`.tenants`). The waste
+fractions reported since the waste was last cleared are kept: what the waste cost since the last
+cleanup weighs the next one (:func:`optimizer.policy.adaptive.controller.want_cleanup`). Until a report
 with a peak has come, the service is *unmeasured*: its memory is part of what the GPU shows beyond
 the measured services, and its per-item memory is the declared one, doubled for the worst case.
 
@@ -45,6 +47,8 @@ FLOOR_TTL = 1800.0  # s: how long an unexplained OOM's floor on the per-item mem
 MAX_WASTE_FRACTION = 3.0  # fragmentation waste per byte of activations, at most (a sanity bound)
 RANGE_ALLOWANCE = 0.1  # the range of memory held per item seen, widened by this fraction on each side
 HELD_TTL = 300.0  # s: the memory held per item is what one moment shows: the last 5 minutes' range
+MAX_WASTES = 256  # fragmentation figures kept since the waste was last cleared (about 20 minutes at 5 s)
+WASTE_RESTART = 0.5  # a waste fraction below this share of the previous one was cleared: its history restarts
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class MemoryModel:
     floor_until: float = float("-inf")
     reports: int = 0
     bare_peaks: tuple[tuple[int, float], ...] = ()  # (batch, highest peak) of reports without allocated_bytes
+    wastes: tuple[tuple[float, float], ...] = ()  # (t, waste_fraction) of the reports since the waste last fell
 
     @property
     def measured(self) -> bool:
@@ -99,10 +104,15 @@ def observe(model: MemoryModel, t: float, batch: int | None, peak: int | None, a
             waste = float(max(0, reserved - peak))
         activations = reserved - waste - (fixed or 0.0)
         fraction = min(MAX_WASTE_FRACTION, waste / activations) if activations > 0 else 0.0
+    wastes = model.wastes
+    if reserved is not None:
+        # A waste that fell by half or more was cleared (a cleanup, an emptied cache): its history restarts.
+        fell = not wastes or fraction < WASTE_RESTART * wastes[-1][1]
+        wastes = ((t, fraction),) if fell else (*wastes, (t, fraction))[-MAX_WASTES:]
     return dataclasses.replace(
         model, fixed=fixed, observations=observations, held=held,
         waste=waste, waste_fraction=fraction, largest_ok=max(model.largest_ok, batch), reports=model.reports + 1,
-        bare_peaks=bare)
+        bare_peaks=bare, wastes=wastes)
 
 
 def _bare(bare: tuple[tuple[int, float], ...], batch: int, peak: float) -> tuple[tuple[int, float], ...]:
@@ -156,6 +166,7 @@ class Fit:
     held_high: float
     trust_cap: int
     jitter: float  # the relative spread seen: worst / mean - 1
+    wastes: tuple[tuple[float, float], ...] = ()  # (t, waste_fraction) since the waste was last cleared
 
     def worst(self, b: int) -> float:
         """The most the service can hold at batch ``b`` (bytes), fixed memory included."""
@@ -192,4 +203,4 @@ def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch:
         low, high = max(0.0, low - spread), high + spread
     return Fit(measured=True, fixed=model.fixed, worst_per_item=worst, mean_per_item=mean,
                waste_fraction=model.waste_fraction, waste=model.waste, held_low=low, held_high=high,
-               trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0)
+               trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0, wastes=model.wastes)
