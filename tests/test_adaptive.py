@@ -231,6 +231,24 @@ def test_memory_is_divided_by_weight_and_a_capped_service_leaves_the_rest_to_the
     assert trusted.targets == {"a": 20, "b": 6} and trusted.capped == {"b": "trust region"}
 
 
+
+def test_what_the_parts_whole_items_leave_over_goes_to_whoever_it_holds_one_more_item_of() -> None:
+    # 12 GiB for batches, split 6 / 3 / 3: "big" (2.5 GiB an item) holds 2 in its 6, the small ones
+    # (1.25 GiB) 2 each in their 3. Left over: 12 - 5 - 2.5 - 2.5 = 2 GiB, which holds one more small
+    # item (not a big one): it goes to the small service that runs it already, not to the other.
+    big = member("big", 2.5 * GIB, share=0.5, cur=2)
+    s1, s2 = member("s1", 1.25 * GIB, share=0.25, cur=2), member("s2", 1.25 * GIB, share=0.25, cur=3)
+    p = plan([big, s1, s2], 30 * GIB + 12 * GIB, 0.0)
+    assert p.targets == {"big": 2, "s1": 2, "s2": 3}
+    assert 2 * 2.5 + 2 * 1.25 + 3 * 1.25 <= 12  # what fits together
+    # and it may grow into it: its fits hold the item with the growth margin to spare
+    assert grants([big, s1, dataclasses.replace(s2, cur=2)], p, room=12 * GIB, now=0.0) == {"s2": 1}
+    # Where neither runs it yet, it takes the margin of a new item and goes to the lower share's fill.
+    fresh = plan([big, s1, dataclasses.replace(s2, cur=2)], 30 * GIB + 12 * GIB, 0.0)
+    assert sorted(fresh.targets.values()) == [2, 2, 3]
+    # Too little left over for any item: nobody gets one.
+    assert plan([big, s1, s2], 30 * GIB + 10.5 * GIB, 0.0).targets == {"big": 2, "s1": 2, "s2": 2}
+
 def test_growth_shares_the_room_free_now_by_weight() -> None:
     a, b = member("a", GIB, share=0.5), member("b", GIB, share=0.5)
     p = plan([a, b], 60 * GIB, 0.0)  # targets 20 each, running 4 each

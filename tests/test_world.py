@@ -329,6 +329,16 @@ def test_a_service_whose_share_holds_no_item_is_credited_one_and_the_others_shar
     assert (w.oracle_batch("huge", 0, 10.0), w.oracle_batch("small", 0, 10.0)) == (0, 10)
 
 
+
+def test_what_the_shares_whole_items_leave_over_is_credited_to_whoever_it_holds_one_more_item_of() -> None:
+    # Room for batches: 31 000 - 2 * 10 000 = 11 000 MiB, 5 500 each by weight: "big" (2 000 an item)
+    # holds 2 of its share, "small" (1 000) 5. Left over: 11 000 - 4 000 - 5 000 = 2 000: one more big
+    # item (it is the furthest below its share), never more than fits together.
+    w = world(service("big", per_item_mb=2_000.0), service("small"), total_mb=31_000)
+    ceilings = {name: w.oracle_batch(name, 0, 10.0) for name in ("big", "small")}
+    assert ceilings == {"big": 3, "small": 5}
+    assert 2 * BASE + 2_000 * ceilings["big"] + ITEM * ceilings["small"] <= 31_000
+
 def test_the_time_above_the_safety_bound_is_counted_per_gpu() -> None:
     # Bound: 30 000 * 0.95 - 1024 = 27 476 MiB. Batch 17 holds 27 000 (below), batch 18 28 000 (above).
     below, above = world(), world()

@@ -24,7 +24,8 @@ class OracleView:
 
     def _oracle(self, runs: list[ServiceRun], total_mb: float, background: float, t: float,
                 fragmentation: float | None = None) -> dict[str, int]:
-        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight).
+        """Largest batch per service that fits ``total_mb`` with the jitter at its worst (shared by weight;
+        what the parts' whole items leave over goes to whoever it holds one more item of).
 
         A service whose share does not hold one item still runs one where it fits (a service cannot
         run at batch 0): that item comes out of the memory first and the rest is shared among the
@@ -51,7 +52,17 @@ class OracleView:
         for r in sharing:
             out[r.spec.name] = fits(avail * r.spec.weight / weights, worst[r.spec.name],
                                     self.limits.max_batch(r.spec.name))
-        return out
+        # What the whole items of the weighted parts leave over goes, an item at a time, to whoever it
+        # holds one more item of (the one furthest below its weighted share first), as adaptive's plan does.
+        left = avail - sum(out[r.spec.name] * worst[r.spec.name] for r in sharing)
+        while True:
+            takers = [r for r in sharing if 0 < worst[r.spec.name] <= left
+                      and out[r.spec.name] < self.limits.max_batch(r.spec.name)]
+            if not takers:
+                return out
+            r = min(takers, key=lambda r: ((out[r.spec.name] + 1) * worst[r.spec.name] / r.spec.weight, r.spec.name))
+            out[r.spec.name] += 1
+            left -= worst[r.spec.name]
 
     def _started(self, gpu: int, t: float) -> list[ServiceRun]:
         """The services the ceilings count at ``t``: those whose first start and load are done."""

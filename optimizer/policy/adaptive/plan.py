@@ -18,6 +18,8 @@ from optimizer.policy.types import MIB, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
+REMAINDER_MARGIN = 0.03  # items a remainder item leaves to spare (above controller.GROWTH_MARGIN: it may grow) ...
+REMAINDER_NEW_MARGIN = 0.25  # ... and to take one a service does not run yet (as controller.REGROWTH_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,40 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
         for m in still:
             parts[m.name] += spare * m.share / weight
         free = still
+    _share_remainder(active, max(0.0, pool), parts, targets, fits_items, capped)
     return Plan(targets=targets, bound=bound, other=other, fits=fits_items, capped=capped)
+
+
+def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, float], targets: dict[str, int],
+                     fits_items: dict[str, float], capped: dict[str, str]) -> None:
+    """Give the memory the whole items of the weighted parts leave over to whoever it holds one more item
+    of (in place), one item at a time: a service that runs that item already first (so that it does not
+    move between services as their estimates move), else the one that would stay furthest below its weighted share.
+
+    Divided by weight, each part is floored to whole items, and at small batches the pieces left over
+    can together hold another item of some service that no part holds alone (three services sharing
+    23 GB at 3 to 5 items each can leave a whole item of the largest unused). A service held back by
+    its trust region keeps its part; one capped for good has none to spare. The receiver's ``fits``
+    becomes its new batch plus :data:`REMAINDER_MARGIN` (more than the growth margin, so that it may grow
+    into it), which the remainder must hold too.
+    """
+    left = pool - sum(parts[m.name] if capped.get(m.name) == "trust region" else targets[m.name] * m.cost
+                      for m in active)
+    open_ = [m for m in active if m.name not in capped and m.cost > 0]
+    while open_:
+        def room(m: Member) -> bool:
+            barred = m.ceiling - 1 if m.ceiling is not None else m.hi
+            runs_it = m.cur > targets[m.name]  # kept while it fits; taken anew only with a margin (no flapping)
+            need = m.cost * (1 + (REMAINDER_MARGIN if runs_it else REMAINDER_NEW_MARGIN))
+            return targets[m.name] + 1 <= min(m.hi, m.fit.trust_cap, barred) and need <= left
+        takers = [m for m in open_ if room(m)]
+        if not takers:
+            return
+        # one that runs the item already keeps it (no flapping between services as the estimates move)
+        m = min(takers, key=lambda m: (m.cur <= targets[m.name], (targets[m.name] + 1) * m.cost / m.share, m.name))
+        targets[m.name] += 1
+        left -= m.cost * (1 + REMAINDER_MARGIN)
+        fits_items[m.name] = max(fits_items[m.name], targets[m.name] + REMAINDER_MARGIN)
 
 
 def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
