@@ -6,7 +6,8 @@ One command measures what issue 15 asks of the read API (docs/benchmarks.md, "Th
    the scenario), and ``GET /metrics`` (8 simulated GPUs x 32 services). For each, the real
    optimizer (``python -m optimizer serve --backend simulated``, its own process) and a bare aiohttp
    app (its own process) that answers the same bytes with the same headers, fetched from the
-   optimizer first and checked equal on the wire (all headers but ``Date``). Each server is pinned to
+   optimizer first (for ``/metrics``, once the scenario's services have registered) and checked equal
+   on the wire (all headers but ``Date``). Each server is pinned to
    one CPU, the load generator to another. ``--rounds`` rounds, each one run of ``--duration``
    seconds per server; the pair's order alternates (optimizer first in odd rounds, the bare app
    first in even ones). Per round: the requests/s ratio and the CPU-per-request ratio
