@@ -6,7 +6,8 @@ One command measures what issue 15 asks of the read API (docs/benchmarks.md, "Th
    the scenario), and ``GET /metrics`` (8 simulated GPUs x 32 services). For each, the real
    optimizer (``python -m optimizer serve --backend simulated``, its own process) and a bare aiohttp
    app (its own process) that answers the same bytes with the same headers, fetched from the
-   optimizer first and checked equal on the wire (all headers but ``Date``). Each server is pinned to
+   optimizer first (for ``/metrics``, once the scenario's services have registered) and checked equal
+   on the wire (all headers but ``Date``). Each server is pinned to
    one CPU, the load generator to another. ``--rounds`` rounds, each one run of ``--duration``
    seconds per server; the pair's order alternates (optimizer first in odd rounds, the bare app
    first in even ones). Per round: the requests/s ratio and the CPU-per-request ratio
@@ -611,20 +612,44 @@ def measure_polls(args: argparse.Namespace, tmp: str, cpus: tuple[int | None, in
             return out
 
 
+def settled_metrics(base: str, services: int, seconds: float = 60.0) -> Answer:
+    """``/metrics`` once every one of the scenario's ``services`` has its series.
+
+    The simulated services register with their first polls, in process, when the sampler first
+    advances the world (a sample or so after ``/ready``): taken before that, the exposition has no
+    service series (60 kB at 8 x 32 instead of 157 kB), and the bare app would serve a smaller body
+    than the optimizer does for most of the run.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        m = http(base, "/metrics")
+        if m.status != 200:
+            raise RuntimeError(f"/metrics answered {m.status}")
+        if m.body.count(b"\nvlm_current_batch_size{") >= services:
+            return m
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"/metrics did not show {services} services within {seconds:g} s")
+        time.sleep(0.2)
+
+
 def measure_metrics(args: argparse.Namespace, tmp: str, cpus: tuple[int | None, int | None],
-                    progress: Callable[[str], None]) -> tuple[list[Round], int]:
+                    progress: Callable[[str], None]) -> tuple[list[Round], int, int]:
+    """The /metrics rounds; the bytes the bare app serves, and the optimizer's answer's at the end (the
+    memory figures move each sample, so the two differ by a few digits, not by whole series)."""
     server_cpu, gen_cpu = cpus
     sc = write_scenario(tmp, scenario(8, 32, "hot-paths-8x32"))
     with running(lambda: start_optimizer(sc, server_cpu)) as (opt,):
-        m = http(opt.base, "/metrics")
-        if m.status != 200:
-            raise RuntimeError(f"/metrics answered {m.status}")
+        m = settled_metrics(opt.base, 8 * 32)
         spec = {"metrics": {"body": m.body.decode(), "headers": m.served()}}
         with running(lambda: start_bare(spec, tmp, server_cpu, "/metrics")) as (bare,):
             check_same(bare, [("/metrics", {}, None, m)])
             out = rounds("metrics", {"optimizer": opt, "bare": bare}, "/metrics", args, gen_cpu,
                          lambda s: None, progress)
-            return out, len(m.body)
+            end = http(opt.base, "/metrics")
+            if abs(len(end.body) - len(m.body)) > len(m.body) // 100:
+                raise RuntimeError(f"the optimizer's /metrics went from {len(m.body)} to {len(end.body)} bytes "
+                                   "during the rounds: the bare app's body no longer stands for it")
+            return out, len(m.body), len(end.body)
 
 
 # --------------------------------------------------------------------------- the production-shaped load
@@ -823,7 +848,8 @@ def report(doc: dict[str, Any]) -> str:
                            f"{x['cpu_ratio_range'][0]:.2f}-{x['cpu_ratio_range'][1]:.2f}", f"{x['optimizer_cpu_us']:.1f}",
                            f"{x['bare_cpu_us']:.1f}", str(x["errors"]), x["target"]] for x in doc["summary"]]))
         if doc.get("metrics_bytes"):
-            out.append(f"(/metrics: 8 GPUs x 32 services, {doc['metrics_bytes']} bytes)")
+            out.append(f"(/metrics: 8 GPUs x 32 services, {doc['metrics_bytes']} bytes served by the bare app, "
+                       f"the optimizer's {doc.get('metrics_bytes_at_end')} bytes at the end)")
     ld = doc.get("load")
     if ld:
         out += ["", f"production-shaped load: {ld['services']} services (vlm_optimizer_client BatchSizeClient + "
@@ -916,9 +942,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "polls" in args.only:
             rs += measure_polls(args, tmp, (server_cpu, gen_cpu), progress)
         if "metrics" in args.only:
-            m, size = measure_metrics(args, tmp, (server_cpu, gen_cpu), progress)
+            m, size, end_size = measure_metrics(args, tmp, (server_cpu, gen_cpu), progress)
             rs += m
             doc["metrics_bytes"] = size
+            doc["metrics_bytes_at_end"] = end_size
         doc["rounds"] = [asdict(r) for r in rs]
         doc["summary"] = [summary([r for r in rs if r.kind == k]) for k in dict.fromkeys(r.kind for r in rs)]
         if "load" in args.only:

@@ -24,10 +24,12 @@ class DiscoveredPods:
         self.ever_ready: frozenset[str] = frozenset()  # uids of the pods seen ready
         self.pod_gpus: dict[str, int] = {}  # a pod's name (or namespace/name), as its polls and reports gave it
         self.devices: dict[str, tuple[str, ...]] = {}  # namespace/name -> GPU device IDs, from the kubelet
+        self.changes = 0  # rises with every change of the above (the engine's :attr:`~Engine.changes` reads it)
 
     def set_pods(self, pods: Mapping[str, PodInfo]) -> None:
         """Discovery's latest view; what is known of pods that are gone is forgotten."""
         self.attached = True
+        self.changes += 1
         self.pods = dict(pods)
         present = {p.uid for p in pods.values()}
         self.ever_ready = frozenset({u for u in self.ever_ready if u in present}
@@ -41,6 +43,7 @@ class DiscoveredPods:
         if new == self.devices:
             return False
         self.devices = new
+        self.changes += 1
         return True
 
     def note(self, pod: str | None, index: int, peer: str | None) -> bool:
@@ -54,6 +57,7 @@ class DiscoveredPods:
         if not trust.sent_by(trust.pods_named(self.pods, pod), peer):
             return False
         self.pod_gpus[pod] = index
+        self.changes += 1
         return True
 
     def roster(self, gpus: list[GpuSample]) -> Roster:

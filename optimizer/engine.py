@@ -57,8 +57,33 @@ class Engine:
         self._seen: dict[tuple[int, str], float] = {}  # last_seen of polls not yet folded into the state
         self._decided: dict[tuple[int, str], _Decided] = {}  # each service's last decision, with its inputs
         self._gpus = gpu_lookup.GpuIndex()  # the latest snapshot's GPUs by index and UUID
+        # What :attr:`changes` last counted: the state (as a poll's liveness note leaves it), the snapshot,
+        # the effective settings, discovery's count of its own changes.
+        self._changes = 0
+        self._counted: tuple[PolicyState, Snapshot | None, Settings, int] = (
+            self._state, self._snapshot, self._layers.settings, self._node.changes)
 
     # ------------------------------------------------------------------ read-only views
+
+    @property
+    def changes(self) -> int:
+        """A count that rises whenever anything a poll's answer or the metrics depend on may have changed:
+        the policy state (all of it but ``last_seen``), the snapshot, the settings, the pods discovery knows.
+
+        Not when a poll only notes a service's liveness (which no answer and no metric shows). Equal counts:
+        a known service's poll would be answered the same (the read API keeps its answers by it) and the
+        exposition would render the same. Reading it folds nothing: a few identity checks, no walk.
+        """
+        state, snapshot, settings, node = self._counted
+        if (self._state is not state or self._snapshot is not snapshot or self._layers.settings is not settings
+                or self._node.changes != node):
+            self._counted = (self._state, self._snapshot, self._layers.settings, self._node.changes)
+            self._changes += 1
+        return self._changes
+
+    def seen(self, key: tuple[int, str], now: float) -> None:
+        """A registered service's poll at ``now``, answered from a kept answer: its liveness, as :meth:`poll` notes it."""
+        self._seen[key] = now
 
     @property
     def state(self) -> PolicyState:
@@ -75,6 +100,7 @@ class Engine:
         """
         if not self._seen:
             return
+        counted = self._state is self._counted[0]  # liveness alone is no change (see :attr:`changes`)
         services = dict(self._state.services)
         for key, seen in self._seen.items():
             svc = services.get(key)
@@ -82,6 +108,8 @@ class Engine:
                 services[key] = dataclasses.replace(svc, last_seen=seen)
         self._seen.clear()
         self._state = self._state.with_(services=services)
+        if counted:
+            self._counted = (self._state, *self._counted[1:])
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -233,6 +261,7 @@ class Engine:
     def attach_discovery(self) -> None:
         """Kubernetes discovery runs: the pods it reports (:meth:`set_pods`) and their IPs count from now on."""
         self._node.attached = True
+        self._node.changes += 1
 
     def set_pods(self, pods: dict[str, PodInfo], now: float | None = None) -> tuple[Event, ...]:
         """Discovery's latest view of the pods on this node. Shares move at once.

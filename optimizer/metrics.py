@@ -103,14 +103,15 @@ class OptimizerCollector(Collector):
     def change_key(self) -> ChangeKey:
         """What :meth:`collect` depends on, cheaply: equal keys, equal output (see :class:`MetricsRegistry`).
 
-        The engine's snapshot and state are frozen and replaced on every change, so their identities
-        stand for them; its revision covers what moves with them (the totals, counted as the policy's
-        events are applied; the pods, each new view of which is a revision). Refusals and OOM outcomes
+        The engine's :attr:`~Engine.changes` stands for its snapshot, state, settings and pods (it rises when
+        any of them is replaced, but not when a poll only notes a service's ``last_seen``, which no series
+        shows: polls between two scrapes cost no render); its revision covers what moves with them (the
+        totals, counted as the policy's events are applied). Refusals and OOM outcomes
         (counted without a revision), the sampler's counts, discovery's, the state file's save errors
         and the tasks' are read as they are: a few numbers each, nothing per GPU or service.
         """
         e = self.engine
-        values: list[object] = [e.revision, tuple(e.refused.items()), tuple(e.oom_reports.items())]
+        values: list[object] = [e.changes, e.revision, tuple(e.refused.items()), tuple(e.oom_reports.items())]
         if self.sampler is not None:
             st = self.sampler.stats
             values += [st.attempts, st.samples, st.errors, self.sampler.running, self.sampler.interval]
@@ -119,7 +120,7 @@ class OptimizerCollector(Collector):
         values.append(self.persister.errors if self.persister is not None else 0)
         if self.tasks is not None:
             values.append(tuple(self.tasks()))
-        return ChangeKey((e.snapshot, e.state), tuple(values))
+        return ChangeKey((e.snapshot,), tuple(values))
 
     def collect(self) -> Iterator[Metric]:
         yield from self._gpu_gauges()

@@ -25,7 +25,7 @@ from optimizer.engine import Engine, UnknownGpu
 from optimizer.gpu.types import GpuSample
 from optimizer.policy.types import PolicyState, ServiceReport, Snapshot
 from optimizer.sampler import Sampler
-from tests.api_harness import Api
+from tests.api_harness import Api, MakeApi
 from tests.fakes import ScriptedBackend
 
 GIB = 1024**3
@@ -362,3 +362,207 @@ async def test_keep_alive_requests_move_one_timer_and_a_late_header_is_still_cut
         assert data.startswith(b"HTTP/1.1 408")
         assert time.monotonic() - started >= header_s * 0.9
         writer.close()
+
+
+# --------------------------------------------------------------------------- the kept answers (a repeat poll)
+
+
+Answered = tuple[int, list[tuple[str, str]], bytes]
+
+
+class Peers:
+    """Polls of one read API from two client addresses (127.0.0.1 and 127.0.0.2: the peer the trust model reads)."""
+
+    ADDRESSES = ("127.0.0.1", "127.0.0.2")
+
+    def __init__(self, api: Api) -> None:
+        import aiohttp
+
+        self.api = api
+        self.base = f"http://{api.client.server.host}:{api.client.server.port}"
+        self.sessions = {ip: aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
+                         for ip in self.ADDRESSES}
+
+    async def get(self, path: str, peer: str = "127.0.0.1", **headers: str) -> Answered:
+        async with self.sessions[peer].get(self.base + path, headers=headers) as resp:
+            kept = [(k, v) for k, v in resp.headers.items() if k.lower() != "date"]
+            return resp.status, kept, await resp.read()
+
+    async def close(self) -> None:
+        for s in self.sessions.values():
+            await s.close()
+
+
+def observable(engine: Engine) -> tuple[Any, ...]:
+    """What a poll may change, as the engine shows it: the state (liveness too), revision, pods' GPUs, refusals."""
+    return dict(engine.state.services), engine.revision, dict(engine.pod_gpus), dict(engine.refused)
+
+
+def p_pod(name: str, service: str, ip: str) -> Any:
+    from optimizer.pods import PodInfo
+
+    return PodInfo(namespace="vlm", name=name, uid=f"uid-{name}", node="node-a", service=service,
+                   phase="Running", ready=True, deleting=False, resource_version="1", ips=(ip,))
+
+
+async def test_a_repeat_poll_is_answered_as_the_whole_path_answers_it(make_api: MakeApi,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same script against two read APIs, one answering repeat polls from its kept answers and one
+    taking the whole path every time: every answer (status, headers, bytes) and everything a poll changes
+    (the state with each service's last_seen, the revision, the pods' GPUs, the refusals) stays equal.
+
+    It fails if a kept answer were served stale (after a sample, a report, an override, a setting, new
+    pods, an expiry), without the liveness update, to another peer, or past validation and the trust model.
+    """
+    from optimizer.api.keys import ENCODED
+
+    settings = Settings(max_services_per_gpu=2, service_expiry=60.0)
+    fast, whole = await make_api(settings=settings), await make_api(settings=settings)
+    monkeypatch.setattr(whole.client.app[ENCODED], "kept", lambda *args: None)  # the whole path only
+    store = fast.client.app[ENCODED]
+    real_kept = store.kept
+    served = [0]
+
+    def counted(*args: Any) -> Any:
+        kept = real_kept(*args)
+        served[0] += kept is not None
+        return kept
+
+    monkeypatch.setattr(store, "kept", counted)
+    peers = {name: Peers(api) for name, api in (("fast", fast), ("whole", whole))}
+    steps = 0
+
+    async def both(action: Any) -> None:
+        for api in (fast, whole):
+            result = action(api)
+            if hasattr(result, "__await__"):
+                await result
+
+    async def poll(path: str, peer: str = "127.0.0.1", times: int = 2, inm: str | None = None) -> Answered:
+        nonlocal steps
+        headers = {} if inm is None else {"If-None-Match": inm}
+        for _ in range(times):
+            got = await peers["fast"].get(path, peer, **headers)
+            want = await peers["whole"].get(path, peer, **headers)
+            assert got == want, (path, peer, headers)
+            assert observable(fast.engine) == observable(whole.engine), (path, peer)
+            steps += 1
+        return got
+
+    try:
+        await both(lambda a: a.tick())
+        _, headers, _ = await poll("/batch-size?service=a", times=3)
+        etag = {k.lower(): v for k, v in headers}["etag"]
+        for inm in (etag, etag[2:], f'W/"other", {etag}', "*", 'W/"other"', " " + etag + " "):
+            await poll("/batch-size?service=a", inm=inm)
+        await poll("/batch-size?service=a&gpu=0")
+        await both(lambda a: a.clock.advance(2.0))
+        await poll("/batch-size?service=a")  # liveness: last_seen moves on both
+        await both(lambda a: a.engine.report("a", 0, a.clock(), batch_size=4, peak_bytes=GIB))
+        await poll("/batch-size?service=a")
+        await both(lambda a: a.engine.set_override("a", 0, 3, None, a.clock()))
+        await poll("/batch-size?service=a")
+        await both(lambda a: a.engine.set_runtime({"monitoring_interval": 12.0}))
+        await poll("/batch-size?service=a", inm=etag)
+        await both(lambda a: a.engine.set_runtime({"strategy": "conservative"}))
+        await poll("/batch-size?service=a")
+        await both(lambda a: a.gpus.used.__setitem__(0, 50 * GIB))
+        await both(lambda a: a.tick())
+        await poll("/batch-size?service=a")
+        # bad input and an unknown GPU: refused every time
+        assert (await poll("/batch-size?service=bad%20name"))[0] == 400
+        assert (await poll("/batch-size?service=a&gpu=7"))[0] == 400
+        # the caps: a second service fills GPU 0, a third is refused every time
+        await poll("/batch-size?service=b")
+        assert (await poll("/batch-size?service=c"))[0] == 429
+        # register_unknown off: an unknown name is answered unregistered every time, never kept
+        await both(lambda a: a.engine.set_runtime({"register_unknown": False}))
+        assert b'"registered":false' in (await poll("/batch-size?service=stranger"))[2]
+        await both(lambda a: a.clock.advance(1.0))
+        await poll("/batch-size?service=stranger")  # its answer is made at each poll (updated_at: now)
+        await both(lambda a: a.engine.set_runtime({"register_unknown": True}))
+        # discovery: service d's pod is at 127.0.0.2; only it may register d, and only it moves its pod's GPU
+        await both(lambda a: a.engine.attach_discovery())
+        await both(lambda a: a.engine.set_pods({"vlm/d-1": p_pod("d-1", "d", "127.0.0.2")}))
+        await both(lambda a: a.engine.clear_override("a", 0, a.clock()))
+        await both(lambda a: a.engine.set_runtime({"max_services_per_gpu": 8}))
+        assert (await poll("/batch-size?service=d"))[0] == 403  # a wrong pod IP, every time
+        assert (await poll("/batch-size?service=d", peer="127.0.0.2"))[0] == 200
+        await poll("/batch-size?service=d&pod=d-1", times=3)  # read from anywhere; the pod hint not taken
+        assert fast.engine.pod_gpus == {}
+        await poll("/batch-size?service=d&pod=d-1", peer="127.0.0.2")  # the same query from the pod: taken
+        assert fast.engine.pod_gpus == {"d-1": 0}
+        # expiry: only a keeps polling; the others are forgotten, and d's next poll registers it again
+        for _ in range(14):
+            await both(lambda a: a.tick())
+            await poll("/batch-size?service=a")
+        assert {name for _, name in fast.engine.state.services} == {"a"}
+        await poll("/batch-size?service=d", peer="127.0.0.2")
+        assert (0, "d") in fast.engine.state.services
+    finally:
+        for p in peers.values():
+            await p.close()
+    assert served[0] >= steps // 3, (served[0], steps)  # the kept answers did serve (each step's repeats)
+
+
+async def test_a_kept_answer_notes_liveness_and_keeps_a_polled_service_alive(api: Api) -> None:
+    from optimizer.api import routes
+
+    first = await api.get("/batch-size?service=svc")
+    api.clock.advance(3.0)
+    calls: list[Any] = []
+    real = routes._poll
+
+    def whole(request: web.Request) -> web.Response:
+        calls.append(request)
+        return real(request)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routes, "_poll", whole)
+        assert await api.get("/batch-size?service=svc") == first  # from the kept answer ...
+        assert calls == []
+    assert api.engine.state.services[(0, "svc")].last_seen == api.clock()  # ... with its liveness noted
+
+
+async def test_the_kept_answers_are_bounded(api: Api) -> None:
+    from optimizer.api.keys import ENCODED
+
+    store = api.client.app[ENCODED]
+    store.entries = 2
+    for extra in range(5):  # a registered service under made-up query strings
+        await api.get(f"/batch-size?service=svc&x={extra}")
+    assert len(store._answers) <= 2
+
+
+def test_changes_count_everything_but_liveness() -> None:
+    engine = engine_with(3)
+    before = engine.changes
+    for k in range(5):
+        engine.poll("svc-0", 0, 7.0 + k)
+    assert engine.changes == before  # liveness only
+    assert engine.state.services[(0, "svc-0")].last_seen == 11.0  # folded on reading: still no change
+    assert engine.changes == before
+    engine.poll("svc-new", 0, 12.0)  # a new service
+    assert engine.changes == before + 1
+    for change in (lambda: engine.observe(snapshot(13.0)), lambda: engine.set_runtime({"strategy": "aggressive"}),
+                   lambda: engine.report("svc-1", 0, 14.0, batch_size=2), engine.attach_discovery,
+                   lambda: engine.set_pods({"vlm/p": p_pod("p", "svc-2", "10.0.0.2")})):
+        seen = engine.changes
+        change()
+        assert engine.changes == seen + 1
+    engine.poll("svc-2", 0, 15.0, pod="p", peer="10.0.0.2")  # the pod's GPU learned: a change
+    assert engine.pod_gpus == {"p": 0}
+    seen = engine.changes
+    engine.poll("svc-2", 0, 16.0, pod="p", peer="10.0.0.2")  # known already: none
+    assert engine.changes == seen
+
+
+async def test_no_gpu_answers_are_made_at_each_poll(make_api: MakeApi) -> None:
+    from optimizer.gpu.none import NoGpuBackend
+
+    api = await make_api(backend=NoGpuBackend())
+    await api.tick()
+    for _ in range(3):
+        body = await api.get("/batch-size?service=svc")
+        assert body["gpu"] is None and body["updated_at"] == api.clock()  # never a kept answer
+        api.clock.advance(1.0)

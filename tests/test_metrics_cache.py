@@ -207,3 +207,22 @@ async def test_concurrent_scrapes_share_one_render(make_api: MakeApi, walks: lis
     texts = await asyncio.gather(*(scrape(api) for _ in range(8)))
     assert len(set(texts)) == 1 and 'service="svc-b"' in texts[0]
     assert walks == [1]
+
+
+def test_polls_of_known_services_between_scrapes_cost_no_render(walks: list[int]) -> None:
+    """A poll's liveness note is in no series: the kept bytes stay, and they are what a render gives."""
+    n = Node()
+    asyncio.run(n.tick())
+    n.engine.poll("svc-a", 0, n.clock())
+    before = n.scrape()
+    walks.clear()
+    for k in range(5):
+        n.clock.advance(1.0)
+        n.engine.poll("svc-a", 0, n.clock())
+        assert n.scrape() is before
+    assert walks == [] and n.registry.renders == 1
+    assert n.engine.state.services[(0, "svc-a")].last_seen == n.clock()  # noted all the same
+    assert before == generate_latest(n.registry)
+    n.engine.poll("svc-b", 1, n.clock())  # a new service: a change
+    after = n.scrape()
+    assert after != before and b'service="svc-b"' in after and n.registry.renders == 2

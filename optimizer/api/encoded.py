@@ -74,6 +74,24 @@ class Encoded:
         return self.opaque_etag in [_opaque(t) for t in if_none_match.split(",")]
 
 
+Peer = str | None  # the client's address (``request.remote``)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptAnswer:
+    """A registered service's answer to one poll, valid while the engine's ``changes`` count is ``changes``.
+
+    ``key`` is the service's (GPU index, service), whose liveness a poll answered from here notes; ``ok``
+    and ``not_modified`` the headers of the ``200`` and the ``304`` (the monitoring interval's max-age).
+    """
+
+    changes: int
+    key: tuple[int, str]
+    encoded: Encoded
+    ok: CIMultiDictProxy[str]
+    not_modified: CIMultiDictProxy[str]
+
+
 class EncodedDecisions:
     """The last encoded decision per (GPU index, service), at most ``entries`` of them.
 
@@ -81,6 +99,17 @@ class EncodedDecisions:
     holds more than twice as many pairs as are live (plus a little slack), the pairs no longer live
     are dropped: services that expired take their bytes with them. Past ``entries`` (more live
     pairs than that), the pair encoded longest ago goes first.
+
+    Beside them, the last answer to each (raw query string, peer) of ``GET /batch-size`` that a
+    registered service got (:meth:`kept`, :meth:`keep`). A poll is a function of its query string, its
+    peer (whose address decides whether its ``pod`` is taken) and the engine's inputs, which
+    :attr:`Engine.changes <optimizer.engine.Engine.changes>` counts. So while the count is the one an
+    answer was kept at, a poll with the same query string from the same peer gets the same answer and
+    changes nothing but its service's liveness: the read API answers it from here (docs/architecture.md,
+    "The hot paths"). Anything else (a first poll, a changed decision, an unknown name, a bad query, no
+    GPU) takes the whole path. At most ``entries`` answers are kept; then the table starts over (made-up
+    query strings cannot grow it). ``hits`` counts the polls answered from a kept encoding (either
+    table), ``misses`` the decisions encoded afresh.
     """
 
     def __init__(self, live: Callable[[], Collection[Key]], entries: int = DEFAULT_ENTRIES) -> None:
@@ -89,6 +118,7 @@ class EncodedDecisions:
         self.live = live
         self.entries = entries
         self._by_key: dict[Key, Encoded] = {}
+        self._answers: dict[tuple[str, Peer], KeptAnswer] = {}
         self.hits = 0
         self.misses = 0
 
@@ -117,3 +147,18 @@ class EncodedDecisions:
             self._by_key = {k: v for k, v in self._by_key.items() if k in live}
         if len(self._by_key) >= self.entries:
             del self._by_key[next(iter(self._by_key))]
+
+    def kept(self, query: str, peer: Peer, changes: int) -> KeptAnswer | None:
+        """The answer kept for ``query`` from ``peer``, if it was kept at ``changes`` (a hit), else ``None``."""
+        kept = self._answers.get((query, peer))
+        if kept is None or kept.changes != changes:
+            return None
+        self.hits += 1
+        return kept
+
+    def keep(self, query: str, peer: Peer, answer: KeptAnswer) -> None:
+        """Keep ``answer`` for ``query`` from ``peer`` (a registered service's, made at ``answer.changes``)."""
+        answers = self._answers
+        if len(answers) >= self.entries and (query, peer) not in answers:
+            answers.clear()
+        answers[(query, peer)] = answer

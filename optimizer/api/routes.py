@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from optimizer.api.keys import DISCOVERY, ENCODED, ENGINE, PERSISTER, REGISTRY, SAMPLER, TASKS
 from optimizer.api.schemas import (
@@ -32,7 +33,7 @@ from optimizer.api.schemas import (
     sample_dict,
 )
 from optimizer.api.decisions import decision_dict
-from optimizer.api.encoded import Encoded
+from optimizer.api.encoded import Encoded, KeptAnswer
 from optimizer.api.services import services_body
 from optimizer.api.timeouts import body_timeout, close_after
 from optimizer.config import settings_to_dict
@@ -103,11 +104,25 @@ def _unknown_gpu(exc: UnknownGpu, kind: str = "parameter") -> web.Response:
                  status=400)
 
 
-def _decision_response(request: web.Request, d: Decision) -> web.Response:
-    """The decision's body, ETag and headers, encoded once per change of the decision (not once per poll)."""
+def _decision_response(request: web.Request, d: Decision, kept: bool = False) -> web.Response:
+    """The decision's body, ETag and headers, encoded once per change of the decision (not once per poll).
+
+    ``kept``: the answer of a poll, kept for the next one with the same query string from the same peer
+    while the engine's inputs stay as they are (:meth:`EncodedDecisions.keep`): a registered service's only.
+    """
     # An unknown name's answer is not kept: made-up names must not fill the store of the registered ones.
-    encoded = request.app[ENCODED].get(d) if d.registered else Encoded.of(d)
-    ok, not_modified = encoded.headers(max(1, math.floor(request.app[ENGINE].settings.monitoring_interval)))
+    store = request.app[ENCODED]
+    encoded = store.get(d) if d.registered else Encoded.of(d)
+    engine = request.app[ENGINE]
+    ok, not_modified = encoded.headers(max(1, math.floor(engine.settings.monitoring_interval)))
+    if kept and d.registered and d.gpu_index is not None:  # (no GPU: a fresh answer each time, never kept)
+        store.keep(request.rel_url.raw_query_string, request.remote,
+                   KeptAnswer(engine.changes, (d.gpu_index, d.service), encoded, ok, not_modified))
+    return _answer(request, encoded, ok, not_modified)
+
+
+def _answer(request: web.Request, encoded: Encoded, ok: CIMultiDictProxy[str],
+            not_modified: CIMultiDictProxy[str]) -> web.Response:
     inm = request.headers.get("If-None-Match")
     if inm is not None and encoded.matches(inm):
         return web.Response(status=304, headers=not_modified)
@@ -116,9 +131,20 @@ def _decision_response(request: web.Request, d: Decision) -> web.Response:
 
 @hot_routes.get("/batch-size")
 async def batch_size(request: web.Request) -> web.StreamResponse:
-    """``GET /batch-size``, a hot route: no middleware, its own errors answered (:func:`error_answer`)."""
+    """``GET /batch-size``, a hot route: no middleware, its own errors answered (:func:`error_answer`).
+
+    A repeat poll (the same query string, from the same peer, nothing changed since: the engine's
+    ``changes``) is answered from the kept answer, noting its service's liveness as a poll does; any
+    other takes the whole path (:func:`_poll`). docs/architecture.md, "The hot paths".
+    """
     try:
-        return _poll(request)
+        app = request.app
+        engine = app[ENGINE]
+        kept = app[ENCODED].kept(request.rel_url.raw_query_string, request.remote, engine.changes)
+        if kept is None:
+            return _poll(request)
+        engine.seen(kept.key, app[SAMPLER].clock())
+        return _answer(request, kept.encoded, kept.ok, kept.not_modified)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - never let one request take the server down
@@ -157,7 +183,7 @@ def _poll(request: web.Request) -> web.Response:
         return _unknown_gpu(exc)
     except Refused as exc:
         return _json(exc.body, status=exc.status)
-    return _decision_response(request, d)
+    return _decision_response(request, d, kept=True)
 
 
 @hot_routes.post("/reports")
