@@ -376,8 +376,11 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
     seconds (so that a steady load does not flap across an item's edge; not after a cleanup since,
     which cleared what it was lowered for, ``cleaned_at``). When the room does not hold
     every growth, each gets its share of it by weight, what one does not need going to the others.
+    Growth into items of the plan's remainder (:attr:`Plan.remainder`) is granted only once every
+    service's growth into its own part is: the remainder never keeps a part from being filled.
     """
     wants: dict[str, int] = {}
+    extras: dict[str, int] = {}  # growth into items of the plan's remainder: granted after every other's
     for m in ms:
         if m.share <= 0 or m.cost <= 0 or m.svc.oom_pending is not None or m.svc.override_active(now) is not None:
             continue
@@ -386,11 +389,25 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
         if lowered is not None and now - lowered[0] < REGROWTH_S and (cleaned_at is None or cleaned_at < lowered[0]):
             reach = min(reach, max(lowered[1] - 1, math.floor(p.fits.get(m.name, 0.0) - REGROWTH_MARGIN + 1e-9)))
         want = min(p.targets[m.name], reach) - m.cur
-        if want > 0:
-            wants[m.name] = want
+        own = min(want, p.targets[m.name] - p.remainder.get(m.name, 0) - m.cur)
+        if own > 0:
+            wants[m.name] = own
+        if want > max(0, own):
+            extras[m.name] = want - max(0, own)
     by_name = {m.name: m for m in ms}
+    out, left = _share_room(wants, by_name, max(0.0, room))
+    if extras and all(out.get(n, 0) >= w for n, w in wants.items()):  # every part's growth granted first
+        more, _ = _share_room(extras, by_name, left)
+        for n, w in more.items():
+            out[n] = out.get(n, 0) + w
+    return out
+
+
+def _share_room(wants: dict[str, int], by_name: dict[str, Member], left: float) -> tuple[dict[str, int], float]:
+    """``wants`` (items by service) granted within ``left`` bytes, shared by weight, what one does not need
+    going to the others; with the bytes left."""
+    wants = dict(wants)
     out: dict[str, int] = {}
-    left = max(0.0, room)
     while wants:
         weight = sum(by_name[n].share for n in wants)
         settled = {n: w for n, w in wants.items() if w * by_name[n].cost <= left * by_name[n].share / weight}
@@ -398,12 +415,13 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
             for n, w in wants.items():
                 m = by_name[n]
                 out[n] = min(w, math.floor(left * m.share / weight / m.cost + 1e-9))
+            left -= sum(out[n] * by_name[n].cost for n in wants)
             break
         for n, w in settled.items():
             out[n] = w
             left -= w * by_name[n].cost
             del wants[n]
-    return out
+    return out, left
 
 
 def safe_batch(svc: ServiceState, others: Sequence[ServiceState], gs: GpuState, sample: GpuSample, s: Settings,

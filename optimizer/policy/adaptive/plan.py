@@ -58,6 +58,7 @@ class Plan:
     other: float
     fits: dict[str, float]  # items of worst footprint each service's part holds, before any cap
     capped: dict[str, str]  # why a service's target is below its part ("max_batch_size", "trust region")
+    remainder: dict[str, int] = dataclasses.field(default_factory=dict)  # items of a target beyond its part
 
 
 def members(services: Sequence[ServiceState], shares: dict[str, float], s: Settings, now: float,
@@ -120,12 +121,12 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
         for m in still:
             parts[m.name] += spare * m.share / weight
         free = still
-    _share_remainder(active, max(0.0, pool), parts, targets, fits_items, capped)
-    return Plan(targets=targets, bound=bound, other=other, fits=fits_items, capped=capped)
+    remainder = _share_remainder(active, max(0.0, pool), parts, targets, fits_items, capped)
+    return Plan(targets=targets, bound=bound, other=other, fits=fits_items, capped=capped, remainder=remainder)
 
 
 def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, float], targets: dict[str, int],
-                     fits_items: dict[str, float], capped: dict[str, str]) -> None:
+                     fits_items: dict[str, float], capped: dict[str, str]) -> dict[str, int]:
     """Give the memory the whole items of the weighted parts leave over to whoever it holds one more item
     of (in place), one item at a time: a service that runs that item already first (so that it does not
     move between services as their estimates move), else the one that would stay furthest below its weighted share.
@@ -135,11 +136,13 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
     23 GB at 3 to 5 items each can leave a whole item of the largest unused). A service held back by
     its trust region keeps its part; one capped for good has none to spare. The receiver's ``fits``
     becomes its new batch plus :data:`REMAINDER_MARGIN` (more than the growth margin, so that it may grow
-    into it), which the remainder must hold too.
+    into it), which the remainder must hold too. Returns the items given, by service: they are granted
+    after every service's growth into its own part (:func:`~optimizer.policy.adaptive.controller.grants`).
     """
     left = pool - sum(parts[m.name] if capped.get(m.name) == "trust region" else targets[m.name] * m.cost
                       for m in active)
     open_ = [m for m in active if m.name not in capped and m.cost > 0]
+    given: dict[str, int] = {}
     while open_:
         def room(m: Member) -> bool:
             barred = m.ceiling - 1 if m.ceiling is not None else m.hi
@@ -148,12 +151,14 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
             return targets[m.name] + 1 <= min(m.hi, m.fit.trust_cap, barred) and need <= left
         takers = [m for m in open_ if room(m)]
         if not takers:
-            return
+            return given
         # one that runs the item already keeps it (no flapping between services as the estimates move)
         m = min(takers, key=lambda m: (m.cur <= targets[m.name], (targets[m.name] + 1) * m.cost / m.share, m.name))
         targets[m.name] += 1
+        given[m.name] = given.get(m.name, 0) + 1
         left -= m.cost * (1 + REMAINDER_MARGIN)
         fits_items[m.name] = max(fits_items[m.name], targets[m.name] + REMAINDER_MARGIN)
+    return given
 
 
 def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
@@ -165,11 +170,13 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
     of arrivals reaching an item above the level now, less the rate of those reaching an item above
     the held one, :meth:`Tenants.arrival_rate`) times ``oom_cost_s`` of every service's throughput;
     it costs the batches it takes (counted linearly in items, which overstates the loss for
-    services whose throughput saturates). Hold the level where that pays most, if any does. (A lower
-    level held saves only the arrivals that stay below it: the ones that go higher still OOM.)
+    services whose throughput saturates; the parts' items only, not the remainder's, which moves in
+    whole items of whichever service it fits and would make the choice jump). Hold the level where that
+    pays most, if any does. (A lower level held saves only the arrivals that stay below it: the ones
+    that go higher still OOM.)
     """
     smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
-    ride = sum(plan(ms, bound, level).targets[m.name] for m in ms if m.share > 0)
+    ride = _parts_items(ms, plan(ms, bound, level))
     if smallest <= 0 or ride <= 0:
         return 0.0
     best, reserve = 0.0, 0.0
@@ -178,12 +185,17 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
         extra = peak - level
         if extra < smallest:
             continue
-        hold = sum(plan(ms, bound, level + extra).targets[m.name] for m in ms if m.share > 0)
+        hold = _parts_items(ms, plan(ms, bound, level + extra))
         saved = max(0.0, riding - tenants.arrival_rate(now, reaching=peak + smallest))
         gain = saved * s.oom_cost_s - (1 - hold / ride)
         if gain > best:
             best, reserve = gain, extra
     return reserve
+
+
+def _parts_items(ms: Sequence[Member], p: Plan) -> int:
+    """The items of the services' own parts in ``p`` (their targets less the remainder's items)."""
+    return sum(p.targets[m.name] - p.remainder.get(m.name, 0) for m in ms if m.share > 0)
 
 
 def planning_other(tenants: Tenants, ms: Sequence[Member], bound: float, now: float, s: Settings) -> float:
