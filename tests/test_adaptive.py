@@ -14,6 +14,7 @@ import pytest
 from optimizer.benchmark.generate import generate
 from optimizer.config import Settings, Strategy
 from optimizer.policy.adaptive import controller
+from optimizer.policy.adaptive import plan as plan_module
 from optimizer.policy.adaptive.controller import (
     CLEANUP_MIN_INTERVALS,
     NEWCOMER_S,
@@ -248,6 +249,20 @@ def test_what_the_parts_whole_items_leave_over_goes_to_whoever_it_holds_one_more
     assert sorted(fresh.targets.values()) == [2, 2, 3]
     # Too little left over for any item: nobody gets one.
     assert plan([big, s1, s2], 30 * GIB + 10.5 * GIB, 0.0).targets == {"big": 2, "s1": 2, "s2": 2}
+
+
+def test_growth_into_the_remainder_comes_after_every_parts_own_growth() -> None:
+    # The plan of the test above, none running the remainder's item yet: it goes to s1 (a tie with s2,
+    # broken by name), whose target is then 3, one of them the remainder's.
+    big = member("big", 2.5 * GIB, share=0.5, cur=1)
+    s1, s2 = member("s1", 1.25 * GIB, share=0.25, cur=2), member("s2", 1.25 * GIB, share=0.25, cur=2)
+    p = plan([big, s1, s2], 30 * GIB + 12 * GIB, 0.0)
+    assert (p.targets, p.remainder) == ({"big": 2, "s1": 3, "s2": 2}, {"s1": 1})
+    # Room for big's next item but not both: big grows into its own part first, s1 waits.
+    assert grants([big, s1, s2], p, room=2.6 * GIB, now=0.0) == {"big": 1}
+    assert grants([big, s1, s2], p, room=4 * GIB, now=0.0) == {"big": 1, "s1": 1}
+    # The volatility reserve weighs the parts' items: the remainder's are not counted.
+    assert plan_module._parts_items([big, s1, s2], p) == 2 + 2 + 2
 
 def test_growth_shares_the_room_free_now_by_weight() -> None:
     a, b = member("a", GIB, share=0.5), member("b", GIB, share=0.5)

@@ -399,7 +399,8 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
     if extras and all(out.get(n, 0) >= w for n, w in wants.items()):  # every part's growth granted first
         more, _ = _share_room(extras, by_name, left)
         for n, w in more.items():
-            out[n] = out.get(n, 0) + w
+            if w > 0:
+                out[n] = out.get(n, 0) + w
     return out
 
 
