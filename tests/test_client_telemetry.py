@@ -11,26 +11,25 @@ a small fake upstream server gives them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from client_fakes import OOM_ERROR, CUuuid, FakeCuda, closed_port, install_fake_cuda, oom
+from client_fakes import OOM_ERROR, CUuuid, FakeCuda, Upstream, closed_port, install_fake_cuda, oom
+from client_fakes import transport, upstream  # noqa: F401 - fixtures, shared with client/tests
 from optimizer.api import build_app
 from optimizer.config import Settings
 from optimizer.engine import Decision, Engine
 from optimizer.policy.types import ServiceState
 from optimizer.sampler import Sampler
 from tests.fakes import FakeClock, ScriptedBackend, Sink, no_sleep, uuid_of
-from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, measure, recover_oom, telemetry
+from vlm_optimizer_client import AsyncReporter, DecisionSink, Reporter, measure, recover_oom
 
 GIB = 1024**3
 HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
@@ -101,45 +100,6 @@ async def reporters(start_optimizer: StartOptimizer) -> AsyncIterator[list[Repor
     yield made
     for r in made:
         await asyncio.to_thread(r.stop)
-
-
-@dataclass
-class Upstream:
-    """A fake optimizer: answers each ``POST /reports`` with the next scripted (status, body), and
-    records the bodies. ``stall`` makes it wait for ``release`` after a request arrived."""
-
-    script: list[tuple[int, str]] = field(default_factory=list)
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    stall: bool = False
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://{self.server.host}:{self.server.port}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.json())
-        if self.stall:
-            self.arrived.set()
-            await self.release.wait()
-        status, text = self.script.pop(0) if self.script else (200, json.dumps(decision(4)))
-        return web.Response(status=status, text=text, content_type="application/json")
-
-
-def decision(batch_size: int) -> dict[str, Any]:
-    return {"service": "svc", "batch_size": batch_size, "optimal_batch_size": batch_size, "reason": "scripted"}
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
-    up = Upstream()
-    app = web.Application()
-    app.router.add_post("/reports", up.handle)
-    up.server = await aiohttp_server(app)
-    return up
 
 
 def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
@@ -467,15 +427,6 @@ async def test_a_gpu_given_by_the_service_is_not_dropped(optimizer: Optimizer) -
 
 
 # --------------------------------------------------------------------------- the async reporter
-
-
-@pytest.fixture(params=["aiohttp", "thread"])
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways the async reporter sends: aiohttp, and urllib in a worker thread without aiohttp."""
-    mode: str = request.param
-    if mode == "thread":
-        monkeypatch.setattr(telemetry, "_load_aiohttp", lambda: None)
-    return mode
 
 
 async def test_the_async_reporter_aggregates_and_sends_an_oom_at_once(optimizer: Optimizer, transport: str) -> None:

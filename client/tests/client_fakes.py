@@ -26,8 +26,9 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
-from vlm_optimizer_client import BatchSizeClient
+from vlm_optimizer_client import BatchSizeClient, telemetry
 
 HOUR = 3600.0  # an interval that never elapses during a test: only flush(), OOMs and stop() send
 
@@ -110,11 +111,13 @@ def decision(batch_size: int) -> dict[str, Any]:
 @dataclass
 class Upstream:
     """A fake optimizer: answers each ``POST /reports`` with the next scripted (status, body), and
-    records the bodies."""
+    records the bodies. ``stall`` makes it wait for ``release`` after a request arrived."""
 
     script: list[tuple[int, str]] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    stall: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
     @property
@@ -125,9 +128,30 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.Response:
         self.bodies.append(await request.json())
         self.arrived.set()
+        if self.stall:
+            await self.release.wait()
         status, text = self.script.pop(0) if self.script else (200, json.dumps(decision(4)))
         return web.Response(status=status, text=text, content_type="application/json")
 
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
+    """A running :class:`Upstream` on a free port (import this fixture where it is used)."""
+    up = Upstream()
+    app = web.Application()
+    app.router.add_post("/reports", up.handle)
+    up.server = await aiohttp_server(app)
+    return up
+
+
+@pytest.fixture(params=["aiohttp", "thread"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the async reporter sends: aiohttp, and urllib in a worker thread without aiohttp."""
+    mode: str = request.param
+    if mode == "thread":
+        monkeypatch.setattr(telemetry, "_load_aiohttp", lambda: None)
+    return mode
 
 class FakeClock:
     """A clock that moves only when told to."""

@@ -1,21 +1,13 @@
 """Fixtures of the client's tests (client/tests): fakes only; the one real optimizer runs as a subprocess
-(test_install.py)."""
+(test_install.py). ``upstream`` and ``transport`` are defined in client_fakes (the server's tests of the
+client use them too) and offered here to every test of this directory."""
 
 from __future__ import annotations
 
 import pytest
-from aiohttp import web
-from client_fakes import FakeCuda, Upstream, install_fake_cuda
-from pytest_aiohttp import AiohttpServer
+from client_fakes import FakeCuda, install_fake_cuda, transport, upstream
 
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
-    up = Upstream()
-    app = web.Application()
-    app.router.add_post("/reports", up.handle)
-    up.server = await aiohttp_server(app)
-    return up
+__all__ = ["cuda", "transport", "upstream"]
 
 
 @pytest.fixture

@@ -164,15 +164,6 @@ def test_without_torch_there_is_no_gpu_identity(monkeypatch: pytest.MonkeyPatch)
     assert "torch" not in sys.modules
 
 
-@pytest.fixture(params=["aiohttp", "thread"])
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways the async reporter sends: aiohttp, and urllib in a worker thread without aiohttp."""
-    mode: str = request.param
-    if mode == "thread":
-        monkeypatch.setattr(telemetry, "_load_aiohttp", lambda: None)
-    return mode
-
-
 async def test_the_async_reporter_logs_an_outage_once_and_keeps_the_reports(transport: str,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
     reporter = AsyncReporter("svc-a", url=f"http://127.0.0.1:{closed_port()}", interval=HOUR, max_pending=2)
