@@ -33,6 +33,7 @@ process does not reuse its parent's socket. No proxy, as before (urllib ran with
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import logging
 import os
@@ -42,13 +43,48 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 log = logging.getLogger("vlm_optimizer_client")
 
 IDLE_MAX_S: Final = 60.0  # an idle connection older than this is not reused (the optimizer keeps one 75 s)
 
 Clock = Callable[[], float]
+
+
+class LoopSession:
+    """One client object's aiohttp session (aiohttp is optional: typed ``Any``), bound to the loop it was
+    made on. A service may use the object from one ``asyncio.run``, then another: a session left by a
+    loop that has gone is dropped (detached: that loop can no longer close its socket) and a new one made
+    on the running loop."""
+
+    def __init__(self) -> None:
+        self.session: Any = None  # aiohttp.ClientSession, made at the first request
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self, make: Callable[[], Any]) -> Any:
+        """The session on the running loop, made by ``make`` when there is none (or none on this loop)."""
+        loop = asyncio.get_running_loop()
+        session = self.session
+        if session is not None and (session.closed or self._loop is not loop):
+            if not session.closed:
+                session.detach()
+            session = None
+        if session is None:
+            session = make()
+            self.session, self._loop = session, loop
+        return session
+
+    async def close(self) -> None:
+        """Close the session: on its own loop; detached on another (nothing can close its socket now)."""
+        session, loop = self.session, self._loop
+        self.session, self._loop = None, None
+        if session is None or session.closed:
+            return
+        if loop is asyncio.get_running_loop():
+            await session.close()
+        else:
+            session.detach()
 
 
 class KeepAlive:

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from vlm_optimizer_client import validate
-from vlm_optimizer_client._http import IDLE_MAX_S, KeepAlive
+from vlm_optimizer_client._http import IDLE_MAX_S, KeepAlive, LoopSession
 from vlm_optimizer_client._follower import BACKOFF_BASE_S, BACKOFF_MAX_S, OnChange, OnCleanup, _Follower
 from vlm_optimizer_client._torch import default_cleanup
 from vlm_optimizer_client.decision import BadAnswer, parse_decision
@@ -290,8 +290,7 @@ class AsyncBatchSizeClient(_Base):
         super().__init__(service, url, gpu, interval, safe_batch_size, max_staleness, timeout, on_change,
                          on_cleanup, clock, rng)
         self._task: asyncio.Task[None] | None = None
-        self._session: Any = None  # aiohttp.ClientSession, made at the first poll (aiohttp is optional)
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._aio = LoopSession()  # the aiohttp session, made at the first poll
 
     async def poll_once(self) -> float:
         """One ``GET /batch-size``. Returns the seconds to wait before the next poll. Never raises for
@@ -316,33 +315,17 @@ class AsyncBatchSizeClient(_Base):
                 raise BadAnswer(f"answer over {MAX_BODY_BYTES} bytes")
             return int(resp.status), dict(resp.headers.items()), body
 
-    def _session_for(self, aiohttp_mod: Any) -> Any:
-        """The object's one session (made at the first poll), on the running loop.
+    @property
+    def _session(self) -> Any:
+        """The aiohttp session in use, if any."""
+        return self._aio.session
 
-        A service may poll from one ``asyncio.run``, then another: a session is bound to its loop, so one
-        left by a loop that has gone is dropped (detached: its loop can no longer close its socket) and a
-        new one made on this loop.
-        """
-        loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and (session.closed or self._session_loop is not loop):
-            if not session.closed:
-                session.detach()
-            session = None
-        if session is None:
-            session = _new_session(aiohttp_mod, self._timeout)
-            self._session, self._session_loop = session, loop
-        return session
+    def _session_for(self, aiohttp_mod: Any) -> Any:
+        """The object's one session (made at the first poll), on the running loop (:class:`LoopSession`)."""
+        return self._aio.get(lambda: _new_session(aiohttp_mod, self._timeout))
 
     async def _close_session(self) -> None:
-        session, loop = self._session, self._session_loop
-        self._session, self._session_loop = None, None
-        if session is None or session.closed:
-            return
-        if loop is asyncio.get_running_loop():
-            await session.close()
-        else:  # made on a loop that has gone: nothing can close its socket now
-            session.detach()
+        await self._aio.close()
 
     @property
     def running(self) -> bool:

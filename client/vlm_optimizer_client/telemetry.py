@@ -35,7 +35,7 @@ from typing import Any
 from vlm_optimizer_client._reporting import (DEFAULT_MAX_PENDING, USER_AGENT, DecisionSink, Measurement, ReporterStats,
                                              _Core, _CoreView, _Cycle, _drive, _drive_async, _Failure, _Outcome,
                                              _parse, _Reply)
-from vlm_optimizer_client._http import IDLE_MAX_S
+from vlm_optimizer_client._http import IDLE_MAX_S, LoopSession
 from vlm_optimizer_client._torch import gpu_identity
 from vlm_optimizer_client.measuring import ReportTarget, measure
 from vlm_optimizer_client.validate import DEFAULT_URL, URL_ENV
@@ -164,8 +164,7 @@ class AsyncReporter(_CoreView):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._session: Any = None  # aiohttp.ClientSession, made at the first send (aiohttp is optional)
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._aio = LoopSession()  # the aiohttp session, made at the first send
 
     @property
     def running(self) -> bool:
@@ -218,32 +217,22 @@ class AsyncReporter(_CoreView):
 
         await _drive_async(cycle, post)
 
+    @property
+    def _session(self) -> Any:
+        """The aiohttp session in use, if any."""
+        return self._aio.session
+
     def _session_for(self, aiohttp: ModuleType) -> Any:
-        """The reporter's one session, on the running loop (one left by a loop that has gone is dropped)."""
-        loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and (session.closed or self._session_loop is not loop):
-            if not session.closed:
-                session.detach()  # its loop has gone: nothing can close its socket now
-            session = None
-        if session is None:
-            # One connection kept while idle up to IDLE_MAX_S (aiohttp's default: 15 s; the optimizer: 75 s);
-            # aiohttp never retries a POST on a reused connection that turns out closed.
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=IDLE_MAX_S),
-                                            timeout=aiohttp.ClientTimeout(total=self._core.timeout),
-                                            headers={"User-Agent": USER_AGENT}, trust_env=False)
-            self._session, self._session_loop = session, loop
-        return session
+        """The reporter's one session, on the running loop (:class:`LoopSession`): one connection kept
+        while idle up to IDLE_MAX_S (aiohttp's default: 15 s; the optimizer: 75 s); aiohttp never retries
+        a POST on a reused connection that turns out closed."""
+        return self._aio.get(lambda: aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(keepalive_timeout=IDLE_MAX_S),
+            timeout=aiohttp.ClientTimeout(total=self._core.timeout), headers={"User-Agent": USER_AGENT},
+            trust_env=False))
 
     async def _close_session(self) -> None:
-        session, loop = self._session, self._session_loop
-        self._session, self._session_loop = None, None
-        if session is None or session.closed:
-            return
-        if loop is asyncio.get_running_loop():
-            await session.close()
-        else:
-            session.detach()
+        await self._aio.close()
 
     async def start(self) -> AsyncReporter:
         """Send from a task of the running loop: every ``interval``, and at once after an OOM. Idempotent."""
