@@ -45,6 +45,16 @@ class Member:
         return self.fit.worst_per_item * (1 + self.fit.waste_fraction)
 
     @property
+    def barred(self) -> int:
+        """The largest batch an unexplained OOM leaves it (``hi`` without one)."""
+        return self.ceiling - 1 if self.ceiling is not None else self.hi
+
+    @property
+    def top(self) -> int:
+        """The largest batch it may be given now: within ``hi``, its trust region and :attr:`barred`."""
+        return min(self.hi, self.fit.trust_cap, self.barred)
+
+    @property
     def fixed(self) -> float:
         return (self.fit.fixed + self.assumed_fixed) if self.share > 0 else self.fit.worst(self.cur)
 
@@ -98,8 +108,7 @@ def plan(ms: Sequence[Member], bound: float, other: float) -> Plan:
         for m in free:
             fits_items[m.name] = parts[m.name] / m.cost if m.cost > 0 else float(m.hi)
             fits = math.floor(fits_items[m.name] + 1e-9)
-            barred = m.ceiling - 1 if m.ceiling is not None else m.hi
-            top = min(m.hi, m.fit.trust_cap, barred)
+            barred, top = m.barred, m.top
             if fits >= top:
                 targets[m.name] = max(m.lo, top)
                 if top == barred < m.hi:
@@ -129,7 +138,8 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
                      fits_items: dict[str, float], capped: dict[str, str]) -> dict[str, int]:
     """Give the memory the whole items of the weighted parts leave over to whoever it holds one more item
     of (in place), one item at a time: a service that runs that item already first (so that it does not
-    move between services as their estimates move), else the one that would stay furthest below its weighted share.
+    move between services as their estimates move), else the one that would stay furthest below its
+    weighted share.
 
     Divided by weight, each part is floored to whole items, and at small batches the pieces left over
     can together hold another item of some service that no part holds alone (three services sharing
@@ -143,22 +153,20 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
                       for m in active)
     open_ = [m for m in active if m.name not in capped and m.cost > 0]
     given: dict[str, int] = {}
-    while open_:
-        def room(m: Member) -> bool:
-            barred = m.ceiling - 1 if m.ceiling is not None else m.hi
-            runs_it = m.cur > targets[m.name]  # kept while it fits; taken anew only with a margin (no flapping)
-            need = m.cost * (1 + (REMAINDER_MARGIN if runs_it else REMAINDER_NEW_MARGIN))
-            return targets[m.name] + 1 <= min(m.hi, m.fit.trust_cap, barred) and need <= left
-        takers = [m for m in open_ if room(m)]
+
+    def runs_it(m: Member) -> bool:  # it keeps an item it runs while the item fits; a new taker needs a margin
+        return m.cur > targets[m.name]
+
+    while True:
+        takers = [m for m in open_ if targets[m.name] < m.top
+                  and m.cost * (1 + (REMAINDER_MARGIN if runs_it(m) else REMAINDER_NEW_MARGIN)) <= left]
         if not takers:
             return given
-        # one that runs the item already keeps it (no flapping between services as the estimates move)
-        m = min(takers, key=lambda m: (m.cur <= targets[m.name], (targets[m.name] + 1) * m.cost / m.share, m.name))
+        m = min(takers, key=lambda m: (not runs_it(m), (targets[m.name] + 1) * m.cost / m.share, m.name))
         targets[m.name] += 1
         given[m.name] = given.get(m.name, 0) + 1
         left -= m.cost * (1 + REMAINDER_MARGIN)
         fits_items[m.name] = max(fits_items[m.name], targets[m.name] + REMAINDER_MARGIN)
-    return given
 
 
 def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
