@@ -174,6 +174,21 @@ def test_dominance_per_gpu_sums_its_services_and_counts_cotenant_failures() -> N
     assert check(summarize([bench("s1", ours, blocked)], {}, RECOVER), "b.dominance") == ("pass", [])
 
 
+def test_the_dominance_figure_counts_the_cases_by_baseline_and_those_above_the_safety_bound() -> None:
+    ours = run("adaptive", svc("a", 1000.0), svc("b", 1000.0, gpu=1))
+    # vllm dominates on both GPUs (service and GPU: 4 cases), but ran GPU 1 above the bound for 60 s
+    # (2 cases) and GPU 0 for 59 s; fixed-4 dominates on GPU 0 only (2 cases), inside the bound.
+    vllm = run("vllm", svc("a", 1100.0), svc("b", 1100.0, gpu=1))
+    vllm = dataclasses.replace(vllm, gpus=(dataclasses.replace(vllm.gpus[0], seconds_above_bound=59.0),
+                                           dataclasses.replace(vllm.gpus[1], seconds_above_bound=60.0)))
+    fixed = run("fixed-4", svc("a", 1100.0), svc("b", 900.0, gpu=1))
+    summary = summarize([bench("s1", ours, vllm, fixed)], {}, RECOVER)
+    (c,) = [c for c in summary.checks if c.key == "b.dominance"]
+    assert c.status == "FAIL"
+    assert c.figure == ("6 case(s) in 1 scenario(s) (vllm 4, fixed-4 2; 2 of them on a GPU the baseline ran "
+                        ">= 60 s above the safety bound, which adaptive sizes to)")
+
+
 def test_the_oracle_is_reported_but_never_fails_the_family() -> None:
     benches = [good("s1", run("oracle", svc("a", 995.0), svc("b", 1100.0, gpu=1)))]
     summary = summarize(benches, {}, RECOVER)
