@@ -200,6 +200,10 @@ def test_the_oracle_is_reported_but_never_fails_the_family() -> None:
 # --------------------------------------------------------------------------- (c) crash mode
 
 
+def _find_run(b: ScenarioBenchmark, name: str) -> Run:
+    return next(r for r in b.runs if r.name == name)
+
+
 def crash_bench(name: str, ours: float, theirs: float) -> ScenarioBenchmark:
     return bench(name, run("adaptive", svc("a", ours)), run("accelerate", svc("a", theirs)),
                  run("lightning", svc("a", ours * 0.5)))
@@ -223,6 +227,19 @@ def test_in_crash_mode_adaptive_takes_at_least_as_much_within_one_percent_and_mo
     # 2 % below on one GPU: named.
     below = summarize([*benches, crash_bench("s4", 1000.0, 1020.0)], {}, CRASH)
     assert check(below, "c.crash") == ("FAIL", [("s4", 0, None, "accelerate")])
+    (c,) = [c for c in below.checks if c.key == "c.crash"]
+    assert "1 case(s) more than 1% below (0 of them on a GPU the baseline ran >= 60 s above" in c.figure
+    # The same case, with accelerate 60 s above the safety bound: still an offender, counted apart.
+    s4 = crash_bench("s4", 1000.0, 1020.0)
+    acc = _find_run(s4, "accelerate")
+    s4 = dataclasses.replace(s4, runs=tuple(
+        dataclasses.replace(r, gpus=(dataclasses.replace(r.gpus[0], seconds_above_bound=60.0),)) if r is acc else r
+        for r in s4.runs))
+    above = summarize([*benches, s4], {}, CRASH)
+    assert check(above, "c.crash") == ("FAIL", [("s4", 0, None, "accelerate")])
+    (c,) = [c for c in above.checks if c.key == "c.crash"]
+    assert "(1 of them on a GPU the baseline ran >= 60 s above the safety bound)" in c.figure
+    assert c.offenders[0].detail.endswith("accelerate 60 s above the safety bound")
 
 
 def test_in_crash_mode_a_baseline_that_kept_co_tenants_out_is_named_but_not_an_offender() -> None:

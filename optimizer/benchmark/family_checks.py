@@ -301,12 +301,17 @@ def _crash_check(family: Family, benches: Sequence[ScenarioBenchmark]) -> Check:
                     split.append(f"{bench.scenario.name} GPU {gpu} {name}")
                 elif items < other * (1 - CRASH_MARGIN):
                     offenders.append(Offender(bench.scenario.name, f"{REFERENCE} {items:.1f} items, {name} {other:.1f} "
-                                                                   f"({items / other - 1:+.1%})", gpu=gpu, run=name))
+                                                                   f"({items / other - 1:+.1%}), {name} "
+                                                                   f"{_seconds_above(run, gpu):.0f} s above the safety "
+                                                                   f"bound", gpu=gpu, run=name))
     if not counts:
         return Check("c.crash", TITLES["c.crash"], None, f"{REFERENCE} or the baselines did not run")
     shares = {name: more / total for name, (more, total) in counts.items()}
+    above = sum(1 for o in offenders if _above_bound_s(benches, o) >= ABOVE_BOUND_S)
     figure = "strictly more on " + ", ".join(f"{shares[n]:.1%} of GPUs vs {n}" for n in counts) + (
         f"; {len(offenders)} case(s) more than {CRASH_MARGIN:.0%} below") + (
+        f" ({above} of them on a GPU the baseline ran >= {ABOVE_BOUND_S:.0f} s above the safety bound)"
+        if offenders else "") + (
         f"; {len(excused)} more where the baseline kept others out ({', '.join(excused[:5])}"
         f"{', ...' if len(excused) > 5 else ''})" if excused else "") + (
         f"; {len(split)} more where the baseline split the GPU against the weights ({', '.join(split[:5])}"
