@@ -18,7 +18,7 @@ from optimizer.policy.types import MIB, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
-REMAINDER_MARGIN = 0.03  # items a remainder item leaves to spare (above controller.GROWTH_MARGIN: it may grow) ...
+REMAINDER_MARGIN = 0.03  # items a remainder item leaves to spare (its receiver may grow into it) ...
 REMAINDER_NEW_MARGIN = 0.25  # ... and to take one a service does not run yet (as controller.REGROWTH_MARGIN)
 
 
