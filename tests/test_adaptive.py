@@ -260,6 +260,19 @@ def test_what_the_parts_whole_items_leave_over_goes_to_whoever_it_holds_one_more
     assert plan([big, s1, s2], 30 * GIB + 10.5 * GIB, 0.0).targets == {"big": 2, "s1": 2, "s2": 2}
 
 
+def test_a_remainder_item_is_kept_while_it_fits_by_the_service_that_runs_it_and_taken_only_with_a_margin() -> None:
+    # 11.26 GiB for batches: parts of 2, 2 and 2 items leave 1.26 GiB, one small item (1.25 GiB) and 0.01 GiB.
+    big = member("big", 2.5 * GIB, share=0.5, cur=2)
+    s1, s2 = member("s1", 1.25 * GIB, share=0.25, cur=2), member("s2", 1.25 * GIB, share=0.25, cur=3)
+    p = plan([big, s1, s2], 30 * GIB + 11.26 * GIB, 0.0)
+    # s2 runs that item: it keeps it while it fits, as an item of its own part (no share of an item to spare) ...
+    assert p.targets == {"big": 2, "s1": 2, "s2": 3} and p.remainder == {"s2": 1}
+    assert p.fits["s2"] == pytest.approx(3 + 0.01 / 1.25)
+    # ... where a service that does not run it yet needs a quarter of an item to spare: nobody takes it.
+    fresh = plan([big, s1, dataclasses.replace(s2, cur=2)], 30 * GIB + 11.26 * GIB, 0.0)
+    assert fresh.targets == {"big": 2, "s1": 2, "s2": 2} and fresh.remainder == {}
+
+
 def test_growth_into_the_remainder_comes_after_every_parts_own_growth() -> None:
     # The plan of the test above, none running the remainder's item yet: it goes to s1 (a tie with s2,
     # broken by name), whose target is then 3, one of them the remainder's.
