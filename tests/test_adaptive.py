@@ -78,6 +78,15 @@ def test_the_jitter_allowance_shrinks_as_reports_come_but_never_below_the_worst_
     assert few.worst_per_item > many.worst_per_item >= 1.1 * GIB
 
 
+def test_the_worst_per_item_memorys_error_is_the_spacing_of_the_observations_and_shrinks_as_they_come() -> None:
+    few = fit(measured(GIB, jitter=(0.0, 0.1), batches=(4,) * 4), 0.0, 20.0, 4)
+    many = fit(measured(GIB, jitter=(0.0, 0.1), batches=(4,) * 60), 0.0, 300.0, 4)
+    # n draws between 1 and 1.1 GiB per item: the bound may lie one spacing, 0.1 GiB / (n + 1), above the highest
+    assert few.error == pytest.approx(0.1 * GIB / 5, rel=1e-6)
+    assert many.error == pytest.approx(0.1 * GIB / 61, rel=1e-6)
+    assert fit(measured(GIB, batches=(4,) * 10), 0.0, 50.0, 4).error == 0.0  # no jitter seen: nothing to keep
+
+
 def test_without_allocated_bytes_the_fixed_memory_is_the_intercept_of_peaks_at_two_batch_sizes() -> None:
     m = MemoryModel()
     m = observe(m, 0.0, 4, peak=int(10 * GIB + 4 * GIB), allocated=None, reserved=None, inactive_split=None)
@@ -209,9 +218,9 @@ def test_an_arrival_an_oom_recorded_is_raised_to_the_level_a_settled_sample_conf
 
 
 def member(name: str, per_item: float, *, fixed: float = 10 * GIB, cur: int = 4, share: float = 1.0,
-           hi: int = 64, trust: int = 1000, waste: float = 0.0) -> Member:
+           hi: int = 64, trust: int = 1000, waste: float = 0.0, error: float = 0.0) -> Member:
     f = Fit(measured=True, fixed=fixed, worst_per_item=per_item, mean_per_item=per_item, waste_fraction=0.0,
-            waste=waste, held_low=per_item, held_high=per_item, trust_cap=trust, jitter=0.0)
+            waste=waste, held_low=per_item, held_high=per_item, trust_cap=trust, jitter=0.0, error=error)
     svc = ServiceState(service=name, gpu=0, batch_size=cur, optimal=cur, reason="", changed_at=0.0, updated_at=0.0,
                        last_seen=0.0, memory=MemoryModel(fixed=fixed, largest_ok=cur))
     return Member(svc=svc, fit=f, cur=cur, lo=1, hi=hi, share=share)
@@ -251,6 +260,19 @@ def test_what_the_parts_whole_items_leave_over_goes_to_whoever_it_holds_one_more
     assert plan([big, s1, s2], 30 * GIB + 10.5 * GIB, 0.0).targets == {"big": 2, "s1": 2, "s2": 2}
 
 
+def test_a_remainder_item_is_kept_while_it_fits_by_the_service_that_runs_it_and_taken_only_with_a_margin() -> None:
+    # 11.26 GiB for batches: parts of 2, 2 and 2 items leave 1.26 GiB, one small item (1.25 GiB) and 0.01 GiB.
+    big = member("big", 2.5 * GIB, share=0.5, cur=2)
+    s1, s2 = member("s1", 1.25 * GIB, share=0.25, cur=2), member("s2", 1.25 * GIB, share=0.25, cur=3)
+    p = plan([big, s1, s2], 30 * GIB + 11.26 * GIB, 0.0)
+    # s2 runs that item: it keeps it while it fits, as an item of its own part (no share of an item to spare) ...
+    assert p.targets == {"big": 2, "s1": 2, "s2": 3} and p.remainder == {"s2": 1}
+    assert p.fits["s2"] == pytest.approx(3 + 0.01 / 1.25)
+    # ... where a service that does not run it yet needs a quarter of an item to spare: nobody takes it.
+    fresh = plan([big, s1, dataclasses.replace(s2, cur=2)], 30 * GIB + 11.26 * GIB, 0.0)
+    assert fresh.targets == {"big": 2, "s1": 2, "s2": 2} and fresh.remainder == {}
+
+
 def test_growth_into_the_remainder_comes_after_every_parts_own_growth() -> None:
     # The plan of the test above, none running the remainder's item yet: it goes to s1 (a tie with s2,
     # broken by name), whose target is then 3, one of them the remainder's.
@@ -267,8 +289,20 @@ def test_growth_into_the_remainder_comes_after_every_parts_own_growth() -> None:
 def test_growth_shares_the_room_free_now_by_weight() -> None:
     a, b = member("a", GIB, share=0.5), member("b", GIB, share=0.5)
     p = plan([a, b], 60 * GIB, 0.0)  # targets 20 each, running 4 each
-    assert grants([a, b], p, room=40 * GIB, now=0.0) == {"a": 15, "b": 15}  # up to target, a margin to spare
+    assert grants([a, b], p, room=40 * GIB, now=0.0) == {"a": 16, "b": 16}  # up to target (no error to keep)
     assert grants([a, b], p, room=6 * GIB, now=0.0) == {"a": 3, "b": 3}
+
+
+def test_growth_keeps_the_models_error_to_spare_and_grows_once_the_reports_narrow_it() -> None:
+    # 24.1 GiB for a 6 GiB item: the part holds 4 items and 0.1 GiB, which the next reports may take back
+    # while the worst per-item memory may still be 30 MiB short (4 items: 120 MiB), not once it is 20 MiB.
+    unsure = member("a", 6 * GIB, cur=3, error=30 * MIB)
+    p = plan([unsure], 10 * GIB + 24.1 * GIB, 0.0)
+    assert p.targets == {"a": 4} and grants([unsure], p, room=7 * GIB, now=0.0) == {}
+    surer = member("a", 6 * GIB, cur=3, error=20 * MIB)
+    assert grants([surer], plan([surer], 10 * GIB + 24.1 * GIB, 0.0), room=7 * GIB, now=0.0) == {"a": 1}
+    # a part that holds the item by less than a fixed fiftieth of it still grows, once the error is small
+    assert 24.1 / 6 - 4 < 0.02
 
 
 def test_a_tenant_that_keeps_coming_back_is_held_room_for_when_an_oom_costs_enough() -> None:

@@ -18,7 +18,8 @@ Timing (:func:`step`): a target below the batch is published on the sample that 
 above it only when the samples are settled (no change still being adopted), the other tenants'
 level rests on two samples, the GPU is not hot, and no OOM of the service waits for its
 explanation; and only as far as the memory free now allows (so that no order in which services
-adopt their batches overruns the bound) with :data:`GROWTH_MARGIN` items to spare.
+adopt their batches overruns the bound), to what its part holds with its worst per-item memory raised by
+the model's error (:func:`growth_reach`).
 
 OOM reports (:func:`on_oom`): the batch is cut at once, by at least 10 %, to what fits if the memory
 that arrived since the last settled sample (at least all the GPU had free) goes on arriving at the
@@ -59,8 +60,7 @@ from optimizer.policy.model import (
 )
 from optimizer.policy.types import MIB, Event, GpuState, Pending, Roster, ServiceState
 
-GROWTH_MARGIN = 0.02  # items beyond one more item a service's part must hold before it grows ...
-REGROWTH_MARGIN = 0.25  # ... and to grow back to a batch it was lowered from within REGROWTH_S (no flapping)
+REGROWTH_MARGIN = 0.25  # items a part must hold to spare to grow back to a batch it was lowered from within REGROWTH_S
 REGROWTH_S = 600.0
 OOM_CUT = 0.9  # an OOM report cuts the batch to at most 90 % of the size that failed
 OOM_HORIZON_INTERVALS = ADOPTION_INTERVALS + HORIZON_INTERVALS  # an OOM cut holds until a settled sample acts
@@ -371,8 +371,9 @@ def _waste_only(m: Member, p: Plan, s: Settings) -> bool:
 def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: float | None = None) -> dict[str, int]:
     """How many items each service may grow by now: together they fit ``room`` (bytes), shared by weight.
 
-    A service grows towards its target, with :data:`GROWTH_MARGIN` items to spare, or
-    :data:`REGROWTH_MARGIN` back to a batch the plan lowered it from in the last :data:`REGROWTH_S`
+    A service grows towards its target, as far as its part holds with the model's error to spare
+    (:func:`growth_reach`), or with :data:`REGROWTH_MARGIN` items to spare back to a batch the plan
+    lowered it from in the last :data:`REGROWTH_S`
     seconds (so that a steady load does not flap across an item's edge; not after a cleanup since,
     which cleared what it was lowered for, ``cleaned_at``). When the room does not hold
     every growth, each gets its share of it by weight, what one does not need going to the others.
@@ -384,7 +385,7 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
     for m in ms:
         if m.share <= 0 or m.cost <= 0 or m.svc.oom_pending is not None or m.svc.override_active(now) is not None:
             continue
-        reach = math.floor(p.fits.get(m.name, 0.0) - GROWTH_MARGIN + 1e-9)
+        reach = growth_reach(m.fit, p.fits.get(m.name, 0.0))
         lowered = m.svc.lowered
         if lowered is not None and now - lowered[0] < REGROWTH_S and (cleaned_at is None or cleaned_at < lowered[0]):
             reach = min(reach, max(lowered[1] - 1, math.floor(p.fits.get(m.name, 0.0) - REGROWTH_MARGIN + 1e-9)))
@@ -402,6 +403,20 @@ def grants(ms: Sequence[Member], p: Plan, room: float, now: float, cleaned_at: f
             if w > 0:
                 out[n] = out.get(n, 0) + w
     return out
+
+
+def growth_reach(f: Fit, fits: float) -> int:
+    """The largest batch a part of ``fits`` items (of worst footprint) lets a service grow to: what the part
+    holds with its worst per-item memory raised by the model's error (:attr:`.memory.Fit.error`).
+
+    A part that holds the next item by less than that is within what the next reports may take back (a
+    new highest observation raises the worst): growing into it would lower the batch again soon, and then
+    bar the item for :data:`REGROWTH_S`. The error shrinks as reports come, so a part that holds the item
+    by a little grows into it once enough reports show it does (a fixed share of an item would bar such a
+    part for good).
+    """
+    scale = 1 + f.error / f.worst_per_item if f.worst_per_item > 0 else 1.0
+    return math.floor(fits / scale + 1e-9)
 
 
 def _share_room(wants: dict[str, int], by_name: dict[str, Member], left: float) -> tuple[dict[str, int], float]:

@@ -12,7 +12,10 @@ these the model keeps, in bytes:
   :data:`OBSERVATION_TTL` seconds (it follows a per-item memory that changes);
 - the worst per-item memory: the highest observation, plus an allowance for jitter not seen yet
   that shrinks with the number of observations (``PRIOR_JITTER / n``), never below a floor that an
-  OOM the model could not explain left behind (:func:`raise_floor`);
+  OOM the model could not explain left behind (:func:`raise_floor`); and its error, how far it may
+  still be short: ``(highest - least) / (n + 1)``, the spacing ``n`` draws of a bounded jitter leave
+  between the highest of them and the bound, on average (what growth keeps to spare,
+  :func:`optimizer.policy.adaptive.controller.grants`);
 - the memory it holds per item beyond the fixed memory (``(reserved - allocated) / batch``), its least
   and its most over the last :data:`HELD_TTL` seconds of reports (what one moment can show: a
   per-item memory that rose is not taken for another tenant's arrival for long), and the
@@ -167,6 +170,7 @@ class Fit:
     trust_cap: int
     jitter: float  # the relative spread seen: worst / mean - 1
     wastes: tuple[tuple[float, float], ...] = ()  # (t, waste_fraction) since the waste was last cleared
+    error: float = 0.0  # how far the worst per-item memory may still be short (bytes): see :func:`fit`
 
     def worst(self, b: int) -> float:
         """The most the service can hold at batch ``b`` (bytes), fixed memory included."""
@@ -195,6 +199,9 @@ def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch:
     top = max(observations)
     mean = sum(observations) / len(observations)
     worst = max(top + (top - mean + top * PRIOR_JITTER) / len(observations), floor)
+    # n draws of a bounded jitter leave its bound, on average, one spacing of them above the highest:
+    # the range they span over n + 1. What the worst may still rise by as reports come.
+    error = (top - min(observations)) / (len(observations) + 1)
     held = [x for t, x in model.held if now - t <= HELD_TTL]
     per_item = mean * (1 + model.waste_fraction)
     low, high = (min(held), max(held)) if held else (per_item, worst * (1 + model.waste_fraction))
@@ -203,4 +210,4 @@ def fit(model: MemoryModel, declared_per_item: float, now: float, current_batch:
         low, high = max(0.0, low - spread), high + spread
     return Fit(measured=True, fixed=model.fixed, worst_per_item=worst, mean_per_item=mean,
                waste_fraction=model.waste_fraction, waste=model.waste, held_low=low, held_high=high,
-               trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0, wastes=model.wastes)
+               trust_cap=trust, jitter=worst / mean - 1 if mean > 0 else 0.0, wastes=model.wastes, error=error)

@@ -18,8 +18,8 @@ from optimizer.policy.types import MIB, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
-REMAINDER_MARGIN = 0.03  # items a remainder item leaves to spare (above controller.GROWTH_MARGIN: it may grow) ...
-REMAINDER_NEW_MARGIN = 0.25  # ... and to take one a service does not run yet (as controller.REGROWTH_MARGIN)
+REMAINDER_NEW_MARGIN = 0.25  # items a remainder item leaves to spare to go to a service that does not run it yet
+# (as controller.REGROWTH_MARGIN); one that runs it keeps it while it fits, as an item of its own part
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,14 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
     Divided by weight, each part is floored to whole items, and at small batches the pieces left over
     can together hold another item of some service that no part holds alone (three services sharing
     23 GB at 3 to 5 items each can leave a whole item of the largest unused). A service held back by
-    its trust region keeps its part; one capped for good has none to spare. The receiver's ``fits``
-    becomes its new batch plus :data:`REMAINDER_MARGIN` (more than the growth margin, so that it may grow
-    into it), which the remainder must hold too. Returns the items given, by service: they are granted
-    after every service's growth into its own part (:func:`~optimizer.policy.adaptive.controller.grants`).
+    its trust region keeps its part; one capped for good has none to spare. A service that runs the
+    item keeps it while the remainder holds it, as it keeps an item of its own part while the part
+    holds it; a new taker needs :data:`REMAINDER_NEW_MARGIN` to spare. The receiver's ``fits`` becomes
+    its new batch plus what the remainder holds beyond the item (at most one more item), so that it
+    grows into it as into its own part, with the model's error to spare
+    (:func:`~optimizer.policy.adaptive.controller.growth_reach`). Returns the items given, by service:
+    they are granted after every service's growth into its own part
+    (:func:`~optimizer.policy.adaptive.controller.grants`).
     """
     left = pool - sum(parts[m.name] if capped.get(m.name) == "trust region" else targets[m.name] * m.cost
                       for m in active)
@@ -159,14 +163,14 @@ def _share_remainder(active: Sequence[Member], pool: float, parts: dict[str, flo
 
     while True:
         takers = [m for m in open_ if targets[m.name] < m.top
-                  and m.cost * (1 + (REMAINDER_MARGIN if runs_it(m) else REMAINDER_NEW_MARGIN)) <= left]
+                  and m.cost * (1 + (0.0 if runs_it(m) else REMAINDER_NEW_MARGIN)) <= left]
         if not takers:
             return given
         m = min(takers, key=lambda m: (not runs_it(m), (targets[m.name] + 1) * m.cost / m.share, m.name))
         targets[m.name] += 1
         given[m.name] = given.get(m.name, 0) + 1
-        left -= m.cost * (1 + REMAINDER_MARGIN)
-        fits_items[m.name] = max(fits_items[m.name], targets[m.name] + REMAINDER_MARGIN)
+        fits_items[m.name] = max(fits_items[m.name], targets[m.name] + min(1.0, left / m.cost - 1))
+        left -= m.cost
 
 
 def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, level: float, now: float,
