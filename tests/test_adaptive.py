@@ -222,10 +222,25 @@ def test_arrivals_that_keep_a_period_are_due_only_around_the_next_one() -> None:
     assert not t.due(760.0, 10 * GIB, 5.0, lead)
     assert t.due(825.0, 10 * GIB, 5.0, lead) and t.due(860.0, 10 * GIB, 5.0, lead)
     assert not t.due(880.0, 10 * GIB, 5.0, lead)  # it did not come: until the one after
+    early = dataclasses.replace(t, changes=(*t.changes, (790.0, 10 * GIB, 10 * GIB)))  # off its schedule
+    assert early.period(800.0, 10 * GIB, 5.0) is None and early.due(800.0, 10 * GIB, 5.0, lead)
     irregular = Tenants(changes=tuple((at, 10 * GIB, 10 * GIB) for at in (100.0, 230.0, 300.0, 400.0)))
     assert irregular.period(450.0, 10 * GIB, 5.0) is None and irregular.due(450.0, 10 * GIB, 5.0, lead)
+    stray = Tenants(changes=tuple((at, 4 * GIB, 4 * GIB) for at in (1095.0, 1205.0, 1680.0)))  # every 586 s
+    assert stray.period(1700.0, 4 * GIB, 5.0) is None  # not four periods of 117 s in 475
     two = Tenants(changes=tuple((at, 10 * GIB, 10 * GIB) for at in (100.0, 250.0)))
     assert two.period(300.0, 10 * GIB, 5.0) is None  # two arrivals set a rate, not a period
+
+
+def test_a_tenant_seen_once_may_come_back_as_soon_as_it_came_and_is_held_room_for_while_that_pays() -> None:
+    """A burst seen once, 100 s ago: it may be back within about as long. In crash mode (an OOM costs a
+    restart) its second coming is not ridden; the longer ago it came, the less its room is worth."""
+    ms = [member("a", GIB)]
+    t = Tenants(level=0.0, changes=((100.0, 10 * GIB, 10 * GIB), (130.0, -10 * GIB, 0.0)))
+    assert t.arrival_rate(200.0, reaching=10 * GIB) == pytest.approx(1 / 100.0)
+    crash = Settings(oom_cost_s=120.0)  # the room costs 10 of 60 items: worth it while the rate > 1/720 s
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 200.0, crash) == 10 * GIB
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 1000.0, crash) == 0.0
 
 
 def test_room_for_a_periodic_tenant_is_kept_only_while_its_next_arrival_is_due() -> None:

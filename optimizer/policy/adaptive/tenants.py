@@ -96,7 +96,9 @@ class Tenants:
 
         Periodic: :data:`PERIODIC_ARRIVALS` or more, every gap a whole multiple of the shortest (an
         arrival in between may have gone unrecorded: seen while a service restarted), each within
-        :func:`period_tolerance` of its multiple of the period they span on average.
+        :func:`period_tolerance` of its multiple of the period they span on average, and the period
+        itself seen as a gap at least ``PERIODIC_ARRIVALS - 1`` times (one stray arrival, 110 s after
+        a burst that comes every 586 s, made 475 s look like four periods of 117).
         """
         times = self._arrivals(now, reaching)
         if len(times) < PERIODIC_ARRIVALS:
@@ -106,6 +108,8 @@ class Tenants:
         if shortest <= 2 * period_tolerance(shortest, interval):
             return None
         counts = [max(1, round(g / shortest)) for g in gaps]
+        if counts.count(1) < PERIODIC_ARRIVALS - 1:  # the period itself seen once only: a stray arrival's
+            return None
         period = (times[-1] - times[0]) / sum(counts)
         if any(abs(g - k * period) > period_tolerance(period, interval) for g, k in zip(gaps, counts)):
             return None
@@ -128,12 +132,12 @@ class Tenants:
     def arrival_rate(self, now: float, reaching: float) -> float:
         """How often the tenants' memory arrived at ``reaching`` bytes or more (per second) in the last
         :data:`VOLATILITY_WINDOW` seconds: one over the mean time between such arrivals when there were
-        two or more (less if the last is longer ago than that), one per window for a single one."""
+        two or more (less if the last is longer ago than that); for a single one, one over the time since it came."""
         times = self._arrivals(now, reaching)
         if not times:
             return 0.0
-        if len(times) == 1:
-            return 1.0 / VOLATILITY_WINDOW
+        if len(times) == 1:  # it came once: it may come again as soon (the time since it came, so far)
+            return 1.0 / max(now - times[0], 1e-9)
         gap = (times[-1] - times[0]) / (len(times) - 1)
         return 1.0 / max(gap, now - times[-1], 1e-9)
 
