@@ -40,7 +40,7 @@ from optimizer.policy.adaptive.memory import (
 )
 from optimizer.policy.adaptive.tenants import VOLATILITY_WINDOW, Tenants, assume_at_least, confirm_arrival, update
 from optimizer.policy.types import GpuState, ServiceState
-from optimizer.simulation.run import simulate
+from optimizer.simulation.run import ServiceResult, simulate
 from optimizer.simulation.scenario import Background, SimService, Thermal, load_scenario
 from tests.policy_helpers import GIB, MIB, ROOT, Harness, WorldRun, gpu, one_service
 
@@ -192,6 +192,74 @@ def test_arrivals_that_come_back_set_a_rate() -> None:
     assert t.arrival_rate(340.0 + 2 * VOLATILITY_WINDOW, reaching=10 * GIB) == 0.0  # forgotten
 
 
+def test_the_sample_that_shows_an_arrival_an_oom_recorded_makes_it_one_arrival_at_the_ooms_time() -> None:
+    """Recorded twice (what the OOM proved, then what the sample shows), one burst would look like two
+    arrivals seconds apart: a rate far above its own, and no period."""
+    t = settle(Tenants(), [(5.0, 0.0, 0.1 * GIB), (10.0, 0.0, 0.1 * GIB)])
+    t = assume_at_least(t, 3 * GIB, 12.0)
+    t = settle(t, [(25.0, 9.5 * GIB, 9.6 * GIB)])  # 2.6 intervals later: past a ramp's merging
+    ((at, delta, after),) = t.changes
+    assert at == 12.0 and delta == pytest.approx(9.5 * GIB) and after == pytest.approx(9.6 * GIB)
+
+
+def test_an_arrival_is_recorded_at_the_level_its_window_settles_to_not_its_first_samples() -> None:
+    """The first sample's upper bound holds the services' jitter too: what a return would bring is the
+    least the samples since showed."""
+    t = settle(Tenants(), [(5.0, 0.0, 0.1 * GIB), (10.0, 0.0, 0.1 * GIB), (15.0, 10 * GIB, 14 * GIB)])
+    assert t.changes[-1][2] == pytest.approx(14 * GIB)
+    t = settle(t, [(20.0, 10 * GIB, 11 * GIB), (25.0, 10 * GIB, 12 * GIB)])
+    at, delta, after = t.changes[-1]
+    assert at == 15.0 and after == pytest.approx(11 * GIB) and delta == pytest.approx(10.9 * GIB)
+    assert t.peaks(30.0) == [pytest.approx(11 * GIB)]
+
+
+def test_a_tenant_that_left_comes_back_on_top_of_what_arrived_since() -> None:
+    """A 10 GiB burst came and went; a 20 GiB stay arrived since: the burst's return would bring 30 GiB,
+    not the 10 GiB it reached before. While a tenant of its size is there, it is not counted twice."""
+    burst = ((100.0, 10 * GIB, 10 * GIB), (150.0, -10 * GIB, 0.0))
+    t = Tenants(level=20 * GIB, changes=(*burst, (300.0, 20 * GIB, 20 * GIB)))
+    assert t.peaks(310.0) == [pytest.approx(30 * GIB), pytest.approx(20 * GIB)]
+    again = Tenants(level=10 * GIB, changes=(*burst, (250.0, 10 * GIB, 10 * GIB)))  # it is back now
+    assert again.peaks(260.0) == [pytest.approx(10 * GIB)]
+
+
+def test_arrivals_that_keep_a_period_are_due_only_around_the_next_one() -> None:
+    every = 150.0
+    t = Tenants(changes=tuple((100.0 + every * k, 10 * GIB, 10 * GIB) for k in (0, 1, 3, 4)))  # one went unseen
+    assert t.period(710.0, 10 * GIB, 5.0) == pytest.approx(every)
+    lead = 15.0  # the next is due at 850, seen within 12.5 s (2.5 intervals)
+    assert not t.due(760.0, 10 * GIB, 5.0, lead)
+    assert t.due(825.0, 10 * GIB, 5.0, lead) and t.due(860.0, 10 * GIB, 5.0, lead)
+    assert not t.due(880.0, 10 * GIB, 5.0, lead)  # it did not come: until the one after
+    early = dataclasses.replace(t, changes=(*t.changes, (790.0, 10 * GIB, 10 * GIB)))  # off its schedule
+    assert early.period(800.0, 10 * GIB, 5.0) is None and early.due(800.0, 10 * GIB, 5.0, lead)
+    irregular = Tenants(changes=tuple((at, 10 * GIB, 10 * GIB) for at in (100.0, 230.0, 300.0, 400.0)))
+    assert irregular.period(450.0, 10 * GIB, 5.0) is None and irregular.due(450.0, 10 * GIB, 5.0, lead)
+    stray = Tenants(changes=tuple((at, 4 * GIB, 4 * GIB) for at in (1095.0, 1205.0, 1680.0)))  # every 586 s
+    assert stray.period(1700.0, 4 * GIB, 5.0) is None  # not four periods of 117 s in 475
+    two = Tenants(changes=tuple((at, 10 * GIB, 10 * GIB) for at in (100.0, 250.0)))
+    assert two.period(300.0, 10 * GIB, 5.0) is None  # two arrivals set a rate, not a period
+
+
+def test_a_tenant_seen_once_may_come_back_as_soon_as_it_came_and_is_held_room_for_while_that_pays() -> None:
+    """A burst seen once, 100 s ago: it may be back within about as long. In crash mode (an OOM costs a
+    restart) its second coming is not ridden; the longer ago it came, the less its room is worth."""
+    ms = [member("a", GIB)]
+    t = Tenants(level=0.0, changes=((100.0, 10 * GIB, 10 * GIB), (130.0, -10 * GIB, 0.0)))
+    assert t.arrival_rate(200.0, reaching=10 * GIB) == pytest.approx(1 / 100.0)
+    crash = Settings(oom_cost_s=120.0)  # the room costs 10 of 60 items: worth it while the rate > 1/720 s
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 200.0, crash) == 10 * GIB
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 1000.0, crash) == 0.0
+
+
+def test_room_for_a_periodic_tenant_is_kept_only_while_its_next_arrival_is_due() -> None:
+    ms = [member("a", GIB)]
+    t = Tenants(level=0.0, changes=tuple((100.0 * k, 10 * GIB, 10 * GIB) for k in range(1, 5)))
+    dear = Settings(oom_cost_s=600.0)
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 450.0, dear) == 0.0  # the next comes at 500
+    assert volatility_reserve(t, ms, 70 * GIB, 0.0, 480.0, dear) == 10 * GIB  # within 3 intervals and 12.5 s of it
+
+
 def test_a_change_seen_while_a_service_came_or_went_is_not_recorded() -> None:
     t = settle(Tenants(), [(5.0, 9 * GIB, 10 * GIB), (10.0, 9 * GIB, 10 * GIB)])
     t = update(t, 15.0, 19 * GIB, 20 * GIB, 64 * MIB, 5.0, record=False)
@@ -307,8 +375,9 @@ def test_growth_keeps_the_models_error_to_spare_and_grows_once_the_reports_narro
 
 def test_a_tenant_that_keeps_coming_back_is_held_room_for_when_an_oom_costs_enough() -> None:
     ms = [member("a", GIB)]
-    t = Tenants(level=0.0, changes=tuple((100.0 * k, 10 * GIB, 10 * GIB) for k in range(1, 5)))
-    now = 450.0
+    t = Tenants(level=0.0, changes=tuple((at, 10 * GIB, 10 * GIB) for at in (100.0, 230.0, 300.0, 400.0)))
+    now = 450.0  # no period: it may come at any time
+    assert t.period(now, 10 * GIB, 5.0) is None
     assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=600.0)) == 10 * GIB
     assert volatility_reserve(t, ms, 70 * GIB, 0.0, now, Settings(oom_cost_s=0.0)) == 0.0
 
@@ -632,19 +701,19 @@ def test_a_client_whose_batch_never_changes_still_gets_measured_and_grows() -> N
 
 def test_a_tenant_that_keeps_coming_back_is_kept_room_for_when_an_oom_costs_enough() -> None:
     """oom_cost_s weighs riding a bursting tenant's memory against holding it room: cheap OOMs, ride it
-    (grow between bursts, cut when one comes); dear ones, keep its room once its bursts have a rate."""
+    (grow between bursts, cut when one comes); dear ones, keep its room once its bursts have a rate.
+    Its bursts keep a period, so the room is kept from shortly before the next is due, not between."""
     burst = Background(gpu=0, at_s=300, mb=10000, ramp_s=10, for_s=40, every_s=150)
     sc = one_service(background=(burst,), noise=0.03, duration_s=2400)
     cheap = simulate(sc, dataclasses.replace(ADAPTIVE, oom_cost_s=0.0), strategy=Strategy.ADAPTIVE).services[0]
     dear = simulate(sc, dataclasses.replace(ADAPTIVE, oom_cost_s=600.0), strategy=Strategy.ADAPTIVE).services[0]
-    late = 1300.0  # a few bursts in
 
-    def late_batches(r: object) -> list[int]:
-        return [b for t, b in r.batches if t >= late]  # type: ignore[attr-defined]
+    def batch_at(r: ServiceResult, t: float) -> int:
+        return [b for at, b in r.batches if at <= t][-1]
 
-    ride = max(late_batches(cheap))
-    assert max(late_batches(dear)) <= ride - 2  # about 10 GiB of 3.2 GiB items kept free
-    assert len(late_batches(dear)) < len(late_batches(cheap)) / 2  # no cut and regrowth at every burst
+    for arrival in range(1350, 2400, 150):  # a few bursts in
+        assert batch_at(dear, arrival - 1) <= batch_at(cheap, arrival - 1) - 2  # about 10 GiB of 3.2 GiB items free
+        assert batch_at(dear, arrival + 90) == batch_at(cheap, arrival + 90)  # grown back between bursts
     assert cheap.ooms == dear.ooms == 0
 
 

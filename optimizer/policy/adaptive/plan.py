@@ -17,6 +17,7 @@ from optimizer.policy.model import ADOPTION_INTERVALS, active_ceiling, is_fresh
 from optimizer.policy.types import MIB, ServiceState
 
 HORIZON_INTERVALS = 2.0  # a decision takes effect within this many monitoring intervals (poll, then batch)
+DUE_LEAD_INTERVALS = HORIZON_INTERVALS + 1.0  # a periodic tenant's room is kept from this long before it is due
 NEWCOMER_S = 120.0  # a service this new that has not reported yet may still be loading its weights
 REMAINDER_NEW_MARGIN = 0.25  # items a remainder item leaves to spare to go to a service that does not run it yet
 # (as controller.REGROWTH_MARGIN); one that runs it keeps it while it fits, as an item of its own part
@@ -184,7 +185,10 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
     it costs the batches it takes (counted linearly in items, which overstates the loss for
     services whose throughput saturates; the parts' items only, not the remainder's, which moves in
     whole items of whichever service it fits and would make the choice jump). Hold the level where that
-    pays most, if any does. (A lower level held saves only the arrivals that stay below it: the ones
+    pays most, if any does. When the arrivals that would not fit beside the batches riding now keep a
+    period (:meth:`Tenants.due`), room is held for them only from :data:`DUE_LEAD_INTERVALS`
+    monitoring intervals (and the period's tolerance) before the next is due: a decision takes that
+    long to take effect. (A lower level held saves only the arrivals that stay below it: the ones
     that go higher still OOM.)
     """
     smallest = min((m.cost for m in ms if m.share > 0), default=0.0)
@@ -193,6 +197,8 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
         return 0.0
     best, reserve = 0.0, 0.0
     riding = tenants.arrival_rate(now, reaching=level + smallest)
+    if not tenants.due(now, level + smallest, s.monitoring_interval, DUE_LEAD_INTERVALS * s.monitoring_interval):
+        return 0.0  # the arrivals that would not fit keep a period, and the next is not due yet
     for peak in tenants.peaks(now):  # every level arrivals reached: hold the one that pays best
         extra = peak - level
         if extra < smallest:
