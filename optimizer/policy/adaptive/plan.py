@@ -195,10 +195,10 @@ def volatility_reserve(tenants: Tenants, ms: Sequence[Member], bound: float, lev
     ride = _parts_items(ms, plan(ms, bound, level))
     if smallest <= 0 or ride <= 0:
         return 0.0
-    best, reserve = 0.0, 0.0
-    riding = tenants.arrival_rate(now, reaching=level + smallest)
     if not tenants.due(now, level + smallest, s.monitoring_interval, DUE_LEAD_INTERVALS * s.monitoring_interval):
         return 0.0  # the arrivals that would not fit keep a period, and the next is not due yet
+    best, reserve = 0.0, 0.0
+    riding = tenants.arrival_rate(now, reaching=level + smallest)
     for peak in tenants.peaks(now):  # every level arrivals reached: hold the one that pays best
         extra = peak - level
         if extra < smallest:

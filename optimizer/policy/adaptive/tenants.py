@@ -100,33 +100,22 @@ class Tenants:
         itself seen as a gap at least ``PERIODIC_ARRIVALS - 1`` times (one stray arrival, 110 s after
         a burst that comes every 586 s, made 475 s look like four periods of 117).
         """
-        times = self._arrivals(now, reaching)
-        if len(times) < PERIODIC_ARRIVALS:
-            return None
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        shortest = min(gaps)
-        if shortest <= 2 * period_tolerance(shortest, interval):
-            return None
-        counts = [max(1, round(g / shortest)) for g in gaps]
-        if counts.count(1) < PERIODIC_ARRIVALS - 1:  # the period itself seen once only: a stray arrival's
-            return None
-        period = (times[-1] - times[0]) / sum(counts)
-        if any(abs(g - k * period) > period_tolerance(period, interval) for g, k in zip(gaps, counts)):
-            return None
-        return period
+        return _period(self._arrivals(now, reaching), interval)
 
     def due(self, now: float, reaching: float, interval: float, lead: float) -> bool:
         """Whether an arrival at ``reaching`` bytes or more may come within ``lead`` seconds.
 
         Always, unless those arrivals are periodic (:meth:`period`): then only from ``lead`` seconds
-        (and the period's tolerance) before the next one is due, until that tolerance after it (it may be seen late). A tenant that keeps a schedule needs
-        its room kept only when it is due, not for the whole time between its visits.
+        (and the period's tolerance) before the next one is due, until that tolerance after it (it may
+        be seen late). A tenant that keeps a schedule needs its room kept only when it is due, not for
+        the whole time between its visits.
         """
-        period = self.period(now, reaching, interval)
+        times = self._arrivals(now, reaching)
+        period = _period(times, interval)
         if period is None:
             return True
         tolerance = period_tolerance(period, interval)
-        phase = (now - self._arrivals(now, reaching)[-1]) % period
+        phase = (now - times[-1]) % period
         return phase >= period - lead - tolerance or phase <= tolerance
 
     def arrival_rate(self, now: float, reaching: float) -> float:
@@ -140,6 +129,23 @@ class Tenants:
             return 1.0 / max(now - times[0], 1e-9)
         gap = (times[-1] - times[0]) / (len(times) - 1)
         return 1.0 / max(gap, now - times[-1], 1e-9)
+
+
+def _period(times: list[float], interval: float) -> float | None:
+    """The period (s) of arrivals at ``times``, if they keep one (:meth:`Tenants.period`), else ``None``."""
+    if len(times) < PERIODIC_ARRIVALS:
+        return None
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    shortest = min(gaps)
+    if shortest <= 2 * period_tolerance(shortest, interval):
+        return None
+    counts = [max(1, round(g / shortest)) for g in gaps]
+    if counts.count(1) < PERIODIC_ARRIVALS - 1:  # the period itself seen once only: a stray arrival's
+        return None
+    period = (times[-1] - times[0]) / sum(counts)
+    if any(abs(g - k * period) > period_tolerance(period, interval) for g, k in zip(gaps, counts)):
+        return None
+    return period
 
 
 def period_tolerance(period: float, interval: float) -> float:
